@@ -1,0 +1,32 @@
+"""Every config key, with its default. Experiment configs start from `base_config()` and change
+what they need; `train/validate.py` rejects any key that is not in here, naming it."""
+import ml_collections
+
+from configs import models
+
+
+def base_config() -> ml_collections.ConfigDict:
+  from train import data  # the data section is defined next to the code that reads it
+
+  c = ml_collections.ConfigDict()
+  c.objective = "pretrain"           # pretrain | sft (more stages register in train/objectives.py)
+  c.model = models.tiny()
+  c.steps = 1000
+  c.batch_size = 16                  # global rows per step, over all hosts and devices
+  c.seq_len = 128
+  c.seed = 0
+  c.init_from = ""                   # a run's workdir: start from its latest params
+  c.log_every = 10
+  c.eval_every = 100                 # 0 = only at the end
+  c.eval_batches = 8                 # held-out batches per eval; 0 = the whole held-out split
+  c.checkpoint_every = 200
+  c.keep_checkpoints = 3
+  c.async_checkpoints = True
+  c.peak_flops_per_device = 0.0      # for MFU; 0 = a default for the detected device
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  c.optim = ml_collections.ConfigDict(dict(
+      name="adamw", lr=3e-3, warmup_steps=100, schedule="cosine", end_lr_frac=0.1,
+      b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0, grad_accum=1))
+  c.data = data.default_data_config()
+  c.tokenizer = data.default_tokenizer_config()
+  return c

@@ -1,0 +1,39 @@
+"""Pretrain Llama-3 8B on a TPU v5p-256 pod slice (128 chips) or 16 x 8-GPU H100 hosts.
+
+Run the same command on every host (multi-host setup is detected, see README):
+
+  python -m train --config configs/pretrain_llama3_8b.py --workdir gs://BUCKET/llama3_8b \
+      --config.data.tfds_name=c4/en --config.tokenizer.path=/path/to/tokenizer.model
+
+Mesh: fsdp over all 128 devices x tensor 1 (8B fits comfortably with full FSDP); global batch
+512 x 8192 tokens = 4M tokens/step, bf16 compute, scanned + rematerialised layers.
+`arg` may give the device count to plan for (default 128).
+"""
+from configs import base, models
+
+
+def get_config(arg=None):
+  devices = int(arg or 128)
+  c = base.base_config()
+  c.objective = "pretrain"
+  c.model = models.llama3_8b()
+  c.model.dtype = "bfloat16"
+  c.model.scan_layers = True
+  c.model.remat = "full"
+  c.model.attention = "xla"         # "cudnn" on H100s: fused flash attention
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
+  c.steps = 250_000
+  c.batch_size = 4 * devices        # 512 on 128 devices: divisible by data * fsdp
+  c.seq_len = 8192
+  c.optim.lr = 3e-4
+  c.optim.warmup_steps = 2000
+  c.optim.end_lr_frac = 0.1
+  c.optim.weight_decay = 0.1
+  c.log_every = 10
+  c.eval_every = 2000
+  c.checkpoint_every = 1000
+  c.keep_checkpoints = 3
+  c.data.source = "tfds"
+  c.data.tfds_name = "c4/en"
+  c.data.tfds_eval_split = "validation"
+  return c

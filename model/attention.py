@@ -1,0 +1,122 @@
+"""Rotary embeddings and grouped-query attention, for training (packed rows) and decoding (KV cache).
+
+Query heads are stored grouped by the kv head they share: q/k/v come out of ONE matmul whose
+kernel is [embed, kv_heads, group + 2, head_dim] (group = n_heads // n_kv_heads). Slot g < group
+is query head (kv * group + g), slot `group` is the key and slot `group + 1` the value. Sharding
+the kv_heads axis over `tensor` therefore keeps every group on one device.
+"""
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from model import sharding
+
+NEG_INF = -1e30  # finite, so fully masked rows (padding) give a uniform softmax instead of NaN
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling) -> jnp.ndarray:
+  """Inverse frequencies [head_dim // 2], with optional Llama-3 long-context scaling."""
+  inv = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  if scaling is None or scaling.get("factor", 0.0) <= 0.0:
+    return inv
+  factor, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+  old_len = scaling["original_max_positions"]
+  wavelen = 2 * math.pi / inv
+  smooth = (old_len / wavelen - lo) / (hi - lo)
+  mid = (1 - smooth) * inv / factor + smooth * inv
+  out = jnp.where(wavelen > old_len / lo, inv / factor, inv)  # long wavelengths: scaled down
+  return jnp.where((wavelen <= old_len / lo) & (wavelen >= old_len / hi), mid, out)
+
+
+def apply_rope(x, positions, inv_freq):
+  """Rotates x [batch, len, ..., head_dim] by positions [batch, len] (rotate-half convention)."""
+  angles = positions[..., None].astype(jnp.float32) * inv_freq  # [batch, len, head_dim/2]
+  angles = angles.reshape(angles.shape[:2] + (1,) * (x.ndim - 3) + angles.shape[-1:])
+  cos, sin = jnp.cos(angles), jnp.sin(angles)
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+def attention_mask(q_segments, k_segments, q_slots, k_slots):
+  """[batch, 1, 1, q, k] bool: same document (segment id) and key not after the query."""
+  same_doc = q_segments[:, :, None] == k_segments[:, None, :]
+  causal = q_slots[:, :, None] >= k_slots[:, None, :]
+  return (same_doc & causal)[:, None, None]
+
+
+def grouped_attention(q, k, v, mask, impl: str = "xla"):
+  """q [b, t, kv, group, hd], k/v [b, s, kv, hd], mask [b, 1, 1, t, s] -> [b, t, kv, group, hd]."""
+  scale = 1.0 / math.sqrt(q.shape[-1])
+  if impl == "cudnn":
+    b, t, kv, g, hd = q.shape
+    out = jax.nn.dot_product_attention(
+        q.reshape(b, t, kv * g, hd), k, v, mask=mask.reshape(b, 1, t, -1), scale=scale,
+        implementation="cudnn")
+    return out.reshape(b, t, kv, g, hd)
+  scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+  scores = jnp.where(mask, scores, NEG_INF)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  return jnp.einsum("bkgts,bskh->btkgh", probs, v)
+
+
+class Attention(nn.Module):
+  """Grouped-query self-attention with RoPE.
+
+  `cache` (decoding only) is this layer's dict k, v [batch, kv_heads, max_len, head_dim] plus the
+  shared `segments` [batch, max_len] (already holding the new tokens' ids) and `index` (slot of
+  the first new token). Returns (output, updated {k, v} or None)."""
+  cfg: "ModelConfig"
+
+  @nn.compact
+  def __call__(self, x, positions, segment_ids, cache=None):
+    cfg = self.cfg
+    kv, group, hd = cfg.n_kv_heads, cfg.n_heads // cfg.n_kv_heads, cfg.head_dim
+    dense_init = nn.initializers.normal(cfg.init_std)
+    qkv_kernel = self.param(
+        "qkv", nn.with_logical_partitioning(dense_init, ("embed", "kv_heads", "qkv", "head_dim")),
+        (cfg.d_model, kv, group + 2, hd), cfg.param_dtype)
+    qkv = jnp.einsum("btd,dkgh->btkgh", x, qkv_kernel.astype(cfg.dtype))  # [b, t, kv, group+2, hd]
+    if cfg.qkv_bias:
+      bias = self.param(
+          "qkv_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("kv_heads", "qkv", "head_dim")),
+          (kv, group + 2, hd), cfg.param_dtype)
+      qkv = qkv + bias.astype(cfg.dtype)
+    qkv = sharding.constrain(qkv, ("batch", "length", "act_kv_heads", None, None))
+    inv_freq = rope_frequencies(hd, cfg.rope_theta, cfg.rope_scaling)
+    q = apply_rope(qkv[:, :, :, :group], positions, inv_freq)  # [b, t, kv, group, hd]
+    k = apply_rope(qkv[:, :, :, group], positions, inv_freq)   # [b, t, kv, hd]
+    v = qkv[:, :, :, group + 1]                                 # [b, t, kv, hd]
+
+    t = x.shape[1]
+    if cache is None:
+      slots = jnp.broadcast_to(jnp.arange(t), segment_ids.shape)
+      mask = attention_mask(segment_ids, segment_ids, slots, slots)
+      out = grouped_attention(q, k, v, mask, cfg.attention)
+      new_cache = None
+    else:
+      index = cache["index"]
+      k_cache = jax.lax.dynamic_update_slice(
+          cache["k"], k.transpose(0, 2, 1, 3).astype(cache["k"].dtype), (0, 0, index, 0))
+      v_cache = jax.lax.dynamic_update_slice(
+          cache["v"], v.transpose(0, 2, 1, 3).astype(cache["v"].dtype), (0, 0, index, 0))
+      segments = cache["segments"]
+      b, max_len = segments.shape
+      q_slots = jnp.broadcast_to(index + jnp.arange(t), (b, t))
+      k_slots = jnp.broadcast_to(jnp.arange(max_len), (b, max_len))
+      # Unwritten slots and left padding have segment 0; real tokens of a row share segment 1.
+      mask = attention_mask(segment_ids, segments, q_slots, k_slots) & (segments != 0)[:, None, None, None, :]
+      scale = 1.0 / math.sqrt(hd)
+      scores = jnp.einsum("btkgh,bksh->bkgts", q, k_cache.astype(q.dtype),
+                          preferred_element_type=jnp.float32) * scale
+      probs = jax.nn.softmax(jnp.where(mask, scores, NEG_INF), axis=-1).astype(q.dtype)
+      out = jnp.einsum("bkgts,bksh->btkgh", probs, v_cache.astype(q.dtype))
+      new_cache = dict(k=k_cache, v=v_cache)
+
+    out_kernel = self.param(
+        "out", nn.with_logical_partitioning(dense_init, ("kv_heads", "q_group", "head_dim", "embed")),
+        (kv, group, hd, cfg.d_model), cfg.param_dtype)
+    y = jnp.einsum("btkgh,kghd->btd", out, out_kernel.astype(cfg.dtype))
+    return sharding.constrain(y, ("batch", "length", "act_embed")), new_cache

@@ -1,0 +1,207 @@
+"""The Llama-family decoder: embed -> N x (RMSNorm, GQA attention, RMSNorm, SwiGLU) -> norm -> logits.
+
+Pure Flax linen: `model.init(rng, tokens)` / `model.apply({"params": p}, tokens, ...)`. Every
+parameter carries logical axis names (see model/sharding.py for how they map onto the mesh).
+"""
+import dataclasses
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from model import sharding
+from model.attention import Attention
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  vocab_size: int
+  d_model: int
+  n_layers: int
+  n_heads: int
+  n_kv_heads: int
+  head_dim: int
+  mlp_dim: int
+  rope_theta: float = 10_000.0
+  rope_scaling: Optional[tuple] = None  # ((key, value), ...) of the Llama-3 scaling, or None
+  norm_eps: float = 1e-5
+  qkv_bias: bool = False
+  tie_embeddings: bool = False
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  scan_layers: bool = False
+  remat: str = "none"
+  attention: str = "xla"
+  init_std: float = 0.02
+
+  @classmethod
+  def from_config(cls, c) -> "ModelConfig":
+    """Builds the frozen model config from `config.model` (a ConfigDict or dict)."""
+    c = dict(c)
+    scaling = dict(c.pop("rope_scaling", {}) or {})
+    head_dim = c.pop("head_dim", 0) or c["d_model"] // c["n_heads"]
+    return cls(
+        head_dim=head_dim,
+        rope_scaling=tuple(sorted(scaling.items())) if scaling.get("factor", 0) > 0 else None,
+        dtype=jnp.dtype(c.pop("dtype", "float32")),
+        param_dtype=jnp.dtype(c.pop("param_dtype", "float32")),
+        **c)
+
+  def num_params(self, embeddings: bool = True) -> int:
+    """Parameter count (embedding and lm-head included unless embeddings=False)."""
+    group = self.n_heads // self.n_kv_heads
+    attn = self.d_model * self.n_kv_heads * (group + 2) * self.head_dim + self.n_heads * self.head_dim * self.d_model
+    attn += self.n_kv_heads * (group + 2) * self.head_dim if self.qkv_bias else 0
+    block = attn + 3 * self.d_model * self.mlp_dim + 2 * self.d_model
+    total = self.n_layers * block + self.d_model
+    if embeddings:
+      total += self.vocab_size * self.d_model * (1 if self.tie_embeddings else 2)
+    return total
+
+  def train_flops_per_token(self, seq_len: int) -> float:
+    """6 * non-embedding params + 6 * lm head + 12 * layers * d * seq (the PERF-NOTES formula)."""
+    return (6 * self.num_params(embeddings=False) + 6 * self.vocab_size * self.d_model
+            + 12 * self.n_layers * self.n_heads * self.head_dim * seq_len)
+
+
+class RMSNorm(nn.Module):
+  eps: float
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                       (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (y * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+class Mlp(nn.Module):
+  """SwiGLU: down(silu(x @ gate) * (x @ up)); gate and up are one [embed, 2, mlp] kernel."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.cfg
+    init = nn.initializers.normal(cfg.init_std)
+    gate_up = self.param("gate_up", nn.with_logical_partitioning(init, ("embed", "gate_up", "mlp")),
+                         (cfg.d_model, 2, cfg.mlp_dim), cfg.param_dtype)
+    down = self.param("down", nn.with_logical_partitioning(init, ("mlp", "embed")),
+                      (cfg.mlp_dim, cfg.d_model), cfg.param_dtype)
+    h = jnp.einsum("btd,dcm->btcm", x, gate_up.astype(cfg.dtype))  # [b, t, 2, mlp]
+    h = sharding.constrain(h, ("batch", "length", None, "act_mlp"))
+    h = nn.silu(h[:, :, 0]) * h[:, :, 1]
+    y = jnp.einsum("btm,md->btd", h, down.astype(cfg.dtype))
+    return sharding.constrain(y, ("batch", "length", "act_embed"))
+
+
+class Block(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, positions, segment_ids, cache=None):
+    cfg = self.cfg
+    h = RMSNorm(cfg.norm_eps, cfg.param_dtype, name="attn_norm")(x)
+    a, new_cache = Attention(cfg, name="attn")(h, positions, segment_ids, cache)
+    x = x + a
+    x = x + Mlp(cfg, name="mlp")(RMSNorm(cfg.norm_eps, cfg.param_dtype, name="mlp_norm")(x))
+    return x, new_cache
+
+
+class ScannedBlock(nn.Module):
+  """Block with the (carry, per-layer input) signature nn.scan needs."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, layer_cache, positions, segment_ids, shared):
+    cache = None if layer_cache is None else dict(layer_cache, **shared)
+    return Block(self.cfg, name="block")(x, positions, segment_ids, cache)
+
+
+REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def _maybe_remat(module, cfg: ModelConfig):
+  if cfg.remat == "none":
+    return module
+  return nn.remat(module, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+
+
+class Transformer(nn.Module):
+  """Decoder-only LM.
+
+  tokens, positions, segment_ids: [batch, len] int32. positions restart at 0 per packed document;
+  segment_ids differ between documents of a row (0 = padding) so attention never crosses them.
+  Returns logits [batch, len, vocab] (fp32), and (logits, hidden) if return_hidden, or
+  (logits, new_cache) when decoding with a cache from `init_cache`. With head=False, logits is None.
+  """
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens, positions=None, segment_ids=None, cache=None,
+               return_hidden: bool = False, head: bool = True):
+    cfg = self.cfg
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    if segment_ids is None:
+      segment_ids = jnp.ones_like(tokens)
+    embedding = self.param(
+        "embedding", nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), ("vocab", "embed")),
+        (cfg.vocab_size, cfg.d_model), cfg.param_dtype)
+    x = jnp.take(embedding, tokens, axis=0).astype(cfg.dtype)  # [b, t, d]
+    x = sharding.constrain(x, ("batch", "length", "act_embed"))
+
+    shared = None
+    if cache is not None:
+      segments = jax.lax.dynamic_update_slice(cache["segments"], segment_ids, (0, cache["index"]))
+      shared = dict(segments=segments, index=cache["index"])
+
+    if cfg.scan_layers:
+      stack = nn.scan(_maybe_remat(ScannedBlock, cfg), variable_axes={"params": 0},
+                      split_rngs={"params": True},
+                      in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+                      length=cfg.n_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+      x, layer_caches = stack(cfg, name="layers")(
+          x, None if cache is None else cache["layers"], positions, segment_ids, shared)
+    else:
+      layer_caches = []
+      for i in range(cfg.n_layers):
+        layer_cache = None if cache is None else dict(cache["layers"][i], **shared)
+        x, new = _maybe_remat(Block, cfg)(cfg, name=f"layer_{i}")(x, positions, segment_ids, layer_cache)
+        layer_caches.append(new)
+
+    hidden = RMSNorm(cfg.norm_eps, cfg.param_dtype, name="final_norm")(x)
+    logits = None
+    if head:
+      if cfg.tie_embeddings:
+        logits = jnp.einsum("btd,vd->btv", hidden, embedding.astype(cfg.dtype))
+      else:
+        lm_head = self.param(
+            "lm_head", nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), ("embed", "vocab")),
+            (cfg.d_model, cfg.vocab_size), cfg.param_dtype)
+        logits = jnp.einsum("btd,dv->btv", hidden, lm_head.astype(cfg.dtype))
+      logits = sharding.constrain(logits.astype(jnp.float32), ("batch", "length", "act_vocab"))
+    if cache is not None:
+      new_cache = dict(layers=layer_caches if not cfg.scan_layers else layer_caches,
+                       segments=shared["segments"], index=cache["index"] + tokens.shape[1])
+      return logits, new_cache
+    if return_hidden:
+      return logits, hidden
+    return logits
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
+  """An empty KV cache: per layer k, v [batch, kv_heads, max_len, head_dim] (stacked [layers, ...]
+  when scan_layers), segments [batch, max_len] (0 = empty or padding) and index (next slot)."""
+  dtype = dtype or cfg.dtype
+  shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
+  if cfg.scan_layers:
+    layers = dict(k=jnp.zeros((cfg.n_layers,) + shape, dtype), v=jnp.zeros((cfg.n_layers,) + shape, dtype))
+  else:
+    layers = [dict(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype)) for _ in range(cfg.n_layers)]
+  return dict(layers=layers, segments=jnp.zeros((batch, max_len), jnp.int32), index=jnp.array(0, jnp.int32))

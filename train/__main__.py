@@ -1,0 +1,32 @@
+"""Entry point of every stage:
+
+  python -m train --config configs/pretrain_tiny.py[:arg] --workdir DIR [--config.KEY=VALUE ...]
+
+Rerunning the same command resumes from the latest checkpoint in DIR.
+"""
+from absl import app, flags
+from ml_collections import config_flags
+
+from train import distributed
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/pretrain_tiny.py[:arg].",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics.jsonl, tb/.")
+_COORDINATOR = flags.DEFINE_string("coordinator", "", "host:port of process 0 (multi-host without SLURM/TPU).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Number of processes (with --coordinator).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index (with --coordinator).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  from train import loop  # after distributed init: importing JAX backends must come second
+  metrics = loop.train(_CONFIG.value, _WORKDIR.value)
+  printable = {k: round(v, 4) for k, v in metrics.items() if k.startswith("eval/")}
+  print(f"finished at step {metrics.get('step')}: {printable}")
+
+
+if __name__ == "__main__":
+  app.run(main)

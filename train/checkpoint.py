@@ -1,0 +1,60 @@
+"""Orbax checkpoints: async saves every N steps, keep K, resume from the latest, restore sharded.
+
+Layout of one step: `params` and `opt_state` (sharded arrays) and `meta` (JSON: step, data
+iterator state). `init_from` reads only `params` of another run, so any stage can start from any
+earlier stage whatever optimizer it used.
+"""
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+
+def manager(workdir: str, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
+      cleanup_tmp_directories=True)
+  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
+                               item_names=("params", "opt_state", "meta"), options=options)
+
+
+def save(mngr: ocp.CheckpointManager, step: int, params, opt_state, meta: dict, force=False) -> bool:
+  return mngr.save(step, args=ocp.args.Composite(
+      params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
+      meta=ocp.args.JsonSave(meta)), force=force)
+
+
+def _abstract(tree, shardings):
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def restore(mngr: ocp.CheckpointManager, step: int, abstract_params, param_shardings,
+            abstract_opt, opt_shardings):
+  """Restores (params, opt_state, meta) of `step` straight into their shardings."""
+  out = mngr.restore(step, args=ocp.args.Composite(
+      params=ocp.args.StandardRestore(_abstract(abstract_params, param_shardings)),
+      opt_state=ocp.args.StandardRestore(_abstract(abstract_opt, opt_shardings)),
+      meta=ocp.args.JsonRestore()))
+  return out.params, out.opt_state, out.meta
+
+
+def checkpoint_dir(path: str) -> str:
+  """`path` may be a run's workdir or its checkpoints/ folder."""
+  sub = os.path.join(path, "checkpoints")
+  return sub if os.path.isdir(sub) else path
+
+
+def restore_params(path: str, abstract_params, param_shardings, step=None):
+  """Only the params of the latest (or given) step of another run: `init_from`."""
+  directory = os.path.abspath(checkpoint_dir(path))
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"config.init_from: no checkpoint directory at {directory}")
+  mngr = ocp.CheckpointManager(directory, item_names=("params", "opt_state", "meta"),
+                               options=ocp.CheckpointManagerOptions(read_only=True))
+  step = mngr.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"config.init_from: {directory} holds no finished checkpoint")
+  out = mngr.restore(step, args=ocp.args.Composite(
+      params=ocp.args.StandardRestore(_abstract(abstract_params, param_shardings))))
+  mngr.close()
+  return out.params, step

@@ -1,0 +1,242 @@
+"""The offline trainer: sharded init or resume, jitted step, eval, metrics, checkpoints.
+
+One loop serves every offline stage; `config.objective` picks the loss (train/objectives.py).
+State is two pytrees (params, opt_state) sharded by the logical rules of model/sharding.py.
+"""
+import json
+import math
+import os
+import signal
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from model import sharding
+from model.transformer import ModelConfig, Transformer
+from train import checkpoint, data, objectives, optim
+from train.metrics import MetricsLogger
+from train.validate import validate
+
+# Dense peak FLOP/s per device by device kind (bf16 on accelerators, fp32 on CPU), for MFU.
+PEAK_FLOPS = {"h100": 989e12, "h200": 989e12, "a100": 312e12, "v5p": 459e12, "v5 lite": 197e12,
+              "v5e": 197e12, "v4": 275e12, "v6": 918e12, "cpu": 196e9}
+
+
+def peak_flops(config) -> float:
+  if config.peak_flops_per_device > 0:
+    return config.peak_flops_per_device
+  kind = jax.devices()[0].device_kind.lower()
+  for name, flops in PEAK_FLOPS.items():
+    if name in kind:
+      return flops
+  return PEAK_FLOPS["cpu"] if jax.default_backend() == "cpu" else 0.0
+
+
+class StopFlag:
+  """Set by SIGTERM / SIGINT: the loop saves a checkpoint and exits. A second Ctrl-C kills."""
+
+  def __init__(self):
+    self.set = False
+    self._old = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._old[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread
+        pass
+    return self
+
+  def _handle(self, signum, _frame):
+    if self.set and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    self.set = True
+
+  def __exit__(self, *exc):
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
+
+  def agreed(self) -> bool:
+    """True if any process was asked to stop (all processes must save together)."""
+    if jax.process_count() == 1:
+      return self.set
+    from jax.experimental import multihost_utils
+    return bool(np.any(multihost_utils.process_allgather(np.array([self.set]))))
+
+
+def abstract_state(model, tx, seq_len, mesh):
+  """Shapes and shardings of params and optimizer state, without allocating anything."""
+  dummy = jnp.zeros((1, seq_len), jnp.int32)
+  init_boxed = lambda rng: model.init(rng, dummy)["params"]
+  boxed = jax.eval_shape(init_boxed, jax.random.key(0))
+  boxed_opt = jax.eval_shape(tx.init, boxed)  # Partitioned boxes carry over to mu / nu
+  return (nn.meta.unbox(boxed), sharding.tree_shardings(boxed, mesh),
+          nn.meta.unbox(boxed_opt), sharding.tree_shardings(boxed_opt, mesh), init_boxed)
+
+
+def make_train_step(model, objective, tx, lr_fn, accum: int):
+  """(params, opt_state, batch, step) -> (params, opt_state, metrics); exact grad accumulation."""
+
+  def grads_of(params, batch):
+    def f(p):
+      num, den, sums = objective.loss(p, batch, model)
+      return num, (den, sums)
+    (num, (den, sums)), grads = jax.value_and_grad(f, has_aux=True)(params)
+    return num, den, sums, grads
+
+  def step(params, opt_state, batch, step):
+    if accum == 1:
+      num, den, sums, grads = grads_of(params, batch)
+    else:
+      # Micro-batch j takes rows j, j + accum, ... so each one stays spread over all devices.
+      micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape((-1, accum) + x.shape[1:]), 0, 1), batch)
+      def body(carry, mb):
+        out = grads_of(params, mb)
+        return jax.tree.map(jnp.add, carry, out), None
+      zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grads_of, params, jax.tree.map(lambda x: x[0], micro)))
+      (num, den, sums, grads), _ = jax.lax.scan(body, zeros, micro)
+    den = jnp.maximum(den, 1.0)
+    grads = jax.tree.map(lambda g: g / den, grads)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    metrics = {"train/loss": num / den, "train/grad_norm": optax.global_norm(grads),
+               "train/lr": lr_fn(step), "train/tokens": den}
+    metrics.update({f"train/{k}": v / den for k, v in sums.items()})
+    return params, opt_state, metrics
+
+  return step
+
+
+def evaluate(eval_step, params, batches, mesh) -> dict:
+  num = den = 0.0
+  sums = {}
+  for b in batches:
+    n, d, s = jax.device_get(eval_step(params, sharding.put_batch(b, mesh)))
+    num, den = num + float(n), den + float(d)
+    for k, v in s.items():
+      sums[k] = sums.get(k, 0.0) + float(v)
+  den = max(den, 1.0)
+  loss = num / den
+  out = {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
+  out.update({f"eval/{k}": v / den for k, v in sums.items()})
+  return out
+
+
+def train(config, workdir: str) -> dict:
+  """Runs (or resumes) the stage described by `config` in `workdir`; returns the last metrics."""
+  mesh_shape = validate(config, jax.device_count(), jax.process_count())
+  is_main = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  if is_main:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json(indent=2))
+
+  mesh = sharding.make_mesh(config.mesh)
+  tokenizer = data.load_or_train_tokenizer(config)
+  if tokenizer.vocab_size > config.model.vocab_size:
+    raise ValueError(f"config.model.vocab_size={config.model.vocab_size} is smaller than the "
+                     f"tokenizer's {tokenizer.vocab_size} ids")
+  model_cfg = ModelConfig.from_config(config.model)
+  model = Transformer(model_cfg)
+  objective = objectives.get(config.objective)
+  tx, lr_fn = optim.make_optimizer(config.optim, config.steps)
+  abs_params, param_sh, abs_opt, opt_sh, init_boxed = abstract_state(model, tx, config.seq_len, mesh)
+
+  mngr = checkpoint.manager(workdir, config.keep_checkpoints, config.async_checkpoints)
+  start = mngr.latest_step()
+  meta = {}
+  with sharding.use_mesh(mesh):
+    if start is not None:
+      params, opt_state, meta = checkpoint.restore(mngr, start, abs_params, param_sh, abs_opt, opt_sh)
+      source = f"resumed from step {start}"
+    else:
+      start = 0
+      if config.init_from:
+        params, from_step = checkpoint.restore_params(config.init_from, abs_params, param_sh)
+        source = f"initialised from {config.init_from} (step {from_step})"
+      else:
+        init = jax.jit(lambda rng: nn.meta.unbox(init_boxed(rng)), out_shardings=param_sh)
+        params = init(jax.random.key(config.seed))
+        source = "initialised at random"
+      opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
+
+    n_params = sum(x.size for x in jax.tree.leaves(abs_params))
+    train_step = jax.jit(make_train_step(model, objective, tx, lr_fn, config.optim.grad_accum),
+                         out_shardings=(param_sh, opt_sh, None), donate_argnums=(0, 1))
+    eval_step = jax.jit(lambda p, b: objective.loss(p, b, model))
+
+    pidx, pcount = jax.process_index(), jax.process_count()
+    train_iter = data.make_batch_iterator(config, tokenizer, "train", pidx, pcount)
+    if meta.get("data") is not None:
+      train_iter.set_state(meta["data"])
+    eval_batches = list(data.make_eval_batches(config, tokenizer, pidx, pcount,
+                                               max_batches=config.eval_batches or None))
+
+    log = MetricsLogger(workdir, config.steps, start, enabled=is_main)
+    log.write(f"kiln: {config.objective} | {n_params / 1e6:.2f}M params | mesh {mesh_shape} | "
+              f"{jax.device_count()} {jax.default_backend()} devices x {pcount} processes | {source}")
+    tokens_per_step = config.batch_size * config.seq_len
+    flops_per_token = model_cfg.train_flops_per_token(config.seq_len)
+    peak = peak_flops(config)
+
+    def save(step):
+      checkpoint.save(mngr, step, params, opt_state, {"step": step, "data": train_iter.get_state()},
+                      force=True)
+
+    last, window, pending = {}, [], None
+    t_last = None
+    step = start
+    with StopFlag() as stop:
+      while step < config.steps:
+        batch = sharding.put_batch(next(train_iter), mesh)
+        params, opt_state, metrics = train_step(params, opt_state, batch, jnp.int32(step))
+        step += 1
+        done = [pending] if pending else []
+        pending = (step, metrics)
+        must_save = step % config.checkpoint_every == 0 or step == config.steps
+        stopping = stop.agreed()
+        if must_save or stopping or step % config.log_every == 0:
+          done.append(pending)  # sync now: a checkpoint must never hold a NaN state
+          pending = None
+        for s, m in done:
+          m = jax.device_get(m)
+          now = time.perf_counter()
+          if not np.isfinite(m["train/loss"]):
+            mngr.wait_until_finished()
+            good = mngr.latest_step()
+            raise FloatingPointError(
+                f"train/loss is {m['train/loss']} at step {s}; stopping. The last good checkpoint "
+                f"is step {good} in {os.path.join(workdir, 'checkpoints')}")
+          if t_last is not None:
+            window.append((now - t_last, m))
+          t_last = now
+          log.advance(s)
+          if s % config.log_every == 0 and window:
+            dt = float(np.median([w[0] for w in window]))
+            tps = tokens_per_step / dt
+            tflops = flops_per_token * tps / jax.device_count()
+            last = {k: float(np.mean([w[1][k] for w in window])) for k in window[-1][1]}
+            last.update({"train/step_time": dt, "train/tokens_per_sec": tps,
+                         "train/tflops_per_device": tflops / 1e12,
+                         "train/mfu": tflops / peak if peak else 0.0})
+            log.log(s, last)
+            window = []
+        if (config.eval_every and step % config.eval_every == 0) or step == config.steps:
+          ev = evaluate(eval_step, params, eval_batches, mesh)
+          log.log(step, ev)
+          last.update(ev)
+          t_last = None  # eval time is not train time
+        if must_save or stopping:
+          save(step)
+        if stopping:
+          log.write(f"stop requested: saved step {step}; rerun the same command to resume")
+          break
+    mngr.wait_until_finished()
+    mngr.close()
+    log.close()
+  last["step"] = step
+  return last

@@ -1,0 +1,59 @@
+"""Where metrics go: console progress bar, metrics.jsonl and TensorBoard (process 0 only)."""
+import json
+import os
+import time
+
+import numpy as np
+
+
+class MetricsLogger:
+  """`log(step, {"train/loss": ..., ...})` appends one JSON line and one TensorBoard point."""
+
+  def __init__(self, workdir: str, total_steps: int, start_step: int, enabled: bool = True):
+    self.enabled = enabled
+    self.total, self.start, self.t0 = total_steps, start_step, time.time()
+    self.bar = self.tb = self.jsonl = None
+    if not enabled:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    try:
+      from tensorboardX import SummaryWriter
+      self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+    except ImportError:
+      self.tb = None
+    from tqdm import tqdm
+    self.bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, smoothing=0.1,
+                    unit="step", mininterval=1.0)
+
+  def log(self, step: int, metrics: dict):
+    if not self.enabled:
+      return
+    clean = {k: float(np.asarray(v)) for k, v in metrics.items()}
+    self.jsonl.write(json.dumps({"step": int(step), **clean}) + "\n")
+    self.jsonl.flush()
+    if self.tb is not None:
+      for k, v in clean.items():
+        self.tb.add_scalar(k, v, step)
+    if "train/loss" in clean:
+      self.bar.set_postfix_str(
+          f"loss {clean['train/loss']:.4f} tok/s {clean.get('train/tokens_per_sec', 0):,.0f}"
+          + (f" mfu {100 * clean['train/mfu']:.1f}%" if clean.get("train/mfu") else ""), refresh=False)
+    if any(k.startswith("eval/") for k in clean):
+      self.write("  ".join(f"{k} {v:.4f}" for k, v in clean.items()) + f"  (step {step})")
+
+  def advance(self, step: int):
+    if self.enabled:
+      self.bar.n = step
+      self.bar.refresh()
+
+  def write(self, text: str):
+    if self.enabled:
+      self.bar.write(text)
+
+  def close(self):
+    if self.enabled:
+      self.bar.close()
+      self.jsonl.close()
+      if self.tb is not None:
+        self.tb.close()
