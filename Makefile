@@ -1,0 +1,26 @@
+# Every target bootstraps .venv by itself (python3 -m venv + pip install -e .[test]).
+PY := .venv/bin/python
+STAMP := .venv/.installed-$(shell cksum setup.py | cut -d' ' -f1)
+
+.PHONY: demo test test-all bench clean
+
+$(STAMP): setup.py
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	rm -f .venv/.installed-* && touch $@
+
+demo: $(STAMP)
+	$(PY) -m train --config configs/pretrain_tiny.py --workdir runs/demo_pretrain
+
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PY) -m eval.bench --out bench/results.json
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,154 @@
+"""The decoder against an independent float64 NumPy forward pass, causality, packing, caching."""
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import models
+from model.attention import rope_frequencies
+from model.transformer import ModelConfig, Transformer, init_cache
+
+
+def make(**overrides):
+  cfg = ModelConfig.from_config(dict(models.tiny(), **overrides))
+  model = Transformer(cfg)
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 12)), jnp.int32)
+  params = nn.meta.unbox(model.init(jax.random.key(1), tokens))["params"]
+  # random, non-trivial norms and biases so a wrong formula cannot hide behind ones and zeros
+  rng = np.random.default_rng(2)
+  params = jax.tree_util.tree_map_with_path(
+      lambda p, x: x + 0.1 * rng.standard_normal(x.shape).astype(np.float32)
+      if ("scale" in str(p) or "bias" in str(p)) else x, params)
+  return cfg, model, params, tokens
+
+
+def numpy_forward(cfg, params, tokens, positions, segments):
+  """float64 reference: plain multi-head attention with k/v heads repeated for GQA."""
+  p = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
+  group, hd = cfg.n_heads // cfg.n_kv_heads, cfg.head_dim
+
+  def rms(x, scale):
+    return x / np.sqrt(np.mean(x * x, -1, keepdims=True) + cfg.norm_eps) * scale
+
+  inv = 1.0 / cfg.rope_theta ** (np.arange(0, hd, 2) / hd)
+
+  def rope(x):  # x [b, t, heads, hd]
+    ang = positions[:, :, None, None] * inv
+    x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
+    return np.concatenate([x1 * np.cos(ang) - x2 * np.sin(ang), x2 * np.cos(ang) + x1 * np.sin(ang)], -1)
+
+  x = p["embedding"][tokens]
+  b, t = tokens.shape
+  allowed = (segments[:, :, None] == segments[:, None, :]) & (np.arange(t)[:, None] >= np.arange(t)[None, :])
+  for i in range(cfg.n_layers):
+    L = p[f"layer_{i}"]
+    h = rms(x, L["attn_norm"]["scale"])
+    w = L["attn"]["qkv"]  # [d, kv, group + 2, hd]
+    bias = L["attn"].get("qkv_bias", np.zeros(w.shape[1:]))
+    wq = w[:, :, :group].reshape(cfg.d_model, cfg.n_heads, hd)   # head = kv * group + g
+    bq = bias[:, :group].reshape(cfg.n_heads, hd)
+    wk, wv = np.repeat(w[:, :, group], group, axis=1), np.repeat(w[:, :, group + 1], group, axis=1)
+    bk, bv = np.repeat(bias[:, group], group, axis=0), np.repeat(bias[:, group + 1], group, axis=0)
+    q = rope(np.einsum("btd,dhe->bthe", h, wq) + bq)
+    k = rope(np.einsum("btd,dhe->bthe", h, wk) + bk)
+    v = np.einsum("btd,dhe->bthe", h, wv) + bv
+    s = np.einsum("bqhe,bkhe->bhqk", q, k) / math.sqrt(hd)
+    s = np.where(allowed[:, None], s, -np.inf)
+    a = np.exp(s - s.max(-1, keepdims=True))
+    a /= a.sum(-1, keepdims=True)
+    o = np.einsum("bhqk,bkhe->bqhe", a, v).reshape(b, t, cfg.n_heads * hd)
+    x = x + o @ L["attn"]["out"].reshape(cfg.n_heads * hd, cfg.d_model)
+    h = rms(x, L["mlp_norm"]["scale"])
+    gu = np.einsum("btd,dcm->btcm", h, L["mlp"]["gate_up"])
+    g = gu[:, :, 0]
+    x = x + (g / (1 + np.exp(-g)) * gu[:, :, 1]) @ L["mlp"]["down"]
+  h = rms(x, p["final_norm"]["scale"])
+  return h @ (p["embedding"].T if cfg.tie_embeddings else p["lm_head"])
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(n_kv_heads=2),                       # grouped-query attention
+    dict(n_kv_heads=4),                       # kv_heads == heads: plain multi-head attention
+    dict(n_kv_heads=1, qkv_bias=True, tie_embeddings=True),
+])
+def test_matches_numpy_reference(overrides):
+  cfg, model, params, tokens = make(**overrides)
+  positions = np.broadcast_to(np.arange(tokens.shape[1]), tokens.shape)
+  segments = np.ones(tokens.shape, np.int32)
+  got = model.apply({"params": params}, tokens)
+  want = numpy_forward(cfg, params, np.asarray(tokens), positions, segments)
+  np.testing.assert_allclose(got, want, atol=2e-4, rtol=2e-4)
+
+
+def test_causal_future_tokens_do_not_change_the_past():
+  cfg, model, params, tokens = make()
+  changed = tokens.at[:, 7:].set((tokens[:, 7:] + 1) % cfg.vocab_size)
+  a = model.apply({"params": params}, tokens)
+  b = model.apply({"params": params}, changed)
+  np.testing.assert_allclose(a[:, :7], b[:, :7], atol=1e-6)
+  assert np.abs(np.asarray(a[:, 7:] - b[:, 7:])).max() > 1e-3
+
+
+def test_packed_documents_do_not_see_each_other():
+  cfg, model, params, tokens = make()
+  doc_a, doc_b = tokens[:1, :5], tokens[1:, :7]
+  packed = jnp.concatenate([doc_a, doc_b], axis=1)                     # [1, 12]
+  segments = jnp.array([[1] * 5 + [2] * 7])
+  positions = jnp.array([list(range(5)) + list(range(7))])
+  out = model.apply({"params": params}, packed, positions, segments)
+  alone_a = model.apply({"params": params}, doc_a)
+  alone_b = model.apply({"params": params}, doc_b)
+  np.testing.assert_allclose(out[:, :5], alone_a, atol=1e-5)
+  np.testing.assert_allclose(out[:, 5:], alone_b, atol=1e-5)
+  want = numpy_forward(cfg, params, np.asarray(packed), np.asarray(positions), np.asarray(segments))
+  np.testing.assert_allclose(out, want, atol=2e-4, rtol=2e-4)
+
+
+def test_cached_decoding_matches_full_forward():
+  cfg, model, params, tokens = make()
+  full = model.apply({"params": params}, tokens)
+  cache = init_cache(cfg, 2, 16)
+  logits, cache = model.apply({"params": params}, tokens[:, :5], cache=cache)
+  steps = [logits]
+  for i in range(5, tokens.shape[1]):
+    logits, cache = model.apply({"params": params}, tokens[:, i:i + 1], jnp.full((2, 1), i), cache=cache)
+    steps.append(logits)
+  np.testing.assert_allclose(jnp.concatenate(steps, 1), full, atol=1e-5)
+
+
+def test_scan_over_layers_equals_unrolled_layers():
+  cfg, model, params, tokens = make()
+  scfg = ModelConfig.from_config(dict(models.tiny(), scan_layers=True, remat="full"))
+  layers = [params[f"layer_{i}"] for i in range(cfg.n_layers)]
+  stacked = {k: v for k, v in params.items() if not k.startswith("layer_")}
+  stacked["layers"] = {"block": jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}
+  got = Transformer(scfg).apply({"params": stacked}, tokens)
+  np.testing.assert_allclose(got, model.apply({"params": params}, tokens), atol=1e-5)
+
+
+def test_llama3_rope_scaling_formula():
+  scaling = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_positions=8192)
+  got = np.asarray(rope_frequencies(128, 500_000.0, scaling))
+  inv = 1.0 / 500_000.0 ** (np.arange(0, 128, 2) / 128)
+  want = []
+  for f in inv:  # the published piecewise rule, written out per frequency
+    wavelen = 2 * math.pi / f
+    if wavelen < 8192 / 4.0:
+      want.append(f)
+    elif wavelen > 8192 / 1.0:
+      want.append(f / 8.0)
+    else:
+      smooth = (8192 / wavelen - 1.0) / (4.0 - 1.0)
+      want.append((1 - smooth) * f / 8.0 + smooth * f)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  assert not np.allclose(got, inv)  # scaling actually changed something
+
+
+def test_parameter_count_matches_tree():
+  for name in ("tiny", "small"):
+    cfg = ModelConfig.from_config(models.get(name))
+    shapes = jax.eval_shape(Transformer(cfg).init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+    assert sum(x.size for x in jax.tree.leaves(nn.meta.unbox(shapes))) == cfg.num_params()
