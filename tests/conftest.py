@@ -9,3 +9,38 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+# Many tests compile the same tiny programs: share compilations through a persistent cache.
+jax.config.update("jax_compilation_cache_dir", os.path.join(
+    os.environ.get("TMPDIR", "/tmp"), f"kiln-test-jax-cache-{os.getuid()}"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory):
+  """One data/tokenizer cache for the whole session: each corpus is prepared once."""
+  return str(tmp_path_factory.mktemp("kiln_data_cache"))
+
+
+@pytest.fixture
+def tiny_config(data_cache):
+  """A factory of small pretraining configs: tiny model, short rows, small built-in corpus."""
+  from configs import pretrain_tiny
+
+  def make(**overrides):
+    c = pretrain_tiny.get_config()
+    c.data.cache_dir = data_cache
+    c.data.num_documents = 4000
+    c.seq_len, c.batch_size, c.steps = 64, 16, 20
+    c.log_every, c.eval_every, c.checkpoint_every, c.eval_batches = 5, 0, 10, 2
+    c.async_checkpoints = False
+    for key, value in overrides.items():
+      target = c
+      *path, last = key.split(".")
+      for p in path:
+        target = target[p]
+      target[last] = value
+    return c
+  return make

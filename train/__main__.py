@@ -4,7 +4,7 @@
 
 Rerunning the same command resumes from the latest checkpoint in DIR.
 """
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from train import distributed
@@ -21,6 +21,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)  # orbax logs every file it renames at INFO
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   from train import loop  # after distributed init: importing JAX backends must come second
   metrics = loop.train(_CONFIG.value, _WORKDIR.value)

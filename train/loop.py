@@ -103,7 +103,7 @@ def make_train_step(model, objective, tx, lr_fn, accum: int):
     grads = jax.tree.map(lambda g: g / den, grads)
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
-    metrics = {"train/loss": num / den, "train/grad_norm": optax.global_norm(grads),
+    metrics = {"train/loss": num / den, "train/grad_norm": optax.tree.norm(grads),
                "train/lr": lr_fn(step), "train/tokens": den}
     metrics.update({f"train/{k}": v / den for k, v in sums.items()})
     return params, opt_state, metrics
@@ -187,7 +187,7 @@ def train(config, workdir: str) -> dict:
       checkpoint.save(mngr, step, params, opt_state, {"step": step, "data": train_iter.get_state()},
                       force=True)
 
-    last, window, pending = {}, [], None
+    last, window, times, pending = {}, [], [], None
     t_last = None
     step = start
     with StopFlag() as stop:
@@ -204,27 +204,27 @@ def train(config, workdir: str) -> dict:
           pending = None
         for s, m in done:
           m = jax.device_get(m)
-          now = time.perf_counter()
           if not np.isfinite(m["train/loss"]):
             mngr.wait_until_finished()
-            good = mngr.latest_step()
             raise FloatingPointError(
                 f"train/loss is {m['train/loss']} at step {s}; stopping. The last good checkpoint "
-                f"is step {good} in {os.path.join(workdir, 'checkpoints')}")
+                f"is step {mngr.latest_step()} in {os.path.join(workdir, 'checkpoints')}")
+          now = time.perf_counter()
+          window.append(m)
           if t_last is not None:
-            window.append((now - t_last, m))
+            times.append(now - t_last)
           t_last = now
           log.advance(s)
-          if s % config.log_every == 0 and window:
-            dt = float(np.median([w[0] for w in window]))
-            tps = tokens_per_step / dt
-            tflops = flops_per_token * tps / jax.device_count()
-            last = {k: float(np.mean([w[1][k] for w in window])) for k in window[-1][1]}
-            last.update({"train/step_time": dt, "train/tokens_per_sec": tps,
-                         "train/tflops_per_device": tflops / 1e12,
-                         "train/mfu": tflops / peak if peak else 0.0})
+          if s % config.log_every == 0:
+            last = {k: float(np.mean([w[k] for w in window])) for k in m}
+            if times:  # median step time: robust to the odd slow step (checkpoint, GC)
+              dt = float(np.median(times))
+              tflops = flops_per_token * tokens_per_step / dt / jax.device_count()
+              last.update({"train/step_time": dt, "train/tokens_per_sec": tokens_per_step / dt,
+                           "train/tflops_per_device": tflops / 1e12,
+                           "train/mfu": tflops / peak if peak else 0.0})
             log.log(s, last)
-            window = []
+            window, times = [], []
         if (config.eval_every and step % config.eval_every == 0) or step == config.steps:
           ev = evaluate(eval_step, params, eval_batches, mesh)
           log.log(step, ev)
@@ -232,6 +232,7 @@ def train(config, workdir: str) -> dict:
           t_last = None  # eval time is not train time
         if must_save or stopping:
           save(step)
+          t_last = None
         if stopping:
           log.write(f"stop requested: saved step {step}; rerun the same command to resume")
           break

@@ -1,0 +1,201 @@
+"""Built-in data that needs no download: arithmetic word problems and English prose.
+
+Problems are small-number arithmetic (add / sub / mul) and two-step word problems whose
+solution is written step by step, e.g.
+
+    question: Emily buys 3 apples and 2 oranges. Each orange costs $2. The total cost is
+              $13. What is the cost of each apple?
+    solution: 13 - 2*2 = 9. 9 / 3 = 3.
+    answer:   3
+
+Every step of a solution is `<expression> = <value>.`; the value of the last step is the
+answer. The whole project formats a completion as `f"{solution} <answer>{answer}</answer>"`.
+
+A problem is held out iff sha1(question) % 10 == 0: training never sees those, and
+`heldout_problems(n)` is the same list whatever the seed.
+
+English text comes from the Python installation itself (the language reference topics
+that `pydoc` ships and stdlib module docstrings), so it is always available offline.
+"""
+import ast
+import dataclasses
+import hashlib
+import os
+import re
+import sysconfig
+
+import numpy as np
+
+HELDOUT_SEED = 1234567
+NAMES = ("Emily", "Tom", "Sara", "Liam", "Mia", "Noah", "Ava", "Omar", "Priya", "Ken",
+         "Lucia", "Ben", "Zoe", "Ivan", "Nora", "Sam")
+FRUITS = ("apples", "oranges", "pears", "bananas", "lemons", "kiwis", "plums", "mangos")
+THINGS = ("marbles", "stickers", "cards", "books", "pencils", "shells", "coins", "stamps")
+CONTAINERS = ("box", "bag", "jar", "basket", "crate", "tray")
+STDLIB_DOC_MODULES = ("argparse", "collections/__init__", "functools", "heapq", "bisect",
+                      "textwrap", "difflib", "random", "statistics", "fractions", "string",
+                      "tokenize", "contextlib", "dataclasses", "typing", "abc", "csv",
+                      "json/__init__", "logging/__init__", "unittest/__init__", "pdb",
+                      "pickle", "shutil", "subprocess", "threading", "zipfile/__init__")
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+  """A question, its step-by-step solution and the final number (as text)."""
+  question: str
+  solution: str
+  answer: str
+
+
+def format_completion(p: Problem) -> str:
+  """The project-wide completion format: reasoning then `<answer>N</answer>`."""
+  return f"{p.solution} <answer>{p.answer}</answer>"
+
+
+def _int(rng, lo, hi):
+  """An int uniform in [lo, hi]."""
+  return int(rng.integers(lo, hi + 1))
+
+
+def _pick(rng, options):
+  return options[int(rng.integers(len(options)))]
+
+
+def _add(rng):
+  a, b = _int(rng, 1, 99), _int(rng, 1, 99)
+  return Problem(f"What is {a} + {b}?", f"{a} + {b} = {a + b}.", str(a + b))
+
+
+def _sub(rng):
+  a, b = sorted((_int(rng, 1, 99), _int(rng, 1, 99)), reverse=True)
+  return Problem(f"What is {a} - {b}?", f"{a} - {b} = {a - b}.", str(a - b))
+
+
+def _mul(rng):
+  a, b = _int(rng, 2, 12), _int(rng, 2, 12)
+  return Problem(f"What is {a} * {b}?", f"{a} * {b} = {a * b}.", str(a * b))
+
+
+def _fruit_cost(rng):
+  """Two fruits, one unit price given, total given: find the other unit price."""
+  name = _pick(rng, NAMES)
+  f1, f2 = (FRUITS[int(i)] for i in rng.permutation(len(FRUITS))[:2])
+  n1, n2, p1, p2 = _int(rng, 2, 9), _int(rng, 1, 9), _int(rng, 1, 9), _int(rng, 1, 9)
+  total, rest = n1 * p1 + n2 * p2, n1 * p1
+  q = (f"{name} buys {n1} {f1} and {n2} {f2}. Each {f2[:-1]} costs ${p2}. "
+       f"The total cost is ${total}. What is the cost of each {f1[:-1]}?")
+  return Problem(q, f"{total} - {n2}*{p2} = {rest}. {rest} / {n1} = {p1}.", str(p1))
+
+
+def _give_and_get(rng):
+  """Start with a, give away b, get c more."""
+  name, thing = _pick(rng, NAMES), _pick(rng, THINGS)
+  a, b, c = _int(rng, 10, 60), _int(rng, 1, 9), _int(rng, 1, 30)
+  q = (f"{name} has {a} {thing}. {name} gives {b} to a friend and then finds {c} more. "
+       f"How many {thing} does {name} have now?")
+  return Problem(q, f"{a} - {b} = {a - b}. {a - b} + {c} = {a - b + c}.", str(a - b + c))
+
+
+def _containers(rng):
+  """n containers of k things each, plus some loose ones."""
+  thing, box = _pick(rng, THINGS), _pick(rng, CONTAINERS)
+  n, k, loose = _int(rng, 2, 9), _int(rng, 2, 12), _int(rng, 2, 20)
+  boxes = box + ("es" if box.endswith("x") else "s")
+  q = (f"A {box} holds {k} {thing}. There are {n} full {boxes} and {loose} loose {thing}. "
+       f"How many {thing} are there in total?")
+  return Problem(q, f"{n}*{k} = {n * k}. {n * k} + {loose} = {n * k + loose}.",
+                 str(n * k + loose))
+
+
+def _share(rng):
+  """Collect per day for some days, then share equally."""
+  name, thing = _pick(rng, NAMES), _pick(rng, THINGS)
+  per_day, days, people = _int(rng, 2, 9), _int(rng, 2, 6), _int(rng, 2, 4)
+  total = per_day * days * people
+  days_total = total // per_day
+  q = (f"{name} collects {per_day} {thing} every day for {days_total} days and shares them "
+       f"equally among {people} friends. How many {thing} does each friend get?")
+  return Problem(q, f"{per_day}*{days_total} = {total}. {total} / {people} = {total // people}.",
+                 str(total // people))
+
+
+TEMPLATES = (_add, _sub, _mul, _fruit_cost, _give_and_get, _containers, _share)
+
+
+def make_problem(rng: np.random.Generator) -> Problem:
+  """One random problem from one of the templates."""
+  return _pick(rng, TEMPLATES)(rng)
+
+
+def is_heldout(p: Problem) -> bool:
+  """True for the ~10% of problems training must never see (stable across runs)."""
+  return int(hashlib.sha1(p.question.encode()).hexdigest(), 16) % 10 == 0
+
+
+def _problems(seed: int, n: int, heldout: bool) -> list[Problem]:
+  rng = np.random.default_rng(seed)
+  out = []
+  while len(out) < n:
+    p = make_problem(rng)
+    if is_heldout(p) == heldout:
+      out.append(p)
+  return out
+
+
+def train_problems(seed: int, n: int) -> list[Problem]:
+  """n problems for training (never held-out ones)."""
+  return _problems(seed, n, heldout=False)
+
+
+def heldout_problems(n: int) -> list[Problem]:
+  """The first n held-out problems: the same list for every run and every seed."""
+  return _problems(HELDOUT_SEED, n, heldout=True)
+
+
+def _prose(paragraph: str) -> str | None:
+  """The paragraph as one line if it reads like English prose, else None."""
+  lines = paragraph.strip("\n").split("\n")
+  if not lines or any(l[:1].isspace() for l in lines) or set(lines[-1]) <= set("*=-~^"):
+    return None
+  text = " ".join(l.strip() for l in lines)
+  letters = sum(c.isalpha() or c == " " for c in text)
+  if len(text) < 80 or letters < 0.85 * len(text) or text[-1:] not in ".:)\"'":
+    return None
+  return re.sub(r" +", " ", text)
+
+
+def english_text() -> list[str]:
+  """English paragraphs that ship with Python (pydoc topics + stdlib docstrings), in a fixed order."""
+  import pydoc_data.topics  # pylint: disable=g-import-not-at-top
+  sources = [pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics)]
+  stdlib = sysconfig.get_paths()["stdlib"]
+  for mod in STDLIB_DOC_MODULES:
+    path = os.path.join(stdlib, mod + ".py")
+    if os.path.isfile(path):
+      with open(path, encoding="utf-8") as f:
+        sources.append(ast.get_docstring(ast.parse(f.read())) or "")
+  paragraphs = (_prose(p) for s in sources for p in re.split(r"\n\s*\n", s))
+  return [p for p in paragraphs if p]
+
+
+def problem_text(p: Problem) -> str:
+  """A problem as a plain-text pretraining document."""
+  return f"Question: {p.question}\nAnswer: {format_completion(p)}"
+
+
+def pretrain_documents(seed: int, n_problems: int) -> list[str]:
+  """English paragraphs and n_problems training problems as text, shuffled by seed."""
+  docs = english_text() + [problem_text(p) for p in train_problems(seed, n_problems)]
+  order = np.random.default_rng(seed).permutation(len(docs))
+  return [docs[i] for i in order]
+
+
+def conversation(p: Problem) -> dict:
+  """A problem as a one-turn chat: user asks, assistant answers in completion format."""
+  return {"messages": [{"role": "user", "content": p.question},
+                       {"role": "assistant", "content": format_completion(p)}]}
+
+
+def sft_conversations(seed: int, n: int) -> list[dict]:
+  """n training problems as chat records {"messages": [user, assistant]}."""
+  return [conversation(p) for p in train_problems(seed, n)]
