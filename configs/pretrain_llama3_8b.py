@@ -11,9 +11,11 @@ Mesh: fsdp over all 128 devices x tensor 1 (8B fits comfortably with full FSDP);
 """
 from configs import base, models
 
+PLANNED_DEVICES = 128  # tests validate the mesh and batch against this many devices
+
 
 def get_config(arg=None):
-  devices = int(arg or 128)
+  devices = int(arg or PLANNED_DEVICES)
   c = base.base_config()
   c.objective = "pretrain"
   c.model = models.llama3_8b()

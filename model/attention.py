@@ -19,7 +19,7 @@ NEG_INF = -1e30  # finite, so fully masked rows (padding) give a uniform softmax
 def rope_frequencies(head_dim: int, theta: float, scaling) -> jnp.ndarray:
   """Inverse frequencies [head_dim // 2], with optional Llama-3 long-context scaling."""
   inv = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-  if scaling is None or scaling.get("factor", 0.0) <= 0.0:
+  if not scaling or scaling.get("factor", 0.0) <= 0.0:
     return inv
   factor, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
   old_len = scaling["original_max_positions"]
@@ -85,7 +85,7 @@ class Attention(nn.Module):
           (kv, group + 2, hd), cfg.param_dtype)
       qkv = qkv + bias.astype(cfg.dtype)
     qkv = sharding.constrain(qkv, ("batch", "length", "act_kv_heads", None, None))
-    inv_freq = rope_frequencies(hd, cfg.rope_theta, cfg.rope_scaling)
+    inv_freq = rope_frequencies(hd, cfg.rope_theta, dict(cfg.rope_scaling or ()))
     q = apply_rope(qkv[:, :, :, :group], positions, inv_freq)  # [b, t, kv, group, hd]
     k = apply_rope(qkv[:, :, :, group], positions, inv_freq)   # [b, t, kv, hd]
     v = qkv[:, :, :, group + 1]                                 # [b, t, kv, hd]
