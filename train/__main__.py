@@ -4,6 +4,8 @@
 
 Rerunning the same command resumes from the latest checkpoint in DIR.
 """
+import os
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -23,6 +25,10 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it renames at INFO
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  import jax
+  # Reruns and resumes skip compilation: compiled programs are cached on disk.
+  jax.config.update("jax_compilation_cache_dir", os.environ.get(
+      "JAX_COMPILATION_CACHE_DIR", os.path.expanduser("~/.cache/kiln/jax")))
   from train import loop  # after distributed init: importing JAX backends must come second
   metrics = loop.train(_CONFIG.value, _WORKDIR.value)
   printable = {k: round(v, 4) for k, v in metrics.items() if k.startswith("eval/")}

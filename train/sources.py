@@ -1,0 +1,312 @@
+"""Documents of a split, streamed from `config.data.source`, and a cheap identity for them.
+
+Sources (`config.data.source`):
+- "builtin": generated word problems (+ English prose from Python itself for pretraining),
+  see train/corpus.py. Eval = the fixed held-out problems (never in training).
+- "text": files matching `data.path` (glob); one document per blank-line-separated paragraph.
+- "jsonl": one record per line; pretrain `{"text": ...}` (key = data.text_key), sft
+  `{"messages": [{"role", "content"}, ...]}` or `{"prompt": ..., "completion": ...}`.
+  Bad records raise ValueError naming `file:line`.
+- "tfds": `data.tfds_name` read with `tfds.data_source`, or (name empty) the local
+  `data.path` / `data.eval_path` files converted once into a TFDS array_record dataset by
+  `KilnFiles` (files ending .jsonl are JSONL, others text) and read back with
+  `builder.as_data_source()`; TFDS writes and reads array_record without tensorflow.
+Without an eval file / eval split, every 50th document (index % 50 == 0) is held out;
+data.max_documents caps how many documents of a split are read (before the hold-out).
+
+A document is a string (pretrain) or a list of {"role", "content"} messages (sft).
+`iter_documents` streams them, so a split never has to fit in memory; `fingerprint`
+identifies a file / TFDS split by names, sizes and mtimes without reading it.
+"""
+import glob
+import hashlib
+import itertools
+import json
+import os
+import shutil
+import tempfile
+
+from etils import epath
+import tensorflow_datasets as tfds
+
+from model import tokenizer as tokenizer_lib
+from train import corpus
+
+EVAL_EVERY = 50  # without an eval file, documents with index % 50 == 0 are held out
+BUILTIN_SEED = 0  # the built-in corpus is the same for every run
+BUILTIN_TOKENIZER_PROBLEMS = 20000  # builtin tokenizer corpus, fixed so pretrain and SFT share it
+
+
+# ----------------------------------------------------------------------------- cache helpers
+
+
+def cache_dir(config) -> str:
+  return os.path.expanduser(config.data.cache_dir or "~/.cache/kiln")
+
+
+def stable_hash(*parts) -> str:
+  """Short stable hash of JSON-able parts."""
+  h = hashlib.sha1()
+  for p in parts:
+    h.update(json.dumps(p, sort_keys=True, ensure_ascii=False).encode())
+  return h.hexdigest()[:20]
+
+
+def publish(tmp: str, final: str) -> None:
+  """Atomically renames a finished temp dir into place; if another process won, keeps theirs."""
+  try:
+    os.rename(tmp, final)
+  except OSError:
+    if not os.path.isdir(final):
+      raise
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _stats(paths) -> list:
+  """[(absolute path, size, mtime_ns)] of local files: changes whenever a file is rewritten."""
+  return [(os.path.abspath(p), os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in paths]
+
+
+# ----------------------------------------------------------------------------- records
+
+
+def _normalize(rec, text_key: str, where: str) -> dict:
+  """A raw record as {"text": str | None, "messages": list | None}; ValueError names `where`."""
+  if not isinstance(rec, dict):
+    raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+  text, messages = rec.get(text_key), rec.get("messages")
+  if "prompt" in rec or "completion" in rec:
+    if not isinstance(rec.get("prompt"), str) or not isinstance(rec.get("completion"), str):
+      raise ValueError(f"{where}: 'prompt' and 'completion' must both be strings")
+    messages = [{"role": "user", "content": rec["prompt"]},
+                {"role": "assistant", "content": rec["completion"]}]
+  if text is not None and not isinstance(text, str):
+    raise ValueError(f"{where}: {text_key!r} must be a string, got {type(text).__name__}")
+  if messages is not None:
+    if not isinstance(messages, list) or not messages:
+      raise ValueError(f"{where}: 'messages' must be a non-empty list")
+    for i, m in enumerate(messages):
+      if not isinstance(m, dict) or m.get("role") not in tokenizer_lib.ROLES:
+        raise ValueError(f"{where}: message {i} needs a role in {tokenizer_lib.ROLES}, got {m!r}")
+      if not isinstance(m.get("content"), str):
+        raise ValueError(f"{where}: message {i} needs a string 'content'")
+    messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+  if text is None and messages is None:
+    raise ValueError(f"{where}: record has none of {text_key!r}, 'messages', 'prompt'/'completion'")
+  return {"text": text, "messages": messages}
+
+
+def _select(rec: dict, objective: str, where: str):
+  """The document an objective trains on: text (pretrain) or messages (sft)."""
+  doc = rec["text"] if objective == "pretrain" else rec["messages"]
+  if not doc:
+    want = "text" if objective == "pretrain" else "'messages' or 'prompt'/'completion'"
+    raise ValueError(f"{where}: objective {objective!r} needs {want} in every record")
+  return doc
+
+
+def _files(pattern: str, key: str) -> list[str]:
+  files = sorted(glob.glob(os.path.expanduser(pattern))) if pattern else []
+  if not files:
+    raise FileNotFoundError(f"config.data.{key}={pattern!r} matches no file")
+  return files
+
+
+def _file_records(path: str, text_key: str, jsonl: bool):
+  """Yields (where, normalized record): the lines of a JSONL file or the paragraphs of a text file."""
+  with open(path, encoding="utf-8") as f:
+    if jsonl:
+      for n, line in enumerate(f, 1):
+        if not line.strip():
+          continue
+        try:
+          rec = json.loads(line)
+        except json.JSONDecodeError as e:
+          raise ValueError(f"{path}:{n}: invalid JSON ({e.msg} at column {e.colno})") from None
+        yield f"{path}:{n}", _normalize(rec, text_key, f"{path}:{n}")
+    else:
+      for i, para in enumerate(_paragraphs(f)):
+        yield f"{path}:paragraph {i}", {"text": para, "messages": None}
+
+
+def _paragraphs(lines):
+  """Non-empty blank-line-separated paragraphs of a stream of lines, stripped, one at a time."""
+  para = []
+  for line in itertools.chain(lines, [""]):
+    if line.strip():
+      para.append(line)
+    elif para:
+      yield "".join(para).strip()
+      para = []
+
+
+# ----------------------------------------------------------------------------- tfds
+
+
+class KilnFiles(tfds.core.GeneratorBasedBuilder):
+  """TFDS dataset of local text / JSONL files: split 'train' from `train_files`, 'eval' from `eval_files`."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  # No checksums file to find; also skips TFDS's lookup of the module's resource path,
+  # which needs the `importlib_resources` package for classes inside a package.
+  code_path = None
+
+  def __init__(self, *, train_files=(), eval_files=(), text_key="text", **kwargs):
+    self._split_files = {"train": list(train_files), "eval": list(eval_files)}
+    self._text_key = text_key
+    super().__init__(**kwargs)
+
+  def _info(self):
+    message = {"role": tfds.features.Text(), "content": tfds.features.Text()}
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
+        {"text": tfds.features.Text(), "messages": tfds.features.Sequence(message)}))
+
+  def _split_generators(self, dl_manager):
+    return {s: self._generate_examples(f) for s, f in self._split_files.items() if f}
+
+  def _generate_examples(self, files):
+    for path in files:
+      for where, rec in _file_records(path, self._text_key, path.endswith(".jsonl")):
+        yield where, {"text": rec["text"] or "", "messages": rec["messages"] or []}
+
+
+def _local_files(config) -> tuple[list[str], list[str]]:
+  d = config.data
+  return _files(d.path, "path"), (_files(d.eval_path, "eval_path") if d.eval_path else [])
+
+
+def _local_tfds(config) -> dict:
+  """Builds (once, atomically) the KilnFiles dataset of data.path / data.eval_path; its data sources."""
+  train, evals = _local_files(config)
+  key = stable_hash("kilnfiles", str(KilnFiles.VERSION), config.data.text_key,
+                    _stats(train), _stats(evals))
+  data_dir = os.path.join(cache_dir(config), "tfds", key)
+  if not os.path.isdir(data_dir):
+    os.makedirs(os.path.dirname(data_dir), exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(data_dir), prefix=f".{key}.")
+    KilnFiles(train_files=train, eval_files=evals, text_key=config.data.text_key, data_dir=tmp,
+              file_format="array_record").download_and_prepare()
+    publish(tmp, data_dir)
+  return KilnFiles(data_dir=data_dir, file_format="array_record").as_data_source()
+
+
+def _tfds_split(config, split: str) -> tuple[str, bool]:
+  """(TFDS split name to read, whether every 50th document of it is held out)."""
+  d = config.data
+  eval_split = d.tfds_eval_split or ("eval" if not d.tfds_name and d.eval_path else "")
+  return (eval_split if (split == "eval" and eval_split) else d.tfds_split), not eval_split
+
+
+def _named_source(config, split_name: str):
+  d = config.data
+  return tfds.data_source(d.tfds_name, split=split_name, data_dir=d.tfds_data_dir or None)
+
+
+def _tfds_docs(source, config, name: str):
+  """Yields the documents of a TFDS data source (Text arrives as bytes, sequences as dict of lists)."""
+  d = config.data
+  for i in range(min(len(source), d.max_documents or len(source))):
+    ex, where = source[i], f"tfds {name}[{i}]"
+    raw = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in ex.items()}
+    msgs = raw.get("messages")
+    if isinstance(msgs, dict):  # {"role": [...], "content": [...]}
+      msgs = [{"role": _str(r), "content": _str(c)} for r, c in zip(msgs["role"], msgs["content"])]
+      raw["messages"] = msgs or None
+    raw = {k: v for k, v in raw.items() if not (v is None or (isinstance(v, str) and not v))}
+    yield _select(_normalize(raw, d.text_key, where), config.objective, where)
+
+
+def _str(x) -> str:
+  return x.decode() if isinstance(x, bytes) else str(x)
+
+
+# ----------------------------------------------------------------------------- documents
+
+
+def _check(config, split: str) -> None:
+  d, objective = config.data, config.objective
+  if objective not in ("pretrain", "sft"):
+    raise ValueError(f"train/data.py serves config.objective 'pretrain' or 'sft', not {objective!r}")
+  if split not in ("train", "eval"):
+    raise ValueError(f"split must be 'train' or 'eval', not {split!r}")
+  if d.source not in ("builtin", "text", "jsonl", "tfds"):
+    raise ValueError(f"config.data.source={d.source!r}; expected builtin, text, jsonl or tfds")
+  if d.source == "text" and objective == "sft":
+    raise ValueError("config.data.source='text' has no conversations; sft needs 'jsonl', 'tfds' or 'builtin'")
+
+
+def _holdout(docs, split: str, held_out: bool):
+  """Deterministic 1/50 hold-out when `held_out`: documents with index % 50 == 0 are eval."""
+  if not held_out:
+    return docs
+  return (doc for i, doc in enumerate(docs) if (i % EVAL_EVERY == 0) == (split == "eval"))
+
+
+def _builtin(config, split: str) -> list:
+  n, pretrain = config.data.num_documents, config.objective == "pretrain"
+  if split == "eval":
+    problems = corpus.heldout_problems(max(1, n // EVAL_EVERY))
+    return [corpus.problem_text(p) if pretrain else corpus.conversation(p)["messages"]
+            for p in problems]
+  if pretrain:
+    return corpus.pretrain_documents(BUILTIN_SEED, n)
+  return [c["messages"] for c in corpus.sft_conversations(BUILTIN_SEED, n)]
+
+
+def iter_documents(config, split: str):
+  """The documents of a split, one at a time: strings (pretrain) or message lists (sft)."""
+  _check(config, split)
+  d, objective = config.data, config.objective
+  if d.source == "builtin":
+    return iter(_builtin(config, split))
+  if d.source in ("text", "jsonl"):
+    key = "eval_path" if (split == "eval" and d.eval_path) else "path"
+    records = (_select(rec, objective, where) for f in _files(d[key], key)
+               for where, rec in _file_records(f, d.text_key, d.source == "jsonl"))
+    return _holdout(itertools.islice(records, d.max_documents or None), split, not d.eval_path)
+  name, held_out = _tfds_split(config, split)
+  source = _named_source(config, name) if d.tfds_name else _local_tfds(config)[name]
+  return _holdout(_tfds_docs(source, config, f"{d.tfds_name or 'kiln_files'}/{name}"),
+                  split, held_out)
+
+
+def load_documents(config, split: str) -> list:
+  """All the documents of a split in a list (small corpora and tests)."""
+  return list(iter_documents(config, split))
+
+
+def fingerprint(config, split: str) -> dict:
+  """What the documents of a file / TFDS split depend on, without reading them (not builtin)."""
+  _check(config, split)
+  d = config.data
+  out = dict(source=d.source, split=split, objective=config.objective, text_key=d.text_key,
+             max_documents=d.max_documents)
+  if d.source == "builtin":
+    raise ValueError("the builtin corpus is identified by its content (stable_hash of documents)")
+  if d.source in ("text", "jsonl"):
+    key = "eval_path" if (split == "eval" and d.eval_path) else "path"
+    return dict(out, files=_stats(_files(d[key], key)), held_out=not d.eval_path)
+  name, held_out = _tfds_split(config, split)
+  out.update(tfds_split=name, held_out=held_out)
+  if not d.tfds_name:  # the local KilnFiles build is a function of these files
+    train, evals = _local_files(config)
+    return dict(out, files=_stats(train) + _stats(evals))
+  info = _named_source(config, name).dataset_info
+  folder = epath.Path(info.data_dir)
+  files = [(p.name, p.stat().length, p.stat().mtime) for p in sorted(folder.iterdir())]
+  return dict(out, tfds_name=d.tfds_name, data_dir=os.fspath(folder), files=files)
+
+
+def doc_text(doc) -> str:
+  """A document as plain text (tokenizer training)."""
+  return doc if isinstance(doc, str) else "\n".join(f"{m['role']}\n{m['content']}" for m in doc)
+
+
+def first_chars(texts, max_chars: int):
+  """Yields texts until max_chars characters in all (the last one cut); max_chars 0 = all."""
+  left = max_chars or float("inf")
+  for t in texts:
+    if left <= 0:
+      return
+    yield t[:left] if len(t) > left else t
+    left -= len(t)
