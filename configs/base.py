@@ -3,6 +3,7 @@ what they need; `train/validate.py` rejects any key that is not in here, naming 
 import ml_collections
 
 from configs import models
+from model.lora import DEFAULT_TARGETS
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -27,6 +28,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim = ml_collections.ConfigDict(dict(
       name="adamw", lr=3e-3, warmup_steps=100, schedule="cosine", end_lr_frac=0.1,
       b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0, grad_accum=1))
+  c.lora = ml_collections.ConfigDict(dict(
+      rank=0,                          # 0 = full fine-tuning; > 0 = train adapters only
+      alpha=16.0,                      # adapter scale is alpha / rank
+      targets=list(DEFAULT_TARGETS),   # regexes over parameter paths
+  ))
   c.data = data.default_data_config()
   c.tokenizer = data.default_tokenizer_config()
   return c

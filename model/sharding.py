@@ -113,6 +113,12 @@ def tree_shardings(abstract_boxed, mesh: Mesh):
   return jax.tree.map(one, abstract_boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
+def unbox(tree):
+  """Strips nn.Partitioned boxes (plain values; unlike nn.meta.unbox, adds no constraint)."""
+  return jax.tree.map(lambda x: x.value if isinstance(x, nn.Partitioned) else x, tree,
+                      is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
   """Batch arrays: leading axis over (data, fsdp), the rest replicated."""
   return NamedSharding(mesh, P(("data", "fsdp"), *([None] * (ndim - 1))))

@@ -45,7 +45,10 @@ def checkpoint_dir(path: str) -> str:
 
 
 def restore_params(path: str, abstract_params, param_shardings, step=None):
-  """Only the params of the latest (or given) step of another run: `init_from`."""
+  """The full params of another run's latest (or given) step: `init_from`, eval, sampling.
+
+  A LoRA run stores only its adapters; they are merged into its base (restored the same way).
+  """
   directory = os.path.abspath(checkpoint_dir(path))
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"config.init_from: no checkpoint directory at {directory}")
@@ -54,6 +57,21 @@ def restore_params(path: str, abstract_params, param_shardings, step=None):
   step = mngr.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"config.init_from: {directory} holds no finished checkpoint")
+  meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta or {}
+  if meta.get("lora"):
+    import ml_collections
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from model import lora
+    base, _ = restore_params(meta["lora"]["base"], abstract_params, param_shardings)
+    lora_cfg = ml_collections.ConfigDict(meta["lora"]["config"])
+    abs_ad = jax.eval_shape(lambda p: lora.init_adapters(p, lora_cfg, jax.random.key(0)), abstract_params)
+    mesh = jax.tree.leaves(param_shardings)[0].mesh
+    ad_sh = jax.tree.map(lambda _: NamedSharding(mesh, P()), abs_ad)
+    adapters = mngr.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(_abstract(abs_ad, ad_sh)))).params
+    mngr.close()
+    merged = jax.jit(lambda b, a: lora.merge(b, a, lora_cfg), out_shardings=param_shardings)
+    return merged(base, adapters), step
   out = mngr.restore(step, args=ocp.args.Composite(
       params=ocp.args.StandardRestore(_abstract(abstract_params, param_shardings))))
   mngr.close()

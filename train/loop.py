@@ -3,7 +3,7 @@
 One loop serves every offline stage; `config.objective` picks the loss (train/objectives.py).
 State is two pytrees (params, opt_state) sharded by the logical rules of model/sharding.py.
 """
-import json
+import functools
 import math
 import os
 import signal
@@ -18,6 +18,7 @@ import optax
 from model import sharding
 from model.transformer import ModelConfig, Transformer
 from train import checkpoint, data, objectives, optim
+from train import state as state_lib
 from train.metrics import MetricsLogger
 from train.validate import validate
 
@@ -68,36 +69,31 @@ class StopFlag:
     return bool(np.any(multihost_utils.process_allgather(np.array([self.set]))))
 
 
-def abstract_state(model, tx, seq_len, mesh):
-  """Shapes and shardings of params and optimizer state, without allocating anything."""
-  dummy = jnp.zeros((1, seq_len), jnp.int32)
-  init_boxed = lambda rng: model.init(rng, dummy)["params"]
-  boxed = jax.eval_shape(init_boxed, jax.random.key(0))
-  boxed_opt = jax.eval_shape(tx.init, boxed)  # Partitioned boxes carry over to mu / nu
-  return (nn.meta.unbox(boxed), sharding.tree_shardings(boxed, mesh),
-          nn.meta.unbox(boxed_opt), sharding.tree_shardings(boxed_opt, mesh), init_boxed)
+def make_train_step(model, objective, tx, lr_fn, accum: int, lora_cfg=None):
+  """(trainable, opt_state, batch, step, frozen) -> (trainable, opt_state, metrics).
 
+  `trainable` is the full params (frozen=None) or LoRA adapters over the frozen base.
+  Gradient accumulation is exact: sums over micro-batches, divided once by the total weight.
+  """
 
-def make_train_step(model, objective, tx, lr_fn, accum: int):
-  """(params, opt_state, batch, step) -> (params, opt_state, metrics); exact grad accumulation."""
-
-  def grads_of(params, batch):
+  def grads_of(params, batch, frozen):
     def f(p):
-      num, den, sums = objective.loss(p, batch, model)
+      num, den, sums = objective.loss(state_lib.to_params(p, frozen, lora_cfg), batch, model)
       return num, (den, sums)
     (num, (den, sums)), grads = jax.value_and_grad(f, has_aux=True)(params)
     return num, den, sums, grads
 
-  def step(params, opt_state, batch, step):
+  def step(params, opt_state, batch, step, frozen=None):
     if accum == 1:
-      num, den, sums, grads = grads_of(params, batch)
+      num, den, sums, grads = grads_of(params, batch, frozen)
     else:
       # Micro-batch j takes rows j, j + accum, ... so each one stays spread over all devices.
       micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape((-1, accum) + x.shape[1:]), 0, 1), batch)
       def body(carry, mb):
-        out = grads_of(params, mb)
+        out = grads_of(params, mb, frozen)
         return jax.tree.map(jnp.add, carry, out), None
-      zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grads_of, params, jax.tree.map(lambda x: x[0], micro)))
+      first = jax.tree.map(lambda x: x[0], micro)
+      zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grads_of, params, first, frozen))
       (num, den, sums, grads), _ = jax.lax.scan(body, zeros, micro)
     den = jnp.maximum(den, 1.0)
     grads = jax.tree.map(lambda g: g / den, grads)
@@ -111,11 +107,12 @@ def make_train_step(model, objective, tx, lr_fn, accum: int):
   return step
 
 
-def evaluate(eval_step, params, batches, mesh) -> dict:
+def evaluate(eval_fn, batches, mesh) -> dict:
+  """Exact held-out loss and perplexity: sums over all batches, divided once."""
   num = den = 0.0
   sums = {}
   for b in batches:
-    n, d, s = jax.device_get(eval_step(params, sharding.put_batch(b, mesh)))
+    n, d, s = jax.device_get(eval_fn(sharding.put_batch(b, mesh)))
     num, den = num + float(n), den + float(d)
     for k, v in s.items():
       sums[k] = sums.get(k, 0.0) + float(v)
@@ -144,30 +141,18 @@ def train(config, workdir: str) -> dict:
   model = Transformer(model_cfg)
   objective = objectives.get(config.objective)
   tx, lr_fn = optim.make_optimizer(config.optim, config.steps)
-  abs_params, param_sh, abs_opt, opt_sh, init_boxed = abstract_state(model, tx, config.seq_len, mesh)
 
   mngr = checkpoint.manager(workdir, config.keep_checkpoints, config.async_checkpoints)
-  start = mngr.latest_step()
-  meta = {}
+  lora_cfg = config.lora if state_lib.lora_enabled(config) else None
   with sharding.use_mesh(mesh):
-    if start is not None:
-      params, opt_state, meta = checkpoint.restore(mngr, start, abs_params, param_sh, abs_opt, opt_sh)
-      source = f"resumed from step {start}"
-    else:
-      start = 0
-      if config.init_from:
-        params, from_step = checkpoint.restore_params(config.init_from, abs_params, param_sh)
-        source = f"initialised from {config.init_from} (step {from_step})"
-      else:
-        init = jax.jit(lambda rng: nn.meta.unbox(init_boxed(rng)), out_shardings=param_sh)
-        params = init(jax.random.key(config.seed))
-        source = "initialised at random"
-      opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
-
-    n_params = sum(x.size for x in jax.tree.leaves(abs_params))
-    train_step = jax.jit(make_train_step(model, objective, tx, lr_fn, config.optim.grad_accum),
-                         out_shardings=(param_sh, opt_sh, None), donate_argnums=(0, 1))
-    eval_step = jax.jit(lambda p, b: objective.loss(p, b, model))
+    st = state_lib.setup(config, model, tx, mesh, mngr)
+    params, opt_state, frozen, meta, start = st.trainable, st.opt_state, st.frozen, st.meta, st.start
+    n_params = model_cfg.num_params()
+    n_train = sum(x.size for x in jax.tree.leaves(params))
+    train_step = jax.jit(make_train_step(model, objective, tx, lr_fn, config.optim.grad_accum, lora_cfg),
+                         out_shardings=(st.trainable_shardings, st.opt_shardings, None),
+                         donate_argnums=(0, 1))
+    eval_step = jax.jit(lambda p, f, b: objective.loss(state_lib.to_params(p, f, lora_cfg), b, model))
 
     pidx, pcount = jax.process_index(), jax.process_count()
     train_iter = data.make_batch_iterator(config, tokenizer, "train", pidx, pcount)
@@ -177,15 +162,16 @@ def train(config, workdir: str) -> dict:
                                                max_batches=config.eval_batches or None))
 
     log = MetricsLogger(workdir, config.steps, start, enabled=is_main)
-    log.write(f"kiln: {config.objective} | {n_params / 1e6:.2f}M params | mesh {mesh_shape} | "
-              f"{jax.device_count()} {jax.default_backend()} devices x {pcount} processes | {source}")
+    log.write(f"kiln: {config.objective} | {n_params / 1e6:.2f}M params, {n_train / 1e6:.3f}M trainable "
+              f"| mesh {mesh_shape} | {jax.device_count()} {jax.default_backend()} devices x {pcount} "
+              f"processes | {st.source}")
     tokens_per_step = config.batch_size * config.seq_len
     flops_per_token = model_cfg.train_flops_per_token(config.seq_len)
     peak = peak_flops(config)
 
     def save(step):
-      checkpoint.save(mngr, step, params, opt_state, {"step": step, "data": train_iter.get_state()},
-                      force=True)
+      meta = {"step": step, "data": train_iter.get_state(), **state_lib.checkpoint_meta(config)}
+      checkpoint.save(mngr, step, params, opt_state, meta, force=True)
 
     last, window, times, pending = {}, [], [], None
     t_last = None
@@ -193,7 +179,7 @@ def train(config, workdir: str) -> dict:
     with StopFlag() as stop:
       while step < config.steps:
         batch = sharding.put_batch(next(train_iter), mesh)
-        params, opt_state, metrics = train_step(params, opt_state, batch, jnp.int32(step))
+        params, opt_state, metrics = train_step(params, opt_state, batch, jnp.int32(step), frozen)
         step += 1
         done = [pending] if pending else []
         pending = (step, metrics)
@@ -226,7 +212,7 @@ def train(config, workdir: str) -> dict:
             log.log(s, last)
             window, times = [], []
         if (config.eval_every and step % config.eval_every == 0) or step == config.steps:
-          ev = evaluate(eval_step, params, eval_batches, mesh)
+          ev = evaluate(functools.partial(eval_step, params, frozen), eval_batches, mesh)
           log.log(step, ev)
           last.update(ev)
           t_last = None  # eval time is not train time

@@ -42,8 +42,11 @@ def tokenize_document(tok, doc, objective: str, chat_template: str = "chatml",
 
 def _shifted(example) -> np.ndarray:
   """(ids, mask) -> int32 [3, n]: inputs, targets, loss_mask of the n predicted positions."""
-  ids, mask = np.asarray(example[0], np.int32), np.asarray(example[1], np.int32)
-  return np.stack([ids[:-1], ids[1:], mask[1:]]) if len(ids) > 1 else np.zeros((3, 0), np.int32)
+  ids_mask = np.array(example, np.int32).reshape(2, -1)  # [2, n + 1]
+  out = np.empty((3, max(0, ids_mask.shape[1] - 1)), np.int32)  # [3, n]
+  if out.shape[1]:
+    out[0], out[1], out[2] = ids_mask[0, :-1], ids_mask[0, 1:], ids_mask[1, 1:]
+  return out
 
 
 def empty_row(seq_len: int, pad_id: int) -> np.ndarray:

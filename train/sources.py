@@ -254,20 +254,28 @@ def _builtin(config, split: str) -> list:
 
 
 def iter_documents(config, split: str):
-  """The documents of a split, one at a time: strings (pretrain) or message lists (sft)."""
+  """The documents of a split, one at a time: strings (pretrain) or message lists (sft).
+
+  Checks the config now; reads (and builds a local TFDS dataset) only when iterated.
+  """
   _check(config, split)
+  return _documents(config, split)
+
+
+def _documents(config, split: str):
   d, objective = config.data, config.objective
   if d.source == "builtin":
-    return iter(_builtin(config, split))
-  if d.source in ("text", "jsonl"):
+    yield from _builtin(config, split)
+  elif d.source in ("text", "jsonl"):
     key = "eval_path" if (split == "eval" and d.eval_path) else "path"
     records = (_select(rec, objective, where) for f in _files(d[key], key)
                for where, rec in _file_records(f, d.text_key, d.source == "jsonl"))
-    return _holdout(itertools.islice(records, d.max_documents or None), split, not d.eval_path)
-  name, held_out = _tfds_split(config, split)
-  source = _named_source(config, name) if d.tfds_name else _local_tfds(config)[name]
-  return _holdout(_tfds_docs(source, config, f"{d.tfds_name or 'kiln_files'}/{name}"),
-                  split, held_out)
+    yield from _holdout(itertools.islice(records, d.max_documents or None), split, not d.eval_path)
+  else:
+    name, held_out = _tfds_split(config, split)
+    source = _named_source(config, name) if d.tfds_name else _local_tfds(config)[name]
+    docs = _tfds_docs(source, config, f"{d.tfds_name or 'kiln_files'}/{name}")
+    yield from _holdout(docs, split, held_out)
 
 
 def load_documents(config, split: str) -> list:
@@ -295,18 +303,3 @@ def fingerprint(config, split: str) -> dict:
   folder = epath.Path(info.data_dir)
   files = [(p.name, p.stat().length, p.stat().mtime) for p in sorted(folder.iterdir())]
   return dict(out, tfds_name=d.tfds_name, data_dir=os.fspath(folder), files=files)
-
-
-def doc_text(doc) -> str:
-  """A document as plain text (tokenizer training)."""
-  return doc if isinstance(doc, str) else "\n".join(f"{m['role']}\n{m['content']}" for m in doc)
-
-
-def first_chars(texts, max_chars: int):
-  """Yields texts until max_chars characters in all (the last one cut); max_chars 0 = all."""
-  left = max_chars or float("inf")
-  for t in texts:
-    if left <= 0:
-      return
-    yield t[:left] if len(t) > left else t
-    left -= len(t)

@@ -1,0 +1,90 @@
+"""Training state: what is trained (full params, or LoRA adapters over a frozen base), its
+optimizer state, and where it came from (random init, `init_from`, or this run's checkpoint).
+
+Everything is created directly in its sharded layout: shapes come from `jax.eval_shape`, and
+init / restore write each shard straight to its device, so no host ever holds the whole model.
+"""
+import dataclasses
+import os
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from model import lora, sharding
+from train import checkpoint
+
+
+@dataclasses.dataclass
+class State:
+  trainable: Any            # full params, or LoRA adapters
+  opt_state: Any
+  frozen: Optional[Any]     # the frozen base params under LoRA, else None
+  trainable_shardings: Any
+  opt_shardings: Any
+  start: int                # step to continue from
+  meta: dict                # this run's checkpoint metadata (data iterator state, lora base)
+  source: str               # human-readable origin, for the start-up line
+
+
+def to_params(trainable, frozen, lora_cfg):
+  """The model's params: `trainable` itself, or the frozen base with the adapters merged in."""
+  return trainable if frozen is None else lora.merge(frozen, trainable, lora_cfg)
+
+
+def abstract_params(model, seq_len: int, mesh):
+  """(abstract params, their shardings, boxed init fn, boxed abstract params), no allocation."""
+  dummy = jnp.zeros((1, seq_len), jnp.int32)
+  init_boxed = lambda rng: model.init(rng, dummy)["params"]
+  boxed = jax.eval_shape(init_boxed, jax.random.key(0))
+  return sharding.unbox(boxed), sharding.tree_shardings(boxed, mesh), init_boxed, boxed
+
+
+def lora_enabled(config) -> bool:
+  return config.lora.rank > 0
+
+
+def setup(config, model, tx, mesh, mngr) -> State:
+  """Resumes from `mngr`'s latest step, or starts from `config.init_from`, or from scratch."""
+  abs_params, param_sh, init_boxed, boxed = abstract_params(model, config.seq_len, mesh)
+  use_lora = lora_enabled(config)
+  frozen = None
+  if use_lora:
+    if not config.init_from:
+      raise ValueError("config.lora.rank > 0 needs config.init_from: the frozen base to adapt")
+    frozen, _ = checkpoint.restore_params(config.init_from, abs_params, param_sh)
+    abs_train = jax.eval_shape(lambda p: lora.init_adapters(p, config.lora, jax.random.key(0)), abs_params)
+    train_sh = jax.tree.map(lambda _: NamedSharding(mesh, P()), abs_train)
+  else:
+    abs_train, train_sh = abs_params, param_sh
+  # Optimizer state: mu / nu inherit the params' logical boxes (so their sharding); scalars and
+  # adapters' states are replicated.
+  boxed_opt = jax.eval_shape(tx.init, abs_train if use_lora else boxed)
+  abs_opt, opt_sh = sharding.unbox(boxed_opt), sharding.tree_shardings(boxed_opt, mesh)
+
+  start = mngr.latest_step()
+  if start is not None:
+    trainable, opt_state, meta = checkpoint.restore(mngr, start, abs_train, train_sh, abs_opt, opt_sh)
+    return State(trainable, opt_state, frozen, train_sh, opt_sh, start, meta, f"resumed from step {start}")
+
+  rng = jax.random.key(config.seed)
+  if use_lora:
+    trainable = jax.jit(lambda p: lora.init_adapters(p, config.lora, rng), out_shardings=train_sh)(frozen)
+    source = f"LoRA rank {config.lora.rank} over {config.init_from}"
+  elif config.init_from:
+    trainable, from_step = checkpoint.restore_params(config.init_from, abs_params, param_sh)
+    source = f"initialised from {config.init_from} (step {from_step})"
+  else:
+    trainable = jax.jit(lambda r: sharding.unbox(init_boxed(r)), out_shardings=param_sh)(rng)
+    source = "initialised at random"
+  opt_state = jax.jit(tx.init, out_shardings=opt_sh)(trainable)
+  return State(trainable, opt_state, frozen, train_sh, opt_sh, 0, {}, source)
+
+
+def checkpoint_meta(config) -> dict:
+  """What a later reader needs besides the arrays: for LoRA, the base and the adapter config."""
+  if not lora_enabled(config):
+    return {}
+  return {"lora": {"base": os.path.abspath(config.init_from), "config": config.lora.to_dict()}}
