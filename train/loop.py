@@ -173,6 +173,9 @@ def train(config, workdir: str) -> dict:
       meta = {"step": step, "data": train_iter.get_state(), **state_lib.checkpoint_meta(config)}
       checkpoint.save(mngr, step, params, opt_state, meta, force=True)
 
+    if start >= config.steps:
+      log.write(f"already finished: step {start} >= config.steps={config.steps} "
+                f"(raise --config.steps to train on)")
     last, window, times, pending = {}, [], [], None
     t_last = None
     step = start

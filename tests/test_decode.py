@@ -1,0 +1,313 @@
+"""Generation: cached decoding vs full forward passes, stops, left padding, sampling filters
+(worked examples of ALGORITHMS.md + a float64 NumPy reference), beam search, sharding, text."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import models
+from model import decode, sharding
+from model.transformer import ModelConfig, Transformer
+
+# ----------------------------------------------------------------------------- helpers
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  cfg = ModelConfig.from_config(dict(models.tiny(), init_std=0.1))
+  model = Transformer(cfg)
+  params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))["params"]
+  return cfg, model, params
+
+
+def prompts(cfg, lengths, seed=0):
+  rng = np.random.default_rng(seed)
+  return [list(rng.integers(6, cfg.vocab_size, n)) for n in lengths]
+
+
+def full_forward_greedy(model, params, seqs, steps):
+  """Greedy by re-running the whole (left-padded) sequence at every step: (tokens, logprobs)."""
+  toks, mask = decode.left_pad(seqs)
+  out_t, out_lp = [], []
+  for _ in range(steps):
+    pos = np.maximum(np.cumsum(mask, -1) - 1, 0)
+    logits = model.apply({"params": params}, jnp.asarray(toks), jnp.asarray(pos), jnp.asarray(mask))
+    logp = np.asarray(jax.nn.log_softmax(logits[:, -1]))
+    nxt = logp.argmax(-1)
+    out_t.append(nxt)
+    out_lp.append(logp[np.arange(len(nxt)), nxt])
+    toks = np.concatenate([toks, nxt[:, None]], 1)
+    mask = np.concatenate([mask, np.ones_like(mask[:, :1])], 1)
+  return np.stack(out_t, 1), np.stack(out_lp, 1)
+
+
+def ref_filter(logits, temperature=1.0, top_k=0, top_p=1.0):
+  """float64 sort-based reference of the sampling distribution (temperature -> top-k -> top-p)."""
+  x = np.asarray(logits, np.float64) / temperature
+  order = np.argsort(-x, kind="stable")
+  keep = np.zeros(x.shape, bool)
+  keep[order[:top_k] if top_k else order] = True
+  q = np.where(keep, np.exp(x - x.max()), 0.0)
+  q /= q.sum()
+  if top_p < 1.0:
+    cum = np.cumsum(q[order])
+    n = int(np.argmax(cum >= top_p)) + 1
+    keep = np.zeros(x.shape, bool)
+    keep[order[:n]] = True
+    q = np.where(keep, q, 0.0) / q[keep].sum()
+  return q
+
+
+# ----------------------------------------------------------------------------- the decode loop
+
+
+def test_cached_greedy_equals_full_forward_argmax(tiny):
+  cfg, model, params = tiny
+  seqs = prompts(cfg, [5, 9, 1])
+  toks, mask = decode.left_pad(seqs)
+  out = decode.generate(params, cfg, toks, mask, max_new_tokens=8, temperature=0.0)
+  want_t, want_lp = full_forward_greedy(model, params, seqs, 8)
+  np.testing.assert_array_equal(out.tokens, want_t)
+  np.testing.assert_allclose(out.logprobs, want_lp, atol=1e-4)
+  np.testing.assert_array_equal(out.mask, 1)
+  np.testing.assert_array_equal(out.lengths, 8)
+  assert np.all(np.asarray(out.sample_logprobs) == 0)  # greedy: deterministic choice
+  again = decode.generate(params, cfg, toks, mask, max_new_tokens=8, temperature=0.0)
+  np.testing.assert_array_equal(again.tokens, out.tokens)
+
+
+def test_left_padded_rows_equal_each_row_alone(tiny):
+  cfg, _, params = tiny
+  seqs = prompts(cfg, [3, 11, 6], seed=1)
+  toks, mask = decode.left_pad(seqs)
+  batch = decode.generate(params, cfg, toks, mask, max_new_tokens=6, temperature=0.0)
+  for i, s in enumerate(seqs):
+    alone = decode.generate(params, cfg, np.array([s]), max_new_tokens=6, temperature=0.0)
+    np.testing.assert_array_equal(batch.tokens[i], alone.tokens[0])
+    np.testing.assert_allclose(batch.logprobs[i], alone.logprobs[0], atol=1e-5)
+
+
+def test_sampling_is_reproducible_per_seed(tiny):
+  cfg, _, params = tiny
+  toks, mask = decode.left_pad(prompts(cfg, [4, 7]))
+  run = lambda seed: decode.generate(params, cfg, toks, mask, jax.random.key(seed), max_new_tokens=12,
+                                     temperature=1.0, top_k=40, top_p=0.95)
+  a, b, c = run(0), run(0), run(1)
+  np.testing.assert_array_equal(a.tokens, b.tokens)
+  assert not np.array_equal(a.tokens, c.tokens)
+  assert np.all(np.asarray(a.sample_logprobs) >= np.asarray(a.logprobs) - 1e-5)  # filtering only
+  assert np.all(np.asarray(a.sample_logprobs) <= 0)                           # raises kept probs
+
+
+def table_apply(cfg, params, tokens, positions, segment_ids, cache, head=True):
+  """A stub model: next-token log-probs depend only on the current token (params['logp'][t])."""
+  jax.debug.callback(lambda: CALLS.append(tokens.shape[1]) if head else None)
+  return params["logp"][tokens], cache
+
+
+CALLS = []
+
+
+def test_stop_id_ends_one_row_while_the_other_continues(tiny):
+  cfg = tiny[0]
+  nxt = {2: 3, 3: 1, 4: 5, 5: 6, 6: 7, 7: 4, 1: 1}  # 1 is the stop id
+  logp = np.full((cfg.vocab_size, cfg.vocab_size), -30.0, np.float32)
+  for a, b in nxt.items():
+    logp[a, b] = 0.0
+  params = {"logp": jnp.asarray(logp)}
+  CALLS.clear()
+  out = decode.generate(params, cfg, np.array([[0, 2], [9, 4]]), np.array([[0, 1], [1, 1]]),
+                        max_new_tokens=6, temperature=0.0, stop_ids=[1], apply_fn=table_apply)
+  np.testing.assert_array_equal(out.tokens, [[3, 1, 0, 0, 0, 0], [5, 6, 7, 4, 5, 6]])
+  np.testing.assert_array_equal(out.mask, [[1, 1, 0, 0, 0, 0], [1] * 6])
+  np.testing.assert_array_equal(out.lengths, [2, 6])
+  assert len(CALLS) == 6
+  # when every row has stopped the loop ends early: 3 steps, not 10
+  CALLS.clear()
+  out = decode.generate(params, cfg, np.array([[2], [3]]), max_new_tokens=10, temperature=0.7,
+                        stop_ids=[1], apply_fn=table_apply)
+  np.testing.assert_array_equal(out.lengths, [2, 1])
+  np.testing.assert_array_equal(out.tokens[:, :3], [[3, 1, 0], [1, 0, 0]])
+  assert len(CALLS) == 2
+
+
+def test_stop_on_a_real_model_row(tiny):
+  cfg, _, params = tiny
+  toks, mask = decode.left_pad(prompts(cfg, [6, 4], seed=3))
+  free = decode.generate(params, cfg, toks, mask, max_new_tokens=8, temperature=0.0)
+  stop = int(free.tokens[0, 2])
+  assert stop not in np.asarray(free.tokens[1]).tolist()
+  out = decode.generate(params, cfg, toks, mask, max_new_tokens=8, temperature=0.0, stop_ids=[stop])
+  first = list(np.asarray(free.tokens[0])).index(stop)
+  assert int(out.lengths[0]) == first + 1 and int(out.lengths[1]) == 8
+  np.testing.assert_array_equal(out.tokens[0, :first + 1], free.tokens[0, :first + 1])
+  np.testing.assert_array_equal(out.tokens[0, first + 1:], 0)
+  np.testing.assert_array_equal(out.tokens[1], free.tokens[1])
+
+
+# ----------------------------------------------------------------------------- sampling filters
+
+
+def test_top_p_worked_example_keeps_only_lot():
+  # "thanks a" -> lot 0.89, bunch 0.05, ton 0.03, million 0.02, few 0.01
+  probs = jnp.array([0.05, 0.89, 0.03, 0.02, 0.01])
+  np.testing.assert_array_equal(decode.top_p_mask(probs, 0.88), [0, 1, 0, 0, 0])
+  logits = decode.filter_logits(jnp.log(probs), top_p=0.88)
+  assert np.isfinite(np.asarray(logits)).tolist() == [False, True, False, False, False]
+  assert decode.top_p_mask(probs, 0.90).sum() == 2
+
+
+@pytest.mark.parametrize("shape", ["peaked", "uniform", "two_levels", "random"])
+def test_top_k_keeps_exactly_k(shape):
+  v = 50
+  logits = {"peaked": jnp.zeros(v).at[7].set(20.0), "uniform": jnp.zeros(v),
+            "two_levels": jnp.where(jnp.arange(v) < 2, 1.0, 0.0),
+            "random": jax.random.normal(jax.random.key(0), (v,))}[shape]
+  batch = jnp.broadcast_to(logits, (2, 3, v))
+  for k in (1, 3, 10):
+    mask = decode.top_k_mask(batch, k)
+    np.testing.assert_array_equal(mask.sum(-1), k)
+    kept = np.asarray(logits)[np.asarray(mask[0, 0])]
+    assert kept.min() >= np.sort(np.asarray(logits))[-k]  # they are k of the largest
+  assert np.isfinite(np.asarray(decode.filter_logits(logits, top_k=3))).sum() == 3
+
+
+def test_sort_free_top_p_equals_sorted_reference():
+  rng = np.random.default_rng(0)
+  logits = rng.standard_normal((64, 300)) * rng.uniform(0.2, 5.0, (64, 1))
+  for p in (0.1, 0.5, 0.9, 0.99):
+    probs = jax.nn.softmax(jnp.asarray(logits, jnp.float32), -1)
+    got = np.asarray(decode.top_p_mask(probs, p))
+    want = np.stack([ref_filter(row, top_p=p) > 0 for row in logits])
+    assert (got != want).sum() == 0, p
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 5, 0.8), (1.3, 0, 0.9),
+                                                     (1.0, 3, 1.0)])
+def test_sampled_frequencies_match_the_filtered_distribution(temperature, top_k, top_p):
+  probs = np.array([0.3, 0.2, 0.15, 0.1, 0.08, 0.07, 0.05, 0.03, 0.015, 0.005])
+  logits = jnp.asarray(np.log(probs)[::-1].copy(), jnp.float32)   # best token last: order matters
+  want = ref_filter(logits, temperature, top_k, top_p)
+  n = 4000
+  tok, lp, slp = decode.sample(jax.random.key(42), jnp.broadcast_to(logits, (n, 10)),
+                               decode.Sampling(temperature, top_k, top_p))
+  counts = np.bincount(np.asarray(tok), minlength=10)
+  assert counts[want == 0].sum() == 0
+  kept = want > 0
+  chi2 = (((counts - n * want) ** 2)[kept] / (n * want[kept])).sum()
+  assert chi2 < 30.0, (chi2, counts, n * want)   # df <= 9: p ~ 4e-4
+  np.testing.assert_allclose(lp, np.log(probs[::-1])[np.asarray(tok)], atol=1e-5)
+  np.testing.assert_allclose(slp, np.log(want[np.asarray(tok)]), atol=1e-5)
+
+
+def test_inverse_cdf_never_picks_a_zero_weight_token():
+  w = jnp.zeros((5, 130)).at[:, 3].set(1.0).at[:, 129].set(2.0)
+  u = jnp.array([0.0, 0.3, 0.34, 0.9, 0.99999994])
+  np.testing.assert_array_equal(decode.inverse_cdf(w, u), [3, 3, 129, 129, 129])
+
+
+# ----------------------------------------------------------------------------- beam search
+
+WORDS = ["<pad>", "<eos>", "how", "come", "are", "do", "you", "animals", "the", "a"]
+W = {w: i for i, w in enumerate(WORDS)}
+
+
+def toy_table():
+  """P(next | current word) of the ALGORITHMS.md example; leftover mass spread thinly."""
+  rows = {"how": {"come": 0.24, "are": 0.31, "do": 0.26},
+          "come": {"animals": 0.36}, "are": {"you": 0.91}, "do": {"you": 0.63},
+          "you": {"<eos>": 1.0}, "animals": {"<eos>": 1.0}}
+  table = np.zeros((len(WORDS), len(WORDS)))
+  for a in WORDS:
+    row = rows.get(a, {})
+    rest = [w for w in WORDS[1:] if w not in row]
+    for w in rest:
+      table[W[a], W[w]] = (1.0 - sum(row.values())) / len(rest)
+    for w, p in row.items():
+      table[W[a], W[w]] = p
+  return table
+
+
+def test_beam_search_worked_example():
+  logp = jnp.asarray(np.log(np.maximum(toy_table(), 1e-30)), jnp.float32)
+  step = lambda state, parents, tokens: (logp[tokens], state)
+  seqs, scores, raw, lengths = decode.beam_search(step, None, jnp.array([W["how"]]), width=3,
+                                                  max_new_tokens=4, stop_ids=[W["<eos>"]])
+  words = [" ".join(WORDS[t] for t in row if t > 1) for row in np.asarray(seqs[0])]
+  assert words == ["are you", "do you", "come animals"]
+  np.testing.assert_allclose(np.exp(raw[0]), [0.2821, 0.1638, 0.0864], rtol=1e-5)
+  np.testing.assert_array_equal(lengths[0], [3, 3, 3])  # two words + eos
+  np.testing.assert_allclose(scores, raw)                # no length penalty
+  # a length penalty divides by length ** alpha (all lengths equal here: same order)
+  _, pen, _, _ = decode.beam_search(step, None, jnp.array([W["how"]]), width=3, max_new_tokens=4,
+                                    stop_ids=[W["<eos>"]], length_penalty=1.0)
+  np.testing.assert_allclose(pen[0], np.log([0.2821, 0.1638, 0.0864]) / 3, rtol=1e-5)
+
+
+def test_greedy_on_the_toy_table_picks_are_first(tiny):
+  cfg = tiny[0]
+  table = np.full((cfg.vocab_size, cfg.vocab_size), 1e-30)
+  table[:len(WORDS), :len(WORDS)] = np.maximum(toy_table(), 1e-30)
+  out = decode.generate({"logp": jnp.asarray(np.log(table), jnp.float32)}, cfg, np.array([[W["how"]]]),
+                        max_new_tokens=5, temperature=0.0, stop_ids=[W["<eos>"]], apply_fn=table_apply)
+  assert [WORDS[t] for t in np.asarray(out.tokens[0, :3])] == ["are", "you", "<eos>"]
+  np.testing.assert_allclose(np.exp(out.logprobs[0, :2]), [0.31, 0.91], rtol=1e-5)
+
+
+def test_beam_search_on_the_model_scores_its_beams(tiny):
+  cfg, model, params = tiny
+  seqs = prompts(cfg, [4, 7], seed=5)
+  toks, mask = decode.left_pad(seqs)
+  greedy = decode.generate(params, cfg, toks, mask, max_new_tokens=5, temperature=0.0)
+  one, _, raw1, _ = decode.beam_generate(params, cfg, toks, mask, width=1, max_new_tokens=5)
+  np.testing.assert_array_equal(one[:, 0], greedy.tokens)
+  np.testing.assert_allclose(raw1[:, 0], greedy.logprobs.sum(-1), atol=1e-4)
+  beams, _, raw, _ = decode.beam_generate(params, cfg, toks, mask, width=3, max_new_tokens=5)
+  assert np.all(np.diff(np.asarray(raw), axis=-1) <= 1e-6)  # best first
+  for i, s in enumerate(seqs):  # each beam's score is its log-prob under a full forward pass
+    for j in range(3):
+      full = np.array([list(s) + list(np.asarray(beams[i, j]))])
+      logits = model.apply({"params": params}, jnp.asarray(full))
+      logp = np.asarray(jax.nn.log_softmax(logits[0, len(s) - 1:-1]))
+      want = logp[np.arange(5), np.asarray(beams[i, j])].sum()
+      np.testing.assert_allclose(raw[i, j], want, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- mesh and text
+
+
+def test_sharded_generation_matches_single_device(tiny):
+  cfg, model, params = tiny
+  mesh = sharding.make_mesh(dict(data=2, fsdp=2, tensor=2))
+  boxed = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+  sharded = jax.device_put(params, sharding.tree_shardings(boxed, mesh))
+  toks, mask = decode.left_pad(prompts(cfg, [3, 8, 5, 6], seed=7))
+  kw = dict(max_new_tokens=6, temperature=0.9, top_p=0.9)
+  want = decode.generate(params, cfg, toks, mask, jax.random.key(3), **kw)
+  with sharding.use_mesh(mesh):
+    put = lambda x: jax.device_put(x, sharding.batch_sharding(mesh))
+    got = decode.generate(sharded, cfg, put(toks), put(mask), jax.random.key(3), **kw)
+  assert len(got.tokens.sharding.device_set) == 8
+  np.testing.assert_array_equal(got.tokens, want.tokens)
+  np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-5)
+
+
+def test_generate_text_plain_and_chat(tiny, tmp_path):
+  from model import tokenizer as T
+  from train import corpus
+  cfg, _, params = tiny
+  tok = T.train_tokenizer(corpus.pretrain_documents(0, 300), cfg.vocab_size, str(tmp_path / "t.model"))
+  texts = decode.generate_text(params, cfg, tok, ["What is 2 + 2?", "Hi"], chat=True,
+                               max_new_tokens=6, num_samples=2, temperature=0.0)
+  assert len(texts) == 2 and all(len(t) == 2 and t[0] == t[1] for t in texts)  # greedy samples agree
+  seqs = [T.apply_chat_template(tok, [{"role": "user", "content": p}], add_generation_prompt=True)[0]
+          for p in ["What is 2 + 2?", "Hi"]]
+  toks, mask = decode.left_pad(seqs)
+  out = decode.generate(params, cfg, toks, mask, max_new_tokens=6, temperature=0.0,
+                        stop_ids=[tok.im_end_id, tok.eos_id])
+  for i in range(2):
+    ids = [t for t in np.asarray(out.tokens[i, :out.lengths[i]]) if t not in (tok.im_end_id, tok.eos_id)]
+    assert texts[i][0] == tok.decode(ids)
+  plain = decode.generate_text(params, cfg, tok, ["2 + 2 ="], max_new_tokens=4, key=jax.random.key(1))
+  assert isinstance(plain[0][0], str)
