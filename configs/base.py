@@ -10,7 +10,7 @@ def base_config() -> ml_collections.ConfigDict:
   from train import data  # the data section is defined next to the code that reads it
 
   c = ml_collections.ConfigDict()
-  c.objective = "pretrain"           # pretrain | sft (more stages register in train/objectives.py)
+  c.objective = "pretrain"           # pretrain | sft | reward_model | dpo (train/objectives.py)
   c.model = models.tiny()
   c.steps = 1000
   c.batch_size = 16                  # global rows per step, over all hosts and devices
@@ -32,6 +32,19 @@ def base_config() -> ml_collections.ConfigDict:
       rank=0,                          # 0 = full fine-tuning; > 0 = train adapters only
       alpha=16.0,                      # adapter scale is alpha / rank
       targets=list(DEFAULT_TARGETS),   # regexes over parameter paths
+  ))
+  c.reward = ml_collections.ConfigDict(dict(  # objective reward_model (ALGORITHMS.md section 3)
+      loss="bradley_terry",            # bradley_terry | margin_ranking
+      margin=0.0,                      # r_w - r_l target margin
+      centering=0.0,                   # + centering * mean((r_w + r_l)^2)
+  ))
+  c.dpo = ml_collections.ConfigDict(dict(  # objective dpo (ALGORITHMS.md section 4)
+      loss="sigmoid",                  # sigmoid | cdpo | robust | ipo | simpo | orpo
+      beta=0.1,
+      label_smoothing=0.0,             # eps of sigmoid / cdpo / robust
+      gamma=0.5,                       # simpo target margin
+      orpo_lambda=0.1,                 # orpo weight of the odds-ratio term
+      precompute_reference=False,      # reference log-probs once before training (cached in workdir)
   ))
   c.data = data.default_data_config()
   c.tokenizer = data.default_tokenizer_config()

@@ -109,11 +109,12 @@ class Sampling:
   top_p: float = 1.0
 
 
-def sample(key, logits, s: Sampling):
+def sample(key, logits, s: Sampling, u=None):
   """(tokens [b], log-prob under the model [b], log-prob under the sampling distribution [b]).
 
   logits [b, V]. The model log-prob is log_softmax of the raw (temperature 1) logits; the
-  sampling one is of the filtered, renormalised distribution (0 for greedy)."""
+  sampling one is of the filtered, renormalised distribution (0 for greedy). u [b]: the uniforms
+  to use instead of drawing them from `key`."""
   logits = logits.astype(jnp.float32)
   lse = jax.nn.logsumexp(logits, -1)                                          # [b]
   if s.temperature <= 0.0:
@@ -125,7 +126,7 @@ def sample(key, logits, s: Sampling):
   w = jnp.exp(x - jnp.max(x, -1, keepdims=True))                             # [b, V], max 1
   if s.top_p < 1.0:
     w = jnp.where(w >= top_p_threshold(w, s.top_p, iters=30), w, 0.0)
-  tok = inverse_cdf(w, jax.random.uniform(key, lse.shape))
+  tok = inverse_cdf(w, jax.random.uniform(key, lse.shape) if u is None else u)
   pick = lambda a: jnp.take_along_axis(a, tok[:, None], -1)[:, 0]
   return tok, pick(logits) - lse, jnp.log(pick(w)) - jnp.log(jnp.sum(w, -1))
 
@@ -172,6 +173,7 @@ def _generate(params, tokens, mask, key, stop_ids, *, cfg, apply_fn, max_new_tok
   n = max_new_tokens
   cache, last_pos = _prefill(apply_fn, cfg, params, tokens, mask, p + n - 1)
   ones = jnp.ones((b, 1), jnp.int32)
+  uniforms = jax.random.uniform(key, (n, b))  # all draws up front: no RNG inside the loop
 
   def cond(c):
     return (c["step"] < n) & ~jnp.all(c["done"])
@@ -179,7 +181,7 @@ def _generate(params, tokens, mask, key, stop_ids, *, cfg, apply_fn, max_new_tok
   def body(c):
     s = c["step"]
     logits, cache = apply_fn(cfg, params, c["token"][:, None], (last_pos + s)[:, None], ones, c["cache"])
-    tok, lp, slp = sample(jax.random.fold_in(key, s), logits[:, -1], sampling)  # [b] each
+    tok, lp, slp = sample(None, logits[:, -1], sampling, u=uniforms[s])      # [b] each
     live = ~c["done"]
     tok = jnp.where(live, tok, pad_id).astype(jnp.int32)
     put = lambda buf, x: jax.lax.dynamic_update_slice(buf, x[:, None].astype(buf.dtype), (0, s))

@@ -44,16 +44,37 @@ def checkpoint_dir(path: str) -> str:
   return sub if os.path.isdir(sub) else path
 
 
-def restore_params(path: str, abstract_params, param_shardings, step=None):
+def latest_step(path: str):
+  """The latest finished step of a run's checkpoints (None if none)."""
+  mngr = ocp.CheckpointManager(os.path.abspath(checkpoint_dir(path)),
+                               options=ocp.CheckpointManagerOptions(read_only=True, create=False,
+                                                                   save_interval_steps=0))
+  step = mngr.latest_step()
+  mngr.close()
+  return step
+
+
+def stored_keys(directory: str, step: int) -> set:
+  """Top-level names of the params tree saved at `step` (read from metadata, no arrays)."""
+  from etils import epath
+  tree = ocp.StandardCheckpointHandler().metadata(epath.Path(directory) / str(step) / "params")
+  return set(tree.keys())
+
+
+def restore_params(path: str, abstract_params, param_shardings, step=None, missing_ok=()):
   """The full params of another run's latest (or given) step: `init_from`, eval, sampling.
 
   A LoRA run stores only its adapters; they are merged into its base (restored the same way).
+  Top-level entries of `abstract_params` named in `missing_ok` (e.g. a reward head the SFT run
+  does not have) may be absent from the checkpoint: they are left out of the result, and the
+  caller initialises them. Stored entries that `abstract_params` lacks are not read.
   """
   directory = os.path.abspath(checkpoint_dir(path))
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"config.init_from: no checkpoint directory at {directory}")
   mngr = ocp.CheckpointManager(directory, item_names=("params", "opt_state", "meta"),
-                               options=ocp.CheckpointManagerOptions(read_only=True))
+                               options=ocp.CheckpointManagerOptions(read_only=True, create=False,
+                                                                   save_interval_steps=0))
   step = mngr.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"config.init_from: {directory} holds no finished checkpoint")
@@ -62,7 +83,9 @@ def restore_params(path: str, abstract_params, param_shardings, step=None):
     import ml_collections
     from jax.sharding import NamedSharding, PartitionSpec as P
     from model import lora
-    base, _ = restore_params(meta["lora"]["base"], abstract_params, param_shardings)
+    base, _ = restore_params(meta["lora"]["base"], abstract_params, param_shardings, missing_ok=missing_ok)
+    abstract_params = {k: abstract_params[k] for k in base}
+    param_shardings = {k: param_shardings[k] for k in base}
     lora_cfg = ml_collections.ConfigDict(meta["lora"]["config"])
     abs_ad = jax.eval_shape(lambda p: lora.init_adapters(p, lora_cfg, jax.random.key(0)), abstract_params)
     mesh = jax.tree.leaves(param_shardings)[0].mesh
@@ -72,7 +95,18 @@ def restore_params(path: str, abstract_params, param_shardings, step=None):
     mngr.close()
     merged = jax.jit(lambda b, a: lora.merge(b, a, lora_cfg), out_shardings=param_shardings)
     return merged(base, adapters), step
-  out = mngr.restore(step, args=ocp.args.Composite(
-      params=ocp.args.StandardRestore(_abstract(abstract_params, param_shardings))))
+  stored = stored_keys(directory, step)
+  missing = set(abstract_params) - stored
+  if missing - set(missing_ok):
+    raise ValueError(f"{directory} step {step} has no params {sorted(missing - set(missing_ok))} "
+                     f"(it holds {sorted(stored)})")
+  keys = [k for k in abstract_params if k in stored]
+  target = _abstract({k: abstract_params[k] for k in keys}, {k: param_shardings[k] for k in keys})
+  if stored - set(keys):  # read only the entries asked for
+    args = ocp.args.PyTreeRestore(target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                  partial_restore=True)
+  else:
+    args = ocp.args.StandardRestore(target)
+  out = mngr.restore(step, args=ocp.args.Composite(params=args))
   mngr.close()
   return out.params, step

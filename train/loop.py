@@ -1,6 +1,8 @@
 """The offline trainer: sharded init or resume, jitted step, eval, metrics, checkpoints.
 
-One loop serves every offline stage; `config.objective` picks the loss (train/objectives.py).
+One loop serves every offline stage; `config.objective` picks the loss (train/objectives.py), and
+with it the batches (packed rows of train/data.py, or preference pairs of train/pairs.py), extra
+params (a reward head) and a frozen reference model (DPO; rl/reference.py).
 State is two pytrees (params, opt_state) sharded by the logical rules of model/sharding.py.
 """
 import functools
@@ -17,6 +19,7 @@ import optax
 
 from model import sharding
 from model.transformer import ModelConfig, Transformer
+from rl import reference
 from train import checkpoint, data, objectives, optim
 from train import state as state_lib
 from train.metrics import MetricsLogger
@@ -69,46 +72,49 @@ class StopFlag:
     return bool(np.any(multihost_utils.process_allgather(np.array([self.set]))))
 
 
-def make_train_step(model, objective, tx, lr_fn, accum: int, lora_cfg=None):
-  """(trainable, opt_state, batch, step, frozen) -> (trainable, opt_state, metrics).
+def make_train_step(model, objective, tx, lr_fn, accum: int, lora_cfg=None, config=None,
+                    ref_is_frozen: bool = False):
+  """(trainable, opt_state, batch, step, frozen, ref) -> (trainable, opt_state, metrics).
 
-  `trainable` is the full params (frozen=None) or LoRA adapters over the frozen base.
+  `trainable` is the full params (frozen=None) or LoRA adapters over the frozen base. `ref` is the
+  reference params (or None); with `ref_is_frozen` the reference is the LoRA base `frozen` itself.
   Gradient accumulation is exact: sums over micro-batches, divided once by the total weight.
   """
 
-  def grads_of(params, batch, frozen):
+  def grads_of(params, batch, frozen, ref):
+    ctx = objectives.Context(config, frozen if ref_is_frozen else ref)
     def f(p):
-      num, den, sums = objective.loss(state_lib.to_params(p, frozen, lora_cfg), batch, model)
+      num, den, sums = objective.loss(state_lib.to_params(p, frozen, lora_cfg), batch, model, ctx)
       return num, (den, sums)
     (num, (den, sums)), grads = jax.value_and_grad(f, has_aux=True)(params)
     return num, den, sums, grads
 
-  def step(params, opt_state, batch, step, frozen=None):
+  def step(params, opt_state, batch, step, frozen=None, ref=None):
     if accum == 1:
-      num, den, sums, grads = grads_of(params, batch, frozen)
+      num, den, sums, grads = grads_of(params, batch, frozen, ref)
     else:
       # Micro-batch j takes rows j, j + accum, ... so each one stays spread over all devices.
       micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape((-1, accum) + x.shape[1:]), 0, 1), batch)
       def body(carry, mb):
-        out = grads_of(params, mb, frozen)
+        out = grads_of(params, mb, frozen, ref)
         return jax.tree.map(jnp.add, carry, out), None
       first = jax.tree.map(lambda x: x[0], micro)
-      zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grads_of, params, first, frozen))
+      zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grads_of, params, first, frozen, ref))
       (num, den, sums, grads), _ = jax.lax.scan(body, zeros, micro)
     den = jnp.maximum(den, 1.0)
     grads = jax.tree.map(lambda g: g / den, grads)
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     metrics = {"train/loss": num / den, "train/grad_norm": optax.tree.norm(grads),
-               "train/lr": lr_fn(step), "train/tokens": den}
+               "train/lr": lr_fn(step), f"train/{objective.unit}": den}
     metrics.update({f"train/{k}": v / den for k, v in sums.items()})
     return params, opt_state, metrics
 
   return step
 
 
-def evaluate(eval_fn, batches, mesh) -> dict:
-  """Exact held-out loss and perplexity: sums over all batches, divided once."""
+def evaluate(eval_fn, batches, mesh, perplexity: bool = True) -> dict:
+  """Exact held-out loss (and perplexity) and metrics: sums over all batches, divided once."""
   num = den = 0.0
   sums = {}
   for b in batches:
@@ -118,9 +124,25 @@ def evaluate(eval_fn, batches, mesh) -> dict:
       sums[k] = sums.get(k, 0.0) + float(v)
   den = max(den, 1.0)
   loss = num / den
-  out = {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
+  out = {"eval/loss": loss}
+  if perplexity:
+    out["eval/perplexity"] = math.exp(min(loss, 50.0))
   out.update({f"eval/{k}": v / den for k, v in sums.items()})
   return out
+
+
+def make_batches(config, objective, tokenizer, pidx: int, pcount: int, columns=None):
+  """(resumable train iterator, list of eval batches): the objective's own, or packed rows."""
+  columns = columns or {}
+  if objective.make_batches is not None:
+    return (objective.make_batches(config, tokenizer, "train", pidx, pcount, columns.get("train")),
+            objective.make_batches(config, tokenizer, "eval", pidx, pcount, columns.get("eval")))
+  return (data.make_batch_iterator(config, tokenizer, "train", pidx, pcount),
+          list(data.make_eval_batches(config, tokenizer, pidx, pcount, max_batches=config.eval_batches or None)))
+
+
+def _describe(batches) -> str:
+  return batches.describe() if hasattr(batches, "describe") else ""
 
 
 def train(config, workdir: str) -> dict:
@@ -140,33 +162,40 @@ def train(config, workdir: str) -> dict:
   model_cfg = ModelConfig.from_config(config.model)
   model = Transformer(model_cfg)
   objective = objectives.get(config.objective)
+  objective.check(config)
   tx, lr_fn = optim.make_optimizer(config.optim, config.steps)
 
   mngr = checkpoint.manager(workdir, config.keep_checkpoints, config.async_checkpoints)
   lora_cfg = config.lora if state_lib.lora_enabled(config) else None
   with sharding.use_mesh(mesh):
-    st = state_lib.setup(config, model, tx, mesh, mngr)
+    st = state_lib.setup(config, model, tx, mesh, mngr, objective.extra_params)
     params, opt_state, frozen, meta, start = st.trainable, st.opt_state, st.frozen, st.meta, st.start
     n_params = model_cfg.num_params()
     n_train = sum(x.size for x in jax.tree.leaves(params))
-    train_step = jax.jit(make_train_step(model, objective, tx, lr_fn, config.optim.grad_accum, lora_cfg),
+    pidx, pcount = jax.process_index(), jax.process_count()
+    ref, columns, ref_note = reference.prepare(config, objective, st, model, mesh, workdir, tokenizer,
+                                               pidx, pcount)
+    ref_is_frozen = ref is not None and ref is frozen  # LoRA: pass the base once, use it twice
+    step_ref = None if ref_is_frozen else ref
+    ctx_ref = lambda f, r: f if ref_is_frozen else r
+    train_step = jax.jit(make_train_step(model, objective, tx, lr_fn, config.optim.grad_accum, lora_cfg,
+                                         config, ref_is_frozen),
                          out_shardings=(st.trainable_shardings, st.opt_shardings, None),
                          donate_argnums=(0, 1))
-    eval_step = jax.jit(lambda p, f, b: objective.loss(state_lib.to_params(p, f, lora_cfg), b, model))
+    eval_step = jax.jit(lambda p, f, r, b: objective.loss(
+        state_lib.to_params(p, f, lora_cfg), b, model, objectives.Context(config, ctx_ref(f, r))))
 
-    pidx, pcount = jax.process_index(), jax.process_count()
-    train_iter = data.make_batch_iterator(config, tokenizer, "train", pidx, pcount)
+    train_iter, eval_batches = make_batches(config, objective, tokenizer, pidx, pcount, columns)
     if meta.get("data") is not None:
       train_iter.set_state(meta["data"])
-    eval_batches = list(data.make_eval_batches(config, tokenizer, pidx, pcount,
-                                               max_batches=config.eval_batches or None))
 
     log = MetricsLogger(workdir, config.steps, start, enabled=is_main)
     log.write(f"kiln: {config.objective} | {n_params / 1e6:.2f}M params, {n_train / 1e6:.3f}M trainable "
               f"| mesh {mesh_shape} | {jax.device_count()} {jax.default_backend()} devices x {pcount} "
-              f"processes | {st.source}")
-    tokens_per_step = config.batch_size * config.seq_len
-    flops_per_token = model_cfg.train_flops_per_token(config.seq_len)
+              f"processes | {st.source}" + "".join(f" | {n}" for n in (ref_note, _describe(train_iter)) if n))
+    # Pairs: chosen and rejected rows per example, and a reference forward (1/3 of a train step).
+    tokens_per_step = config.batch_size * config.seq_len * (1 if objective.packed else 2)
+    flops_per_token = model_cfg.train_flops_per_token(config.seq_len) * (4 / 3 if ref is not None else 1)
     peak = peak_flops(config)
 
     def save(step):
@@ -182,7 +211,7 @@ def train(config, workdir: str) -> dict:
     with StopFlag() as stop:
       while step < config.steps:
         batch = sharding.put_batch(next(train_iter), mesh)
-        params, opt_state, metrics = train_step(params, opt_state, batch, jnp.int32(step), frozen)
+        params, opt_state, metrics = train_step(params, opt_state, batch, jnp.int32(step), frozen, step_ref)
         step += 1
         done = [pending] if pending else []
         pending = (step, metrics)
@@ -215,7 +244,8 @@ def train(config, workdir: str) -> dict:
             log.log(s, last)
             window, times = [], []
         if (config.eval_every and step % config.eval_every == 0) or step == config.steps:
-          ev = evaluate(functools.partial(eval_step, params, frozen), eval_batches, mesh)
+          ev = evaluate(functools.partial(eval_step, params, frozen, step_ref), eval_batches, mesh,
+                        perplexity=objective.packed)
           log.log(step, ev)
           last.update(ev)
           t_last = None  # eval time is not train time

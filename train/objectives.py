@@ -1,13 +1,34 @@
 """Objectives: what a stage optimises. Each is a small record chosen by `config.objective`.
 
-A loss returns (numerator, denominator, metric sums) rather than a mean, so gradient accumulation
-and multi-batch evaluation stay exact: the step's loss is sum(numerators) / sum(denominators).
+A loss `loss(params, batch, model, ctx)` returns (numerator, denominator, metric sums) rather than a
+mean, so gradient accumulation and multi-batch evaluation stay exact: the step's loss is
+sum(numerators) / sum(denominators) (tokens for pretrain / sft, pairs for reward_model / dpo).
+`ctx` carries the stage config and the frozen reference params (or None).
+
+Besides the loss, an objective may bring its own batches (`make_batches`), need a reference model
+(`needs_reference(config)`), own extra trainable params merged at the top level of the params tree
+(`extra_params(model_cfg, rng)`, e.g. the reward head) and check its config section (`check`).
 """
 import dataclasses
-from typing import Callable
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
+
+from model import heads
+from rl import dpo
+from train import pairs
+from train import reward_model as rm
+
+
+REFERENCE_FREE = ("simpo", "orpo")        # DPO losses without a reference model
+SMOOTHED = ("sigmoid", "cdpo", "robust")  # DPO losses that take label_smoothing
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+  config: Any = None      # the stage config: loss options live in its sections (config.dpo, ...)
+  ref_params: Any = None  # the frozen reference model's params, or None
 
 
 def token_nll(logits, targets):
@@ -18,7 +39,7 @@ def token_nll(logits, targets):
   return lse - target_logit
 
 
-def next_token_loss(params, batch, model):
+def next_token_loss(params, batch, model, ctx=None):
   """Masked next-token cross-entropy over a packed batch (pretraining and SFT).
 
   batch: inputs, targets, segment_ids, positions [b, t] int32; loss_mask [b, t] float32.
@@ -31,16 +52,143 @@ def next_token_loss(params, batch, model):
   return total, jnp.sum(mask), {"accuracy": correct}
 
 
+# ----------------------------------------------------------------------------- pairs
+
+
+def _flat(x):
+  """[b, 2, T] -> [2b, T]: chosen and rejected rows of pair i are rows 2i and 2i + 1."""
+  return x.reshape((-1,) + x.shape[2:])
+
+
+def pair_logps(params, batch, model):
+  """Summed completion log-probs and completion lengths, each [b, 2] (0 = chosen, 1 = rejected).
+
+  Token t is predicted from tokens < t: logits [:, :-1] score tokens [:, 1:] under loss_mask [:, 1:].
+  """
+  b = batch["tokens"].shape[0]
+  tokens = _flat(batch["tokens"])  # [2b, T]
+  logits = model.apply({"params": params}, tokens, _flat(batch["positions"]), _flat(batch["segment_ids"]))
+  logps, n = dpo.sequence_logps(logits[:, :-1], tokens[:, 1:], _flat(batch["loss_mask"])[:, 1:])  # [2b]
+  return logps.reshape(b, 2), n.reshape(b, 2)
+
+
+def pair_rewards(params, batch, model):
+  """Reward-head score of the last real token of each sequence. -> [b, 2]."""
+  b = batch["tokens"].shape[0]
+  segments = _flat(batch["segment_ids"])  # [2b, T]
+  _, hidden = model.apply({"params": params}, _flat(batch["tokens"]), _flat(batch["positions"]),
+                          segments, return_hidden=True, head=False)  # [2b, T, d]
+  last = rm.gather_last(hidden, segments)  # [2b, d]
+  return heads.scalar_head(params["reward_head"], last).reshape(b, 2)
+
+
+def _weighted(weight, losses, metrics):
+  """Per-pair losses / metrics [b] -> (sum, number of pairs, sums): padding pairs weigh 0."""
+  return (jnp.sum(weight * losses), jnp.sum(weight),
+          {k: jnp.sum(weight * v) for k, v in metrics.items()})
+
+
+def reward_loss(params, batch, model, ctx):
+  """Pairwise reward-model loss (config.reward) over a batch of pairs."""
+  c = ctx.config.reward
+  r = pair_rewards(params, batch, model)  # [b, 2]
+  one = lambda w, l: rm.reward_loss(w[None], l[None], kind=c.loss, margin=c.margin, centering=c.centering)
+  losses, m = jax.vmap(one)(r[:, 0], r[:, 1])  # [b], {k: [b]}
+  metrics = {"rewards/accuracy": m["accuracy"], "rewards/chosen": m["chosen"],
+             "rewards/rejected": m["rejected"], "rewards/margin": m["margin"]}
+  return _weighted(batch["weight"], losses, metrics)
+
+
+def reference_logps(batch, model, ctx):
+  """[b, 2] reference log-probs: precomputed in the batch, or a forward pass of ctx.ref_params."""
+  if "ref_logps" in batch:
+    return batch["ref_logps"]
+  if ctx.ref_params is None:
+    return None
+  return jax.lax.stop_gradient(pair_logps(ctx.ref_params, batch, model)[0])
+
+
+def dpo_loss(params, batch, model, ctx):
+  """The DPO family (config.dpo.loss) over a batch of pairs, with TRL's metrics and a KL proxy."""
+  c = ctx.config.dpo
+  logps, n = pair_logps(params, batch, model)  # [b, 2]
+  ref = None if c.loss in REFERENCE_FREE else reference_logps(batch, model, ctx)
+
+  def one(pc, pr, rc, rr, nc, nr):
+    r = lambda x: None if x is None else x[None]
+    return dpo.preference_loss(pc[None], pr[None], r(rc), r(rr), nc[None], nr[None], loss_type=c.loss,
+                               beta=c.beta, label_smoothing=c.label_smoothing, gamma=c.gamma,
+                               orpo_lambda=c.orpo_lambda)
+  rc, rr = (None, None) if ref is None else (ref[:, 0], ref[:, 1])
+  losses, metrics = jax.vmap(one)(logps[:, 0], logps[:, 1], rc, rr, n[:, 0], n[:, 1])  # [b]
+  if ref is not None:  # mean over the chosen completion's tokens of log pi - log pi_ref
+    metrics["kl"] = (logps[:, 0] - ref[:, 0]) / jnp.maximum(n[:, 0], 1.0)
+  return _weighted(batch["weight"], losses, metrics)
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _check_reward(config):
+  c = config.reward
+  if c.loss not in rm.REWARD_LOSS_KINDS:
+    raise ValueError(f"config.reward.loss={c.loss!r}: use one of {rm.REWARD_LOSS_KINDS}")
+  if c.centering < 0:
+    raise ValueError(f"config.reward.centering={c.centering} must be >= 0")
+  if config.lora.rank > 0:
+    raise ValueError("config.lora.rank > 0: LoRA reward models are not supported (the reward head "
+                     "would have to be saved with the adapters); use full fine-tuning")
+  _check_pairs(config)
+
+
+def _check_dpo(config):
+  c = config.dpo
+  if c.loss not in dpo.LOSS_TYPES:
+    raise ValueError(f"config.dpo.loss={c.loss!r}: use one of {dpo.LOSS_TYPES}")
+  if c.beta <= 0:
+    raise ValueError(f"config.dpo.beta={c.beta} must be positive")
+  if c.label_smoothing and c.loss not in SMOOTHED:
+    raise ValueError(f"config.dpo.label_smoothing={c.label_smoothing} is not used by config.dpo.loss={c.loss!r}")
+  if not 0 <= c.label_smoothing < 0.5:
+    raise ValueError(f"config.dpo.label_smoothing={c.label_smoothing} must be in [0, 0.5)")
+  if needs_dpo_reference(config) and not config.init_from:
+    raise ValueError(f"config.dpo.loss={c.loss!r} needs a reference model: set config.init_from "
+                     f"(the SFT run, which is also the starting point)")
+  _check_pairs(config)
+
+
+def _check_pairs(config):
+  if config.data.source not in ("builtin", "jsonl"):
+    raise ValueError(f"config.data.source={config.data.source!r}: {config.objective} reads "
+                     f"preference pairs from 'builtin' or 'jsonl'")
+
+
+def needs_dpo_reference(config) -> bool:
+  return config.dpo.loss not in REFERENCE_FREE
+
+
+# ----------------------------------------------------------------------------- registry
+
+
 @dataclasses.dataclass(frozen=True)
 class Objective:
   name: str
-  loss: Callable  # (params, batch, model) -> (numerator, denominator, {metric: sum})
+  loss: Callable  # (params, batch, model, ctx) -> (numerator, denominator, {metric: sum})
   packed: bool = True  # batches come from train/data.py's packed rows
+  make_batches: Optional[Callable] = None  # (config, tok, split, pidx, pcount[, columns]) -> iter | list
+  needs_reference: Callable = lambda config: False
+  extra_params: Optional[Callable] = None  # (model_cfg, rng) -> {top-level name: params}
+  check: Callable = lambda config: None  # raises ValueError naming the bad key
+  unit: str = "tokens"  # what the denominator counts
 
 
 OBJECTIVES = {
     "pretrain": Objective("pretrain", next_token_loss),
     "sft": Objective("sft", next_token_loss),
+    "reward_model": Objective("reward_model", reward_loss, packed=False, make_batches=pairs.make_batches,
+                              extra_params=heads.reward_head_params, check=_check_reward, unit="pairs"),
+    "dpo": Objective("dpo", dpo_loss, packed=False, make_batches=pairs.make_batches,
+                     needs_reference=needs_dpo_reference, check=_check_dpo, unit="pairs"),
 }
 
 

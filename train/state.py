@@ -34,10 +34,17 @@ def to_params(trainable, frozen, lora_cfg):
   return trainable if frozen is None else lora.merge(frozen, trainable, lora_cfg)
 
 
-def abstract_params(model, seq_len: int, mesh):
-  """(abstract params, their shardings, boxed init fn, boxed abstract params), no allocation."""
+def abstract_params(model, seq_len: int, mesh, extra_params=None):
+  """(abstract params, their shardings, boxed init fn, boxed abstract params), no allocation.
+
+  `extra_params(model_cfg, rng) -> {name: params}` (an objective's heads) are added at the top
+  level of the tree, replicated.
+  """
   dummy = jnp.zeros((1, seq_len), jnp.int32)
-  init_boxed = lambda rng: model.init(rng, dummy)["params"]
+  model_init = lambda rng: model.init(rng, dummy)["params"]
+  init_boxed = model_init
+  if extra_params is not None:
+    init_boxed = lambda rng: {**model_init(rng), **extra_params(model.cfg, jax.random.fold_in(rng, 1))}
   boxed = jax.eval_shape(init_boxed, jax.random.key(0))
   return sharding.unbox(boxed), sharding.tree_shardings(boxed, mesh), init_boxed, boxed
 
@@ -46,9 +53,12 @@ def lora_enabled(config) -> bool:
   return config.lora.rank > 0
 
 
-def setup(config, model, tx, mesh, mngr) -> State:
-  """Resumes from `mngr`'s latest step, or starts from `config.init_from`, or from scratch."""
-  abs_params, param_sh, init_boxed, boxed = abstract_params(model, config.seq_len, mesh)
+def setup(config, model, tx, mesh, mngr, extra_params=None) -> State:
+  """Resumes from `mngr`'s latest step, or starts from `config.init_from`, or from scratch.
+
+  `extra_params` (see abstract_params) that `init_from` lacks are initialised here.
+  """
+  abs_params, param_sh, init_boxed, boxed = abstract_params(model, config.seq_len, mesh, extra_params)
   use_lora = lora_enabled(config)
   frozen = None
   if use_lora:
@@ -74,8 +84,15 @@ def setup(config, model, tx, mesh, mngr) -> State:
     trainable = jax.jit(lambda p: lora.init_adapters(p, config.lora, rng), out_shardings=train_sh)(frozen)
     source = f"LoRA rank {config.lora.rank} over {config.init_from}"
   elif config.init_from:
-    trainable, from_step = checkpoint.restore_params(config.init_from, abs_params, param_sh)
+    extra = list(jax.eval_shape(lambda r: extra_params(model.cfg, r), rng)) if extra_params else []
+    trainable, from_step = checkpoint.restore_params(config.init_from, abs_params, param_sh, missing_ok=extra)
     source = f"initialised from {config.init_from} (step {from_step})"
+    missing = [k for k in abs_params if k not in trainable]
+    if missing:  # e.g. SFT -> reward model: the head is new
+      fresh = jax.jit(lambda r: {k: sharding.unbox(init_boxed(r))[k] for k in missing},
+                      out_shardings={k: param_sh[k] for k in missing})(rng)
+      trainable = {**trainable, **fresh}
+      source += f"; {', '.join(missing)} not in it: initialised at random"
   else:
     trainable = jax.jit(lambda r: sharding.unbox(init_boxed(r)), out_shardings=param_sh)(rng)
     source = "initialised at random"

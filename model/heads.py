@@ -1,0 +1,25 @@
+"""Extra heads on the decoder's final hidden state, kept as plain params next to the model's.
+
+A head lives at the top level of the params tree (e.g. `params["reward_head"]`); the Transformer
+ignores it, so `model.apply` works on the extended tree unchanged. Heads are small and replicated.
+"""
+import math
+
+import jax
+import jax.numpy as jnp
+
+
+def init_scalar_head(d_model: int, rng) -> dict:
+  """{"kernel": [d], "bias": []}: kernel ~ N(0, 1/d), so a unit-RMS hidden state gives O(1) scores."""
+  kernel = jax.random.normal(rng, (d_model,), jnp.float32) / math.sqrt(d_model)
+  return {"kernel": kernel, "bias": jnp.zeros((), jnp.float32)}
+
+
+def scalar_head(head: dict, hidden):
+  """One score per hidden state in fp32. hidden [..., d] -> [...]."""
+  return hidden.astype(jnp.float32) @ head["kernel"].astype(jnp.float32) + head["bias"]
+
+
+def reward_head_params(model_cfg, rng) -> dict:
+  """The reward model's extra params: {"reward_head": scalar head}."""
+  return {"reward_head": init_scalar_head(model_cfg.d_model, rng)}

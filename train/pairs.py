@@ -1,0 +1,334 @@
+"""Preference data: (prompt, chosen, rejected) -> padded token arrays -> batches (reward model, DPO).
+
+Records (`config.data.source`):
+- "jsonl": one JSON object per line of `data.path` (glob), either a pair
+    {"prompt": str | "messages": [{"role", "content"}, ...], "chosen": str, "rejected": str}
+  or a ranking, best first, that gives all k(k-1)/2 (winner, loser) pairs
+    {"prompt": ... | "messages": ..., "responses": [best, ..., worst]}.
+  Held out: `data.eval_path`, else every 50th record (with all of its pairs). Errors name file:line.
+- "builtin": one pair per problem of train/corpus.py (`data.num_documents`; held-out problems for
+  eval): chosen = the correct step-by-step completion; rejected = the same format with a wrong final
+  number, or the right number without its <answer> tag.
+
+A prompt is rendered with `data.chat_template` and the generation prompt; a completion ends with the
+template's end token. A pair is stored as tokens [2, T] (row 0 chosen, row 1 rejected: prompt then
+completion, right-padded), lengths [2] and prompt_lengths [2]. Too long: the prompt is cut from the
+left, then the completion from the right. Prepared once, cached in `data.cache_dir/pairs/<key>.npz`.
+
+Batches (not packed): tokens, positions, segment_ids (1 real, 0 pad) int32 [b, 2, T]; loss_mask
+float32 [b, 2, T], 1 ONLY on completion tokens (aligned with tokens: token t is predicted from
+tokens < t); weight [b] (0 = padding pair); plus any extra per-pair columns (e.g. ref_logps [b, 2]).
+Global batch s is pairs [s*B, (s+1)*B) of an endless per-epoch shuffle (seed config.seed); process p
+of P gets [s*B + p*b, s*B + (p+1)*b), b = B // P, as in train/data.py. Iterator state = {"step": s}.
+"""
+import dataclasses
+import glob
+import hashlib
+import json
+import os
+import tempfile
+
+import numpy as np
+
+from model import tokenizer as tokenizer_lib
+from train import corpus, sources
+from train.reward_model import ranking_to_pairs
+
+PAIRS_VERSION = 1   # bump when the arrays change for the same records (it is in every cache key)
+PAIRS_SEED = 7      # which rejected completion each built-in problem gets
+
+
+@dataclasses.dataclass(frozen=True)
+class PairSet:
+  columns: dict     # tokens [N, 2, T] int32, lengths / prompt_lengths [N, 2] int32, extras [N, ...]
+  pad_id: int
+  key: str = ""     # cache identity of the arrays
+  truncated: int = 0  # pairs cut to fit seq_len
+
+  def __len__(self):
+    return len(self.columns["tokens"])
+
+  def with_columns(self, **extra):
+    for k, v in extra.items():
+      if len(v) != len(self):
+        raise ValueError(f"column {k!r} has {len(v)} rows for {len(self)} pairs")
+    return dataclasses.replace(self, columns={**self.columns, **extra})
+
+
+# ----------------------------------------------------------------------------- records
+
+
+def _bad(where, msg):
+  return ValueError(f"{where}: {msg}")
+
+
+def parse_record(rec, where: str) -> list[tuple[list, str, str]]:
+  """A JSON record -> [(prompt messages, chosen, rejected)]; ValueError names `where`."""
+  if not isinstance(rec, dict):
+    raise _bad(where, f"expected a JSON object, got {type(rec).__name__}")
+  if ("prompt" in rec) == ("messages" in rec):
+    raise _bad(where, "needs exactly one of 'prompt' (a string) or 'messages' (a list)")
+  if "prompt" in rec:
+    if not isinstance(rec["prompt"], str):
+      raise _bad(where, "'prompt' must be a string")
+    messages = [{"role": "user", "content": rec["prompt"]}]
+  else:
+    messages = rec["messages"]
+    if not isinstance(messages, list) or not messages:
+      raise _bad(where, "'messages' must be a non-empty list")
+    for i, m in enumerate(messages):
+      if not isinstance(m, dict) or m.get("role") not in tokenizer_lib.ROLES or not isinstance(m.get("content"), str):
+        raise _bad(where, f"message {i} needs a role in {tokenizer_lib.ROLES} and a string 'content'")
+    if messages[-1]["role"] == "assistant":
+      raise _bad(where, "'messages' is the prompt: it must not end with an assistant turn")
+    messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+  if "responses" in rec:
+    resp = rec["responses"]
+    if not isinstance(resp, list) or len(resp) < 2 or not all(isinstance(r, str) for r in resp):
+      raise _bad(where, "'responses' must be a list of at least 2 strings (best first)")
+    return [(messages, w, l) for w, l in ranking_to_pairs(resp)]
+  if not isinstance(rec.get("chosen"), str) or not isinstance(rec.get("rejected"), str):
+    raise _bad(where, "needs string 'chosen' and 'rejected' (or a 'responses' ranking)")
+  return [(messages, rec["chosen"], rec["rejected"])]
+
+
+def read_jsonl(path: str):
+  """Yields (where, [(messages, chosen, rejected)]) per non-empty line of a JSONL file."""
+  with open(path, encoding="utf-8") as f:
+    for n, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      where = f"{path}:{n}"
+      try:
+        rec = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise _bad(where, f"invalid JSON ({e.msg} at column {e.colno})") from None
+      yield where, parse_record(rec, where)
+
+
+def wrong_answer(p: corpus.Problem, rng: np.random.Generator) -> str:
+  """The completion format with a wrong final number (last step and tag agree with each other)."""
+  a = int(p.answer)
+  d = int(rng.choice([-3, -2, -1, 1, 2, 3]))
+  wrong = a + d if a + d >= 0 else a + abs(d)
+  stem = p.solution[: p.solution.rindex(f"= {a}.")]
+  return f"{stem}= {wrong}. <answer>{wrong}</answer>"
+
+
+def no_answer_tag(p: corpus.Problem) -> str:
+  """The right number, but without the <answer> tag."""
+  return f"{p.solution} {p.answer}"
+
+
+def builtin_records(problems, seed: int = PAIRS_SEED) -> list[tuple[list, str, str]]:
+  """One (prompt, chosen, rejected) per problem; half wrong numbers, half missing tags."""
+  rng = np.random.default_rng(seed)
+  out = []
+  for p in problems:
+    bad = wrong_answer(p, rng) if rng.random() < 0.5 else no_answer_tag(p)
+    out.append(([{"role": "user", "content": p.question}], corpus.format_completion(p), bad))
+  return out
+
+
+def _files(pattern: str, key: str) -> list[str]:
+  files = sorted(glob.glob(os.path.expanduser(pattern))) if pattern else []
+  if not files:
+    raise FileNotFoundError(f"config.data.{key}={pattern!r} matches no file")
+  return files
+
+
+def records(config, split: str):
+  """(where, pair) of a split, and the split's cache identity (builtin: hashed; files: stats)."""
+  d = config.data
+  if split not in ("train", "eval"):
+    raise ValueError(f"split must be 'train' or 'eval', not {split!r}")
+  if d.source == "builtin":
+    n = d.num_documents
+    problems = (corpus.heldout_problems(max(1, n // sources.EVAL_EVERY)) if split == "eval"
+                else corpus.train_problems(sources.BUILTIN_SEED, n))
+    recs = builtin_records(problems)
+    return [(f"builtin {split}[{i}]", r) for i, r in enumerate(recs)], sources.stable_hash(recs)
+  if d.source != "jsonl":
+    raise ValueError(f"config.data.source={d.source!r}: preference data is 'builtin' or 'jsonl'")
+  key = "eval_path" if (split == "eval" and d.eval_path) else "path"
+  files = _files(d[key], key)
+  held_out = not d.eval_path
+  identity = [[os.path.abspath(f), os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in files]
+  out, i = [], 0
+  for f in files:
+    for where, pairs in read_jsonl(f):
+      if d.max_documents and i >= d.max_documents:
+        break
+      if not held_out or (i % sources.EVAL_EVERY == 0) == (split == "eval"):
+        out += [(where, p) for p in pairs]
+      i += 1
+  return out, [identity, held_out, d.max_documents]
+
+
+# ----------------------------------------------------------------------------- tokens
+
+
+def encode(tok, messages, completion: str, template: str) -> tuple[list[int], int]:
+  """(prompt + completion ids ending with the end token, prompt length)."""
+  prompt, _ = tokenizer_lib.apply_chat_template(tok, messages, template, add_generation_prompt=True)
+  full, mask = tokenizer_lib.apply_chat_template(
+      tok, messages + [{"role": "assistant", "content": completion}], template)
+  end = max(i for i, m in enumerate(mask) if m) + 1  # after the end token of the last turn
+  if full[:len(prompt)] != prompt:
+    raise ValueError(f"chat template {template!r}: the generation prompt is not a prefix of the conversation")
+  return full[:end], len(prompt)
+
+
+def fit(ids: list[int], prompt_len: int, seq_len: int) -> tuple[list[int], int]:
+  """Cuts the prompt from the left (keeping >= 1 token), then the completion from the right."""
+  if len(ids) <= seq_len:
+    return ids, prompt_len
+  cut = min(len(ids) - seq_len, prompt_len - 1)
+  return ids[cut:cut + seq_len], prompt_len - cut
+
+
+def encode_pair(tok, messages, chosen, rejected, seq_len: int, template: str):
+  """tokens [2, T] int32 (pad_id), lengths [2], prompt_lengths [2], whether cut to fit."""
+  tokens = np.full((2, seq_len), tok.pad_id, np.int32)
+  lengths, prompt_lengths, cut = np.zeros(2, np.int32), np.zeros(2, np.int32), False
+  for j, completion in enumerate((chosen, rejected)):
+    ids, n_prompt = encode(tok, messages, completion, template)
+    cut |= len(ids) > seq_len
+    ids, n_prompt = fit(ids, n_prompt, seq_len)
+    tokens[j, :len(ids)], lengths[j], prompt_lengths[j] = ids, len(ids), n_prompt
+  return tokens, lengths, prompt_lengths, cut
+
+
+def encode_records(tok, recs, seq_len: int, template: str, key: str = "") -> PairSet:
+  """[(where, (messages, chosen, rejected))] -> PairSet; a template error names `where`."""
+  cols = {"tokens": [], "lengths": [], "prompt_lengths": []}
+  truncated = 0
+  for where, (messages, chosen, rejected) in recs:
+    try:
+      t, n, pn, cut = encode_pair(tok, messages, chosen, rejected, seq_len, template)
+    except ValueError as e:
+      raise _bad(where, str(e)) from None
+    for k, v in zip(cols, (t, n, pn)):
+      cols[k].append(v)
+    truncated += cut
+  if not cols["tokens"]:
+    raise ValueError("no preference pairs")
+  return PairSet({k: np.stack(v) for k, v in cols.items()}, tok.pad_id, key, truncated)
+
+
+def load(config, tok, split: str) -> PairSet:
+  """The pairs of a split, tokenized once and cached in data.cache_dir/pairs/<key>.npz."""
+  d = config.data
+  recs, identity = records(config, split)
+  key = sources.stable_hash(PAIRS_VERSION, d.source, split, config.seq_len, d.chat_template,
+                            hashlib.sha1(tok.model_proto).hexdigest(), identity)
+  path = os.path.join(sources.cache_dir(config), "pairs", f"{key}.npz")
+  if os.path.isfile(path):
+    with np.load(path) as z:
+      cols = {k: z[k] for k in z.files if k != "truncated"}
+      return PairSet(cols, tok.pad_id, key, int(z["truncated"]))
+  ps = encode_records(tok, recs, config.seq_len, d.chat_template, key)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".npz.tmp")
+  with os.fdopen(fd, "wb") as f:
+    np.savez(f, truncated=ps.truncated, **ps.columns)
+  os.replace(tmp, path)
+  return ps
+
+
+def load_file(path: str, tok, seq_len: int, template: str) -> PairSet:
+  """Every pair of one JSONL file (no hold-out, no cache): for evaluation."""
+  return encode_records(tok, [(w, p) for w, ps in read_jsonl(path) for p in ps], seq_len, template)
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def make_batch(ps: PairSet, rows: np.ndarray) -> dict:
+  """Batch of pairs `rows` [b] (-1 = padding pair) as model inputs, masks and weights."""
+  real_row = rows >= 0
+  idx = np.where(real_row, rows, 0)
+  c = ps.columns
+  T = c["tokens"].shape[-1]
+  lengths = np.where(real_row[:, None], c["lengths"][idx], 0)  # [b, 2]
+  t = np.arange(T, dtype=np.int32)
+  real = t < lengths[..., None]  # [b, 2, T]
+  batch = {
+      "tokens": np.where(real, c["tokens"][idx], ps.pad_id).astype(np.int32),
+      "positions": np.where(real, t, 0).astype(np.int32),
+      "segment_ids": real.astype(np.int32),
+      "loss_mask": (real & (t >= c["prompt_lengths"][idx][..., None])).astype(np.float32),
+      "weight": real_row.astype(np.float32),
+  }
+  for k, v in c.items():
+    if k not in ("tokens", "lengths", "prompt_lengths"):
+      batch[k] = np.where(real_row.reshape((-1,) + (1,) * (v.ndim - 1)), v[idx], 0).astype(np.float32)
+  return batch
+
+
+def local_rows(step: int, batch_size: int, process_index: int, process_count: int) -> np.ndarray:
+  """Global positions [b] of process p's slice of global batch `step`."""
+  if batch_size % process_count:
+    raise ValueError(f"config.batch_size={batch_size} is not divisible by the {process_count} processes")
+  b = batch_size // process_count
+  return step * batch_size + process_index * b + np.arange(b)
+
+
+class PairIterator:
+  """This process's slices of the global batches of an endless per-epoch shuffle; resumable."""
+
+  def __init__(self, ps: PairSet, batch_size: int, seed: int, process_index=0, process_count=1):
+    self.ps, self.B, self.seed = ps, batch_size, seed
+    self.p, self.P = process_index, process_count
+    self._perms = {}
+    self.set_state({"step": 0})
+
+  def _perm(self, epoch: int) -> np.ndarray:
+    if epoch not in self._perms:
+      self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}
+      self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(len(self.ps))
+    return self._perms[epoch]
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    g = local_rows(self._step, self.B, self.p, self.P)  # [b]
+    n = len(self.ps)
+    rows = np.array([self._perm(int(x) // n)[int(x) % n] for x in g])
+    self._step += 1
+    return make_batch(self.ps, rows)
+
+  def get_state(self) -> dict:
+    return {"step": self._step}
+
+  def describe(self) -> str:
+    return f"{len(self.ps)} train pairs" + (f" ({self.ps.truncated} cut to seq_len)" if self.ps.truncated else "")
+
+  def set_state(self, state: dict) -> None:
+    self._step = int(state["step"])
+
+
+def ordered_batches(ps: PairSet, batch_size: int, process_index=0, process_count=1,
+                    max_batches: int | None = None) -> list[dict]:
+  """Every pair in order (at most max_batches global batches), the last padded with weight-0 pairs."""
+  n = len(ps)
+  num = -(-n // batch_size)
+  num = min(num, max_batches) if max_batches else num
+  out = []
+  for s in range(num):
+    g = local_rows(s, batch_size, process_index, process_count)
+    out.append(make_batch(ps, np.where(g < n, g, -1)))
+  return out
+
+
+def make_batches(config, tok, split: str, process_index: int = 0, process_count: int = 1,
+                 columns: dict | None = None):
+  """train: an endless resumable PairIterator; eval: a list of the held-out batches."""
+  ps = load(config, tok, split)
+  if columns:
+    ps = ps.with_columns(**columns)
+  if split == "train":
+    return PairIterator(ps, config.batch_size, config.seed, process_index, process_count)
+  return ordered_batches(ps, config.batch_size, process_index, process_count,
+                         config.eval_batches or None)
