@@ -11,7 +11,7 @@ $(STAMP): setup.py
 	rm -f .venv/.installed-* && touch $@
 
 demo: $(STAMP)
-	$(PY) -m train --config configs/pretrain_tiny.py --workdir runs/demo_pretrain
+	$(PY) -m train.pipeline --config configs/demo.py --workdir runs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests
