@@ -17,17 +17,17 @@ def get_config(arg=None):
   c.objective = "reward_model"
   c.model = models.get(arg or "tiny")
   c.init_from = ""                 # the SFT run; the reward head starts at random
-  c.steps = 150
+  c.steps = 300
   c.batch_size = 16                # pairs per step
   c.seq_len = 128                  # prompt + completion, padded
-  c.optim.lr = 3e-4
-  c.optim.warmup_steps = 15
+  c.optim.lr = 1e-4
+  c.optim.warmup_steps = 30
   c.optim.weight_decay = 0.0
   c.log_every = 10
-  c.eval_every = 50
+  c.eval_every = 100
   c.eval_batches = 0               # all held-out pairs
-  c.checkpoint_every = 50
+  c.checkpoint_every = 100
   c.data.source = "builtin"
-  c.data.num_documents = 5000      # pairs (one per problem); held out: num_documents // 50
+  c.data.num_documents = 20000     # pairs (one per problem); held out: num_documents // 50 = 400
   c.reward.loss = "bradley_terry"
   return c

@@ -12,6 +12,7 @@ finds the smallest kept probability, then ONE uniform per row picks a token by i
 """
 import dataclasses
 import functools
+import math
 from typing import Callable, Optional, Sequence
 
 import flax.struct
@@ -20,8 +21,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from model import sharding
+from model.attention import NEG_INF, rope_frequencies
 from model.tokenizer import Tokenizer, apply_chat_template, stop_id
-from model.transformer import ModelConfig, Transformer, init_cache
+from model.transformer import Mlp, ModelConfig, RMSNorm, Transformer, init_cache
+
+PHASES = 4  # decode loops per generate call; each one's KV cache is only as long as it needs
 
 # ----------------------------------------------------------------------------- sampling filters
 
@@ -37,26 +41,23 @@ def top_k_mask(logits, k: int):
   return jnp.zeros((flat.shape[0], v), bool).at[rows, flat].set(True).reshape(logits.shape)
 
 
-def top_p_threshold(weights, p, iters: int = 31):
+def top_p_threshold(weights, p, max_weight: float = float("inf")):
   """Smallest kept weight of top-p, exact and sort-free. weights [..., V] >= 0 (unnormalised).
 
-  Returns the largest t over float32 values with sum(w[w >= t]) >= p * sum(w), as [..., 1]:
-  non-negative floats order like their int32 bit patterns, so halving [0, bits(max) + 1] lands on
-  the exact value with no sort of the vocabulary: 31 halvings for any finite weights, 30 when
-  max(w) <= 1 (bits(1.0) < 2**30)."""
+  Returns the largest float t with sum(w[w >= t]) >= p * sum(w), as [..., 1]. Non-negative
+  floats order like their int32 bit patterns, so t is built bit by bit from the top (radix
+  descent): keep a bit if the weights at or above the candidate still hold p of the mass. One
+  masked sum per bit, 31 bits (30 if max_weight <= 1, e.g. exp(x - max x)), unrolled: no sort, no
+  data-dependent loop."""
   bits = jax.lax.bitcast_convert_type(weights, jnp.int32)          # [..., V]
   need = p * jnp.sum(weights, -1, keepdims=True)                    # [..., 1]
-  lo = jnp.zeros(need.shape, jnp.int32)                             # invariant: S(lo) >= need
-  hi = jnp.max(bits, -1, keepdims=True) + 1                         # invariant: S(hi) < need
-
-  def halve(_, lohi):
-    lo, hi = lohi
-    mid = lo + (hi - lo) // 2
-    ok = jnp.sum(jnp.where(bits >= mid, weights, 0.0), -1, keepdims=True) >= need
-    return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
-
-  lo, _ = jax.lax.fori_loop(0, iters, halve, (lo, hi))
-  return jax.lax.bitcast_convert_type(lo, jnp.float32)
+  t = jnp.zeros(need.shape, jnp.int32)                              # S(t) >= need holds
+  top = 29 if max_weight <= 1.0 else 30                             # bits(1.0) < 2 ** 30
+  for bit in range(top, -1, -1):
+    cand = t | (1 << bit)
+    ok = jnp.sum(jnp.where(bits >= cand, weights, 0.0), -1, keepdims=True) >= need
+    t = jnp.where(ok, cand, t)
+  return jax.lax.bitcast_convert_type(t, jnp.float32)
 
 
 def top_p_mask(probs, p: float):
@@ -72,7 +73,7 @@ def filter_logits(logits, temperature: float = 1.0, top_k: int = 0, top_p: float
   x = jnp.where(top_k_mask(x, top_k), x, -jnp.inf)
   if top_p < 1.0:
     w = jnp.exp(x - jnp.max(x, -1, keepdims=True))
-    x = jnp.where(w >= top_p_threshold(w, top_p), x, -jnp.inf)
+    x = jnp.where(w >= top_p_threshold(w, top_p, max_weight=1.0), x, -jnp.inf)
   return x
 
 
@@ -125,7 +126,7 @@ def sample(key, logits, s: Sampling, u=None):
     x = jnp.where(top_k_mask(x, s.top_k), x, -jnp.inf)
   w = jnp.exp(x - jnp.max(x, -1, keepdims=True))                             # [b, V], max 1
   if s.top_p < 1.0:
-    w = jnp.where(w >= top_p_threshold(w, s.top_p, iters=30), w, 0.0)
+    w = jnp.where(w >= top_p_threshold(w, s.top_p, max_weight=1.0), w, 0.0)
   tok = inverse_cdf(w, jax.random.uniform(key, lse.shape) if u is None else u)
   pick = lambda a: jnp.take_along_axis(a, tok[:, None], -1)[:, 0]
   return tok, pick(logits) - lse, jnp.log(pick(w)) - jnp.log(jnp.sum(w, -1))
@@ -135,9 +136,58 @@ def sample(key, logits, s: Sampling, u=None):
 
 
 def transformer_apply(cfg: ModelConfig, params, tokens, positions, segment_ids, cache, head=True):
-  """The default `apply_fn`: (logits [b, t, V] or None, new cache)."""
+  """The default `apply_fn`: (logits [b, t, V] or None, new cache). One-token steps with logits
+  take `one_token_step` (same math, decode-shaped); everything else the Transformer itself."""
+  if tokens.shape[1] == 1 and head and cache is not None and not cfg.scan_layers:
+    return one_token_step(cfg, params, tokens, positions, segment_ids, cache)
   return Transformer(cfg).apply({"params": params}, tokens, positions, segment_ids,
                                 cache=cache, head=head)
+
+
+def one_token_step(cfg: ModelConfig, params, tokens, positions, segment_ids, cache):
+  """Transformer.__call__ for ONE new token per row against the KV cache, written for decoding.
+
+  tokens/positions/segment_ids [b, 1]. Same parameters and math as model/transformer.py (its
+  RMSNorm and Mlp modules are reused), but 2-D matmuls on [b, ...] rows: RoPE angles once per
+  step for all layers, q and k rotated together, the attention output [b, kv * group * hd] meets
+  the out kernel as a plain [kv * group * hd, d] matrix (no per-step transpose of weights), and
+  the mask is built once. Returns (logits [b, 1, V] fp32, new cache)."""
+  b, d, hd = tokens.shape[0], cfg.d_model, cfg.head_dim
+  kv, g = cfg.n_kv_heads, cfg.n_heads // cfg.n_kv_heads
+  norm = lambda p, x: RMSNorm(cfg.norm_eps, cfg.param_dtype).apply({"params": p}, x)
+  row = lambda x, axes: sharding.constrain(x, ("batch",) + axes)
+  x = row(jnp.take(params["embedding"], tokens[:, 0], axis=0).astype(cfg.dtype), ("act_embed",))  # [b, d]
+  inv = rope_frequencies(hd, cfg.rope_theta, dict(cfg.rope_scaling) if cfg.rope_scaling else None)
+  angles = positions[:, :1].astype(jnp.float32) * inv                       # [b, hd / 2]
+  cos, sin = jnp.cos(angles)[:, None, None], jnp.sin(angles)[:, None, None]   # [b, 1, 1, hd / 2]
+  index = cache["index"]
+  segments = jax.lax.dynamic_update_slice(cache["segments"], segment_ids, (0, index))  # [b, T]
+  slots = jnp.arange(segments.shape[1])
+  visible = (segments == segment_ids) & (segments != 0) & (slots <= index)   # [b, T]
+  layers = []
+  for i in range(cfg.n_layers):
+    p, c = params[f"layer_{i}"], cache["layers"][i]
+    h = norm(p["attn_norm"], x)
+    qkv = (h @ p["attn"]["qkv"].astype(cfg.dtype).reshape(d, -1)).reshape(b, kv, g + 2, hd)
+    if cfg.qkv_bias:
+      qkv = qkv + p["attn"]["qkv_bias"].astype(cfg.dtype)
+    qkv = row(qkv, ("act_kv_heads", None, None))
+    x1, x2 = jnp.split(qkv[:, :, :g + 1].astype(jnp.float32), 2, axis=-1)   # q heads and k
+    qk = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(cfg.dtype)
+    k_cache = jax.lax.dynamic_update_slice(c["k"], qk[:, :, g:].astype(c["k"].dtype), (0, 0, index, 0))
+    v_cache = jax.lax.dynamic_update_slice(c["v"], qkv[:, :, g + 1:].astype(c["v"].dtype), (0, 0, index, 0))
+    scores = jnp.einsum("bkgh,bksh->bkgs", qk[:, :, :g], k_cache.astype(cfg.dtype),
+                        preferred_element_type=jnp.float32) / math.sqrt(hd)   # [b, kv, g, T]
+    probs = jax.nn.softmax(jnp.where(visible[:, None, None], scores, NEG_INF), -1).astype(cfg.dtype)
+    out = jnp.einsum("bkgs,bksh->bkgh", probs, v_cache.astype(cfg.dtype))  # [b, kv, g, hd]
+    out = out.reshape(b, kv * g * hd) @ p["attn"]["out"].astype(cfg.dtype).reshape(kv * g * hd, d)
+    x = x + row(out, ("act_embed",))
+    x = x + Mlp(cfg).apply({"params": p["mlp"]}, norm(p["mlp_norm"], x)[:, None])[:, 0]
+    layers.append(dict(k=k_cache, v=v_cache))
+  h = norm(params["final_norm"], x)
+  head = params["embedding"].T if cfg.tie_embeddings else params["lm_head"]
+  logits = row((h @ head.astype(cfg.dtype)).astype(jnp.float32), ("act_vocab",))
+  return logits[:, None], dict(layers=layers, segments=segments, index=index + 1)
 
 
 def _constrain_cache(cache, cfg: ModelConfig):
@@ -167,16 +217,32 @@ class Generation:
   lengths: jax.Array          # [b] number of generated tokens (stop token included)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "apply_fn", "max_new_tokens", "sampling", "pad_id"))
-def _generate(params, tokens, mask, key, stop_ids, *, cfg, apply_fn, max_new_tokens, sampling, pad_id):
+def _phase_ends(n: int, phases: int) -> list[int]:
+  """Step counts after which the cache grows: `phases` near-equal parts of n (>= 16 steps each)."""
+  phases = max(1, min(phases, n // 16))
+  return [round(n * (i + 1) / phases) for i in range(phases)]
+
+
+def _grow_cache(cache, length: int, cfg: ModelConfig):
+  """The cache padded with empty slots (segment 0) to `length` time slots."""
+  t = 3 if cfg.scan_layers else 2
+  grow = lambda x, axis: jnp.pad(x, [(0, length - x.shape[axis]) if a == axis else (0, 0)
+                                     for a in range(x.ndim)])
+  cache = dict(cache, layers=jax.tree.map(lambda x: grow(x, t), cache["layers"]),
+               segments=grow(cache["segments"], 1))
+  return _constrain_cache(cache, cfg)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "apply_fn", "max_new_tokens", "sampling", "pad_id",
+                                             "phases"))
+def _generate(params, tokens, mask, key, stop_ids, *, cfg, apply_fn, max_new_tokens, sampling, pad_id,
+              phases):
   b, p = tokens.shape
   n = max_new_tokens
-  cache, last_pos = _prefill(apply_fn, cfg, params, tokens, mask, p + n - 1)
+  ends = _phase_ends(n, phases)
+  cache, last_pos = _prefill(apply_fn, cfg, params, tokens, mask, p - 1 + ends[0])
   ones = jnp.ones((b, 1), jnp.int32)
   uniforms = jax.random.uniform(key, (n, b))  # all draws up front: no RNG inside the loop
-
-  def cond(c):
-    return (c["step"] < n) & ~jnp.all(c["done"])
 
   def body(c):
     s = c["step"]
@@ -195,7 +261,10 @@ def _generate(params, tokens, mask, key, stop_ids, *, cfg, apply_fn, max_new_tok
   c = dict(step=jnp.int32(0), token=tokens[:, -1].astype(jnp.int32), cache=cache,
            done=jnp.zeros((b,), bool), tokens=jnp.full((b, n), pad_id, jnp.int32),
            logprobs=zeros, sample_logprobs=zeros, mask=jnp.zeros((b, n), jnp.int32))
-  c = jax.lax.while_loop(cond, body, c)
+  for i, end in enumerate(ends):  # one loop per cache length: attention reads only that prefix
+    if i:
+      c["cache"] = _grow_cache(c["cache"], p - 1 + end, cfg)
+    c = jax.lax.while_loop(lambda c, end=end: (c["step"] < end) & ~jnp.all(c["done"]), body, c)
   return Generation(tokens=c["tokens"], logprobs=c["logprobs"], sample_logprobs=c["sample_logprobs"],
                     mask=c["mask"], lengths=jnp.sum(c["mask"], -1))
 
@@ -203,19 +272,21 @@ def _generate(params, tokens, mask, key, stop_ids, *, cfg, apply_fn, max_new_tok
 def generate(params, cfg: ModelConfig, tokens, mask=None, key=None, *, max_new_tokens: int,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              stop_ids: Sequence[int] = (), pad_id: int = 0,
-             apply_fn: Optional[Callable] = None) -> Generation:
+             apply_fn: Optional[Callable] = None, phases: int = PHASES) -> Generation:
   """Samples continuations of left-padded prompts tokens/mask [b, P] (mask None = no padding).
 
   temperature 0 = greedy. `key` is a jax key (needed unless greedy). `apply_fn(cfg, params,
   tokens, positions, segment_ids, cache, head=True) -> (logits, cache)` replaces the model
-  (tests drive the loop with stubs). Under `sharding.use_mesh(mesh)` pass params sharded and
+  (tests drive the loop with stubs). The cache grows in `phases` steps (one compiled loop each) so
+  early steps attend over a shorter cache. Under `sharding.use_mesh(mesh)` pass params sharded and
   tokens batch-sharded (`sharding.batch_sharding(mesh)`); the cache follows the batch."""
   tokens = jnp.asarray(tokens, jnp.int32)
   mask = jnp.ones_like(tokens) if mask is None else jnp.asarray(mask, jnp.int32)
   key = jax.random.key(0) if key is None else key
   return _generate(params, tokens, mask, key, jnp.asarray(stop_ids, jnp.int32).reshape(-1),
                    cfg=cfg, apply_fn=apply_fn or transformer_apply, max_new_tokens=int(max_new_tokens),
-                   sampling=Sampling(float(temperature), int(top_k), float(top_p)), pad_id=int(pad_id))
+                   sampling=Sampling(float(temperature), int(top_k), float(top_p)), pad_id=int(pad_id),
+                   phases=int(phases))
 
 
 # ----------------------------------------------------------------------------- beam search

@@ -34,8 +34,16 @@ def test_config_validates_and_initialises_abstractly(path):
   assert "python -m" in (module.__doc__ or ""), "the launch command belongs in the docstring"
   config = module.get_config()
   devices = getattr(module, "PLANNED_DEVICES", 8)
-  validate(config, num_devices=devices, num_processes=max(1, devices // 8))
-  cfg = ModelConfig.from_config(config.model)
-  shapes = jax.eval_shape(Transformer(cfg).init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
-  n = sum(x.size for x in jax.tree.leaves(shapes))
-  assert n == cfg.num_params()
+  # a pipeline config (configs/demo.py) is a list of stage configs: check each one
+  stages = [config[s] for s in config.stages] if "stages" in config else [config]
+  for stage in stages:
+    if stage.objective in ("grpo", "ppo"):
+      from rl.loop import check_config
+      stage.init_from = stage.init_from or "runs/sft_tiny"  # given on the command line
+      check_config(stage)
+    else:
+      validate(stage, num_devices=devices, num_processes=max(1, devices // 8))
+    cfg = ModelConfig.from_config(stage.model)
+    shapes = jax.eval_shape(Transformer(cfg).init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+    n = sum(x.size for x in jax.tree.leaves(shapes))
+    assert n == cfg.num_params()

@@ -311,3 +311,23 @@ def test_generate_text_plain_and_chat(tiny, tmp_path):
     assert texts[i][0] == tok.decode(ids)
   plain = decode.generate_text(params, cfg, tok, ["2 + 2 ="], max_new_tokens=4, key=jax.random.key(1))
   assert isinstance(plain[0][0], str)
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(n_kv_heads=1, qkv_bias=True, tie_embeddings=True),
+                                       dict(n_kv_heads=4)])
+def test_one_token_step_equals_the_transformer(overrides):
+  cfg = ModelConfig.from_config(dict(models.tiny(), init_std=0.1, **overrides))
+  model = Transformer(cfg)
+  params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))["params"]
+  params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(1), x.shape), params)
+  toks, mask = decode.left_pad(prompts(cfg, [5, 2, 7], seed=9))
+  pos = np.maximum(np.cumsum(mask, -1) - 1, 0)
+  from model.transformer import init_cache
+  _, cache = model.apply({"params": params}, toks[:, :-1], pos[:, :-1], mask[:, :-1],
+                         cache=init_cache(cfg, 3, 10), head=False)
+  args = (toks[:, -1:], pos[:, -1:], mask[:, -1:], cache)
+  want, want_cache = model.apply({"params": params}, *args[:3], cache=cache)
+  got, got_cache = decode.one_token_step(cfg, params, *args)
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(got_cache), jax.tree.leaves(want_cache)):
+    np.testing.assert_allclose(a, b, atol=1e-6)

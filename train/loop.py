@@ -148,6 +148,8 @@ def _describe(batches) -> str:
 def train(config, workdir: str) -> dict:
   """Runs (or resumes) the stage described by `config` in `workdir`; returns the last metrics."""
   mesh_shape = validate(config, jax.device_count(), jax.process_count())
+  objective = objectives.get(config.objective)
+  objective.check(config)
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
   if is_main:
@@ -161,8 +163,6 @@ def train(config, workdir: str) -> dict:
                      f"tokenizer's {tokenizer.vocab_size} ids")
   model_cfg = ModelConfig.from_config(config.model)
   model = Transformer(model_cfg)
-  objective = objectives.get(config.objective)
-  objective.check(config)
   tx, lr_fn = optim.make_optimizer(config.optim, config.steps)
 
   mngr = checkpoint.manager(workdir, config.keep_checkpoints, config.async_checkpoints)

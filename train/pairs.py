@@ -107,9 +107,10 @@ def read_jsonl(path: str):
 
 
 def wrong_answer(p: corpus.Problem, rng: np.random.Generator) -> str:
-  """The completion format with a wrong final number (last step and tag agree with each other)."""
+  """The completion format with a wrong final number (last step and tag agree with each other):
+  off by 1-3 (a slip in the last digit) or by 10-20 (a wrong carry)."""
   a = int(p.answer)
-  d = int(rng.choice([-3, -2, -1, 1, 2, 3]))
+  d = int(rng.choice([-3, -2, -1, 1, 2, 3, -20, -10, 10, 20]))
   wrong = a + d if a + d >= 0 else a + abs(d)
   stem = p.solution[: p.solution.rindex(f"= {a}.")]
   return f"{stem}= {wrong}. <answer>{wrong}</answer>"

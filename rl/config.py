@@ -1,0 +1,167 @@
+"""`config.rl`: every key of the online RL stages (objective grpo | ppo), with its default.
+
+Units: `config.steps` counts iterations (one rollout, then `num_iterations` passes of
+`num_minibatches` optimizer updates over it); `config.batch_size` counts completions per
+iteration (prompts per iteration = batch_size // num_generations), as TRL counts them.
+log_every / eval_every / checkpoint_every count iterations too.
+"""
+import ml_collections
+
+from rl import grpo, kl
+from rl.rewards import REWARD_FUNCTIONS
+
+RL_OBJECTIVES = ("grpo", "ppo")
+PLACEMENTS = ("in_loss", "in_reward")
+VALUE_MODELS = ("critic", "policy")
+
+
+def rl_config() -> ml_collections.ConfigDict:
+  """The `config.rl` section (configs/base.py: `c.rl = rl_config()`)."""
+  return ml_collections.ConfigDict(dict(
+      # prompts
+      prompts="builtin",          # builtin (fresh train_problems every iteration) | jsonl
+      prompts_path="",            # jsonl: {"prompt": str} or {"messages": [...]}, optional "answer"
+      eval_path="",               # jsonl held-out {"prompt", "answer"} records; '' = builtin held-out
+      num_eval_problems=200,      # held-out problems per eval (greedy accuracy); 0 = no eval
+      eval_at_start=True,         # also evaluate before the first update (the baseline)
+      max_prompt_len=64,          # prompts are left-padded to this width, cut from the left if longer
+      # sampling
+      num_generations=8,          # G completions per prompt
+      max_new_tokens=48,
+      temperature=1.0,
+      top_k=0,
+      top_p=1.0,
+      # rewards: weight of every reward function of rl/rewards.py (0 = off) and of a reward model
+      rewards=ml_collections.ConfigDict({name: 0.0 for name in REWARD_FUNCTIONS}),
+      reward_model="",            # a reward_model run's workdir; its score is added with the weight below
+      reward_model_weight=1.0,
+      missing_eos_penalty=0.0,    # subtracted from the score of completions that never stopped
+      # KL to the reference (init_from, or the LoRA base)
+      beta=0.04,                  # initial KL coefficient; 0 = no reference model at all
+      kl_estimator="k3",          # k1 | k2 | k3 (ALGORITHMS.md section 5)
+      kl_placement="",            # in_loss | in_reward; '' = grpo in_loss, ppo in_reward
+      kl_target=0.0,              # > 0: adaptive beta toward this KL (nats per completion)
+      kl_horizon=10000,
+      # updates
+      num_iterations=1,           # passes over each rollout with pi_old fixed (PPO epochs)
+      num_minibatches=1,          # optimizer updates per pass (GRPO: whole groups per minibatch)
+      eps_low=0.2,                # clip range (PPO uses eps_low)
+      eps_high=0.2,               # GRPO upper clip (DAPO: 0.28)
+      # GRPO
+      scale="",                   # group | batch | none (Dr. GRPO); '' = group (grpo), none (rloo)
+      estimator="grpo",           # grpo | rloo
+      ratio_level="token",        # token | sequence (GSPO)
+      loss_agg="grpo",            # grpo | token_mean | bnpo | dr_grpo
+      # PPO
+      value_model="critic",       # critic (separate model) | policy (a head on the policy trunk)
+      value_init_from="",         # critic / head start: '' = reward_model if set, else init_from
+      gamma=1.0,
+      lam=0.95,
+      value_clip=0.2,
+      vf_coef=0.1,
+      ent_coef=0.0,
+      whiten_rewards=False,
+      whiten_advantages=True,
+      # logging
+      num_samples_to_log=2,       # completions written to samples.jsonl per logged iteration
+  ))
+
+
+def placement(config) -> str:
+  return config.rl.kl_placement or ("in_loss" if config.objective == "grpo" else "in_reward")
+
+
+def reward_weights(config) -> dict:
+  """{reward function: weight} of the functions that are on (weight != 0)."""
+  return {k: float(v) for k, v in config.rl.rewards.items() if v}
+
+
+def needs_reference(config) -> bool:
+  return config.rl.beta > 0 or config.rl.kl_target > 0
+
+
+def num_prompts(config) -> int:
+  return config.batch_size // config.rl.num_generations
+
+
+def _unknown(section, schema, prefix):
+  out = []
+  for k, v in section.items():
+    if k not in schema:
+      out.append(f"{prefix}.{k}")
+    elif isinstance(v, ml_collections.ConfigDict):
+      out += _unknown(v, schema[k], f"{prefix}.{k}")
+  return out
+
+
+def _one_of(r, key, options):
+  if r[key] not in options:
+    raise ValueError(f"config.rl.{key}={r[key]!r}: use one of {' | '.join(options)}")
+
+
+def check_start(config) -> None:
+  """What only a launch needs (configs may leave init_from to the command line)."""
+  if needs_reference(config) and not config.init_from:
+    raise ValueError(f"config.rl.beta={config.rl.beta}: the KL reference is config.init_from (the SFT "
+                     "run); set it, or set config.rl.beta=0")
+
+
+def check(config, data_ways: int = 1) -> None:
+  """Raises ValueError naming the first bad key of an RL config."""
+  if config.objective not in RL_OBJECTIVES:
+    raise ValueError(f"config.objective={config.objective!r}: the online loop runs {RL_OBJECTIVES}")
+  if "rl" not in config:
+    raise ValueError("config.rl is missing: add `c.rl = rl.config.rl_config()` to the config")
+  r = config.rl
+  unknown = _unknown(r, rl_config(), "config.rl")
+  if unknown:
+    raise ValueError(f"unknown config keys: {', '.join(unknown)} (not in rl/config.py)")
+  _one_of(r, "prompts", ("builtin", "jsonl"))
+  _one_of(r, "kl_estimator", kl.KL_KINDS)
+  _one_of(r, "kl_placement", ("",) + PLACEMENTS)
+  _one_of(r, "scale", ("",) + grpo.SCALES)
+  _one_of(r, "estimator", grpo.ESTIMATORS)
+  _one_of(r, "ratio_level", ("token", "sequence"))
+  _one_of(r, "loss_agg", grpo.AGG_MODES)
+  _one_of(r, "value_model", VALUE_MODELS)
+  if r.prompts == "jsonl" and not r.prompts_path:
+    raise ValueError("config.rl.prompts='jsonl' needs config.rl.prompts_path")
+  g = r.num_generations
+  if g < 1 or (config.objective == "grpo" and g < 2):
+    raise ValueError(f"config.rl.num_generations={g}: grpo needs >= 2 completions per prompt")
+  if config.batch_size % g:
+    raise ValueError(f"config.batch_size={config.batch_size} (completions per iteration) is not "
+                     f"divisible by config.rl.num_generations={g}")
+  prompts = config.batch_size // g
+  if r.num_minibatches < 1 or prompts % r.num_minibatches:
+    raise ValueError(f"config.rl.num_minibatches={r.num_minibatches} must divide the "
+                     f"{prompts} prompts per iteration (a minibatch holds whole groups)")
+  if (config.batch_size // r.num_minibatches) % data_ways:
+    raise ValueError(f"config.rl.num_minibatches={r.num_minibatches}: a minibatch of "
+                     f"{config.batch_size // r.num_minibatches} completions is not divisible by "
+                     f"the data axes ({data_ways})")
+  if config.optim.grad_accum != 1:
+    raise ValueError("config.optim.grad_accum must be 1 in RL stages: use config.rl.num_minibatches")
+  if r.num_eval_problems < 0:
+    raise ValueError(f"config.rl.num_eval_problems={r.num_eval_problems} must be >= 0")
+  for key in ("num_iterations", "max_new_tokens", "kl_horizon"):
+    if r[key] < 1:
+      raise ValueError(f"config.rl.{key}={r[key]} must be >= 1")
+  if r.max_prompt_len < 2:
+    raise ValueError(f"config.rl.max_prompt_len={r.max_prompt_len} must be >= 2")
+  if r.temperature <= 0:
+    raise ValueError(f"config.rl.temperature={r.temperature}: sampling needs a positive temperature")
+  if not 0 < r.top_p <= 1:
+    raise ValueError(f"config.rl.top_p={r.top_p} must be in (0, 1]")
+  if r.beta < 0 or r.kl_target < 0:
+    raise ValueError("config.rl.beta and config.rl.kl_target must be >= 0")
+  if r.kl_target > 0 and r.beta <= 0:
+    raise ValueError("config.rl.kl_target > 0 (adaptive KL) needs an initial config.rl.beta > 0")
+  if not 0 < r.eps_low < 1 or r.eps_high <= 0:
+    raise ValueError(f"config.rl.eps_low={r.eps_low} must be in (0, 1), eps_high={r.eps_high} > 0")
+  if not reward_weights(config) and not r.reward_model:
+    raise ValueError("config.rl.rewards: every weight is 0 and config.rl.reward_model is '': "
+                     "nothing scores the completions")
+  if config.objective == "ppo" and r.value_model == "policy" and config.lora.rank > 0:
+    raise ValueError("config.rl.value_model='policy' puts a value head on the policy's trunk, which "
+                     "LoRA freezes: use config.rl.value_model='critic' with config.lora.rank > 0")

@@ -1,0 +1,141 @@
+"""Prompts of the online RL stages: where they come from, and how a batch of them is tokenized.
+
+- "builtin": fresh problems every iteration, `corpus.train_problems(seed + iteration, n)`; the
+  held-out set is `corpus.heldout_problems(n)` (fixed). State = the iteration: nothing to replay.
+- "jsonl": one record per line of `rl.prompts_path`, `{"prompt": str}` or `{"messages": [...]}`
+  (a conversation not ending with an assistant turn), with an optional `"answer"`; read in an
+  endless per-epoch shuffle (seed config.seed). State = prompts consumed. Errors name file:line.
+
+A prompt is rendered with `data.chat_template` and its generation prompt, then left-padded to
+`rl.max_prompt_len` (cut from the left if longer, so the generation prompt survives).
+"""
+import dataclasses
+import json
+from typing import Optional
+
+import numpy as np
+
+from model import tokenizer as tokenizer_lib
+from model.decode import left_pad
+from train import corpus
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+  messages: tuple            # ({"role", "content"}, ...), ending with a user/system turn
+  answer: Optional[str] = None
+
+
+def from_problem(p: corpus.Problem) -> Prompt:
+  return Prompt(({"role": "user", "content": p.question},), p.answer)
+
+
+def parse_record(rec, where: str) -> Prompt:
+  """A JSON record -> Prompt; ValueError names `where` (file:line)."""
+  bad = lambda msg: ValueError(f"{where}: {msg}")
+  if not isinstance(rec, dict):
+    raise bad(f"expected a JSON object, got {type(rec).__name__}")
+  if ("prompt" in rec) == ("messages" in rec):
+    raise bad("needs exactly one of 'prompt' (a string) or 'messages' (a list)")
+  if "prompt" in rec:
+    if not isinstance(rec["prompt"], str):
+      raise bad("'prompt' must be a string")
+    messages = ({"role": "user", "content": rec["prompt"]},)
+  else:
+    msgs = rec["messages"]
+    if not isinstance(msgs, list) or not msgs:
+      raise bad("'messages' must be a non-empty list")
+    for i, m in enumerate(msgs):
+      if not isinstance(m, dict) or m.get("role") not in tokenizer_lib.ROLES or not isinstance(m.get("content"), str):
+        raise bad(f"message {i} needs a role in {tokenizer_lib.ROLES} and a string 'content'")
+    if msgs[-1]["role"] == "assistant":
+      raise bad("'messages' is the prompt: it must not end with an assistant turn")
+    messages = tuple({"role": m["role"], "content": m["content"]} for m in msgs)
+  answer = rec.get("answer")
+  if answer is not None and not isinstance(answer, (str, int, float)):
+    raise bad("'answer' must be a string or a number")
+  return Prompt(messages, None if answer is None else str(answer))
+
+
+def read_jsonl(path: str, need_answer: bool = False) -> list:
+  """Every Prompt of a JSONL file (blank lines skipped)."""
+  out = []
+  with open(path, encoding="utf-8") as f:
+    for n, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      where = f"{path}:{n}"
+      try:
+        rec = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+      p = parse_record(rec, where)
+      if need_answer and p.answer is None:
+        raise ValueError(f"{where}: needs an 'answer' (a reward function compares against it)")
+      out.append(p)
+  if not out:
+    raise ValueError(f"{path}: no prompts")
+  return out
+
+
+class PromptSource:
+  """`next()` -> the prompts of one iteration; get_state / set_state for resuming."""
+
+  def __init__(self, n: int, seed: int, records: Optional[list] = None):
+    self.n, self.seed, self.records = n, seed, records
+    self.iteration = 0   # builtin
+    self.consumed = 0    # jsonl
+
+  def next(self) -> list:
+    if self.records is None:
+      out = [from_problem(p) for p in corpus.train_problems(self.seed + self.iteration, self.n)]
+    else:
+      m = len(self.records)
+      idx = [self._order(i // m)[i % m] for i in range(self.consumed, self.consumed + self.n)]
+      out = [self.records[i] for i in idx]
+      self.consumed += self.n
+    self.iteration += 1
+    return out
+
+  def _order(self, epoch: int) -> np.ndarray:
+    return np.random.default_rng([self.seed, epoch]).permutation(len(self.records))
+
+  def get_state(self) -> dict:
+    return {"iteration": self.iteration, "consumed": self.consumed}
+
+  def set_state(self, state: dict) -> None:
+    self.iteration, self.consumed = int(state["iteration"]), int(state["consumed"])
+
+  def describe(self) -> str:
+    if self.records is None:
+      return f"prompts: {self.n} fresh built-in problems per iteration"
+    return f"prompts: {self.n} per iteration from {len(self.records)} jsonl records"
+
+
+def make_source(config, need_answer: bool) -> PromptSource:
+  n = config.batch_size // config.rl.num_generations
+  if config.rl.prompts == "builtin":
+    return PromptSource(n, config.seed)
+  return PromptSource(n, config.seed, read_jsonl(config.rl.prompts_path, need_answer))
+
+
+def heldout_problems(config) -> list:
+  """Problems for `eval.tasks.evaluate_problems`: builtin held-out, or rl.eval_path records."""
+  n = config.rl.num_eval_problems
+  if not config.rl.eval_path:
+    return corpus.heldout_problems(n)
+  recs = read_jsonl(config.rl.eval_path, need_answer=True)[:n]
+  for i, p in enumerate(recs):
+    if len(p.messages) != 1 or p.messages[0]["role"] != "user":
+      raise ValueError(f"{config.rl.eval_path}: record {i + 1} must be a {{'prompt', 'answer'}} record")
+  return [corpus.Problem(p.messages[0]["content"], "", p.answer) for p in recs]
+
+
+def encode(tok, prompts: list, template: str, width: int):
+  """(tokens, mask) int32 [len(prompts), width], left-padded; longer prompts lose their start."""
+  seqs = [tokenizer_lib.apply_chat_template(tok, list(p.messages), template,
+                                            add_generation_prompt=True)[0][-width:] for p in prompts]
+  tokens, mask = left_pad(seqs, tok.pad_id)
+  pad = width - tokens.shape[1]
+  return (np.pad(tokens, ((0, 0), (pad, 0)), constant_values=tok.pad_id),
+          np.pad(mask, ((0, 0), (pad, 0))))

@@ -1,0 +1,350 @@
+"""The online RL loop (rl/loop.py): rollout masks, the shared-prompt forward, KL = 0 at the start,
+GRPO and PPO iterations through the real loop, exact resume, config errors; slow: learning."""
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import grpo_arith, ppo_arith
+from model import decode, lora, sharding
+from model.transformer import ModelConfig, Transformer
+from rl import loop, prompts, rewards, rollout, steps, value
+from train import checkpoint, optim
+from train import state as state_lib
+
+
+def _digits(completions, answers, lengths, max_len):
+  """A reward with spread on random-weight gibberish: the share of digit characters."""
+  return np.array([sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions], np.float32)
+
+
+@pytest.fixture
+def digits_reward(monkeypatch):
+  monkeypatch.setitem(rewards.REWARD_FUNCTIONS, "digits", _digits)
+
+
+def _model(c):
+  cfg = ModelConfig.from_config(c.model)
+  return cfg, Transformer(cfg)
+
+
+def _save_run(d, params, config):
+  mngr = checkpoint.manager(d, 1, async_save=False)
+  checkpoint.save(mngr, 1, params, {"count": jnp.zeros((), jnp.int32)}, {"step": 1}, force=True)
+  mngr.wait_until_finished()
+  mngr.close()
+  with open(os.path.join(d, "config.json"), "w") as f:
+    f.write(config.to_json())
+  return d
+
+
+def _random_run(d, seed, extra=None):
+  c = grpo_arith.get_config()
+  cfg, model = _model(c)
+  mesh = sharding.make_mesh(c.mesh)
+  _, shardings, init, _ = state_lib.abstract_params(model, 8, mesh, extra)
+  params = jax.jit(lambda k: sharding.unbox(init(k)), out_shardings=shardings)(jax.random.key(seed))
+  return _save_run(d, params, c)
+
+
+@pytest.fixture(scope="module")
+def init_run(tmp_path_factory):
+  """A tiny 'SFT' run: random weights saved as a checkpoint (start point and reference)."""
+  return _random_run(str(tmp_path_factory.mktemp("rl_init")), 3)
+
+
+@pytest.fixture(scope="module")
+def reward_run(tmp_path_factory):
+  """A tiny 'reward model' run: random weights and a random reward head."""
+  from model import heads
+  return _random_run(str(tmp_path_factory.mktemp("rl_rm")), 4, heads.reward_head_params)
+
+
+def make_config(objective, init_from, data_cache, **kw):
+  c = (grpo_arith if objective == "grpo" else ppo_arith).get_config()
+  c.init_from, c.data.cache_dir = init_from, data_cache
+  c.steps, c.checkpoint_every, c.log_every, c.eval_every = 1, 1, 1, 0
+  c.async_checkpoints = False
+  c.rl.num_eval_problems, c.rl.eval_at_start = 0, False
+  c.rl.max_prompt_len, c.rl.max_new_tokens = 48, 12
+  c.rl.rewards.answer_match, c.rl.rewards.digits = 0.0, 1.0
+  c.optim.lr = 1e-3
+  if objective == "grpo":
+    c.batch_size, c.rl.num_generations = 8, 4
+  else:
+    c.batch_size, c.rl.num_iterations, c.rl.num_minibatches = 16, 2, 2
+  for k, v in kw.items():
+    *path, last = k.split(".")
+    target = c
+    for p in path:
+      target = target[p]
+    target[last] = v
+  return c
+
+
+def rows(workdir, name="metrics.jsonl"):
+  with open(os.path.join(workdir, name)) as f:
+    return [json.loads(line) for line in f]
+
+
+def restore(workdir, c):
+  cfg, model = _model(c)
+  mesh = sharding.make_mesh(c.mesh)
+  abs_p, sh, _, _ = state_lib.abstract_params(model, 8, mesh)
+  return checkpoint.restore_params(workdir, abs_p, sh)[0]
+
+
+def max_diff(a, b):
+  return max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+# ----------------------------------------------------------------------------- rollout pieces
+
+
+def _random_params(cfg, seed=0):
+  model = Transformer(cfg)
+  return sharding.unbox(model.init(jax.random.key(seed), jnp.zeros((1, 8), jnp.int32))["params"])
+
+
+def test_shared_prompt_forward_equals_the_plain_forward_with_gradients():
+  cfg = ModelConfig.from_config(grpo_arith.get_config().model)
+  params = _random_params(cfg)
+  rng = np.random.default_rng(0)
+  n, g, p, t = 2, 3, 7, 5
+  prompt = rng.integers(6, 500, (n, p)).astype(np.int32)
+  pmask = np.ones((n, p), np.int32)
+  pmask[0, :3] = 0
+  comp = rng.integers(6, 500, (n * g, t)).astype(np.int32)
+  full = np.concatenate([np.repeat(prompt, g, 0), comp], 1)
+  fmask = np.concatenate([np.repeat(pmask, g, 0), np.ones_like(comp)], 1)
+  pos = np.maximum(np.cumsum(fmask, -1) - 1, 0)
+
+  def shared(q):
+    logits, hidden = rollout.forward(q, cfg, prompt, pmask, comp, g, hidden=True)
+    return jnp.sum(jax.nn.log_softmax(logits)[..., 9]) + jnp.sum(hidden[..., 0]), (logits, hidden)
+
+  def plain(q):
+    logits, hidden = Transformer(cfg).apply({"params": q}, full, pos, fmask, return_hidden=True)
+    logits, hidden = logits[:, p - 1:p - 1 + t], hidden[:, p - 1:p - 1 + t]
+    return jnp.sum(jax.nn.log_softmax(logits)[..., 9]) + jnp.sum(hidden[..., 0]), (logits, hidden)
+
+  (_, a), ga = jax.jit(jax.value_and_grad(shared, has_aux=True))(params)
+  (_, b), gb = jax.jit(jax.value_and_grad(plain, has_aux=True))(params)
+  np.testing.assert_allclose(a[0], b[0], atol=2e-5)
+  np.testing.assert_allclose(a[1], b[1], atol=2e-5)
+  assert max_diff(ga, gb) < 1e-4
+
+
+def test_group_sampling_equals_plain_sampling_and_masks_stop_at_the_stop_token():
+  cfg = ModelConfig.from_config(grpo_arith.get_config().model)
+  params = _random_params(cfg, 1)
+  tok, mask = decode.left_pad([[7, 8, 9, 10], [11, 12]], pad_id=0)
+  stops = list(range(6, 200))  # many stop ids: rows end at different lengths
+  kw = dict(max_new_tokens=12, temperature=1.0, top_k=0, top_p=1.0, stop_ids=stops, pad_id=0)
+  got = rollout.sample(params, cfg, tok, mask, jax.random.key(5), 4, **kw)
+  want = decode.generate(params, cfg, np.repeat(tok, 4, 0), np.repeat(mask, 4, 0), jax.random.key(5), **kw)
+  np.testing.assert_array_equal(got.tokens, want.tokens)
+  toks, m, lengths = np.asarray(got.tokens), np.asarray(got.mask), np.asarray(got.lengths)
+  assert len(set(lengths.tolist())) > 1
+  for row, mrow, n in zip(toks, m, lengths):
+    assert mrow[:n].all() and not mrow[n:].any()
+    assert (row[n:] == 0).all()
+    assert n == 12 or row[n - 1] in stops
+
+
+def _batch(cfg, params, g=4):
+  """A scored rollout of 2 prompts (one left-padded) with early stops, as the loop builds it."""
+  tok, mask = decode.left_pad([[7, 8, 9, 10, 11], [12, 13]], pad_id=0)
+  gen = rollout.sample(params, cfg, tok, mask, jax.random.key(2), g, max_new_tokens=10, temperature=1.0,
+                       top_k=0, top_p=1.0, stop_ids=list(range(6, 150)), pad_id=0)
+  return {"prompt": jnp.asarray(tok), "prompt_mask": jnp.asarray(mask), "tokens": gen.tokens,
+          "mask": gen.mask}
+
+
+@pytest.mark.parametrize("objective", ["grpo", "ppo"])
+def test_prompt_and_padding_never_reach_a_loss_a_kl_or_a_gradient(objective, tmp_path):
+  c = make_config(objective, "x", str(tmp_path), **{"rl.kl_placement": "in_loss",
+                                                    "rl.num_minibatches": 1, "batch_size": 8})
+  if objective == "ppo":
+    c.rl.value_model, c.rl.num_generations = "policy", 4
+  cfg, _ = _model(c)
+  params = _random_params(cfg, 2)
+  if objective == "ppo":
+    params = {**params, "value_head": {"kernel": jnp.ones((cfg.d_model,)) * 0.1, "bias": jnp.zeros(())}}
+  b = _batch(cfg, params)
+  ref = jax.tree.map(lambda x: x * 1.01, params)
+  b.update(jax.jit(steps.make_score_fn(cfg, c, None, old=True, ref=True))(params, None, ref, None, None, b))
+  scores = jnp.arange(8, dtype=jnp.float32) % 3
+  if objective == "grpo":
+    b["advantages"] = steps.grpo_advantages(c, scores, b, 0.1)
+  else:
+    b["advantages"], b["returns"] = steps.ppo_advantages(c, scores, b, 0.1)
+    b["old_values"] = b.pop("values")
+  off = 1 - np.asarray(b["mask"])
+  assert off.sum() > 0
+  assert np.all(np.asarray(b["old_logp"])[off > 0] == 0) and np.all(np.asarray(b["ref_logp"])[off > 0] == 0)
+  junk = dict(b)
+  junk["prompt"] = jnp.where(b["prompt_mask"] == 0, 321, b["prompt"])             # left padding
+  junk["tokens"] = jnp.where(b["mask"] == 0, 123, b["tokens"])                     # after the stop
+  for k in ("old_logp", "ref_logp") + (("old_values", "returns") if objective == "ppo" else ()):
+    junk[k] = jnp.where(b["mask"] == 0, 7.0, b[k])
+  if objective == "ppo":
+    junk["advantages"] = jnp.where(b["mask"] == 0, 5.0, b["advantages"])
+  tx, lr = optim.make_optimizer(c.optim, 10)
+  step = jax.jit(steps.make_update_step(cfg, c, tx, lr, None))
+  outs = [step(params, tx.init(params), None, None, None, x, jnp.float32(0.1), jnp.int32(0)) for x in (b, junk)]
+  (p1, _, _, _, _, m1), (p2, _, _, _, _, m2) = outs
+  assert max_diff(p1, params) > 0
+  assert max_diff(p1, p2) < 1e-6
+  for k in m1:
+    np.testing.assert_allclose(m1[k], m2[k], rtol=1e-5, atol=1e-7, err_msg=k)
+
+
+def test_reference_equals_policy_at_the_start_under_lora():
+  c = grpo_arith.get_config()
+  c.lora.rank, c.rl.num_generations = 4, 4
+  cfg, _ = _model(c)
+  base = _random_params(cfg, 4)
+  adapters = lora.init_adapters(base, c.lora, jax.random.key(0))
+  b = _batch(cfg, base)
+  out = jax.jit(steps.make_score_fn(cfg, c, c.lora, old=True, ref=True))(adapters, base, None, None, None, b)
+  np.testing.assert_array_equal(out["old_logp"], out["ref_logp"])
+  assert float(jnp.sum(jnp.abs(out["old_logp"]))) > 0
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def test_grpo_iterations_train_and_resume_exactly(init_run, data_cache, tmp_path, digits_reward):
+  workdir = str(tmp_path / "run")
+  out = loop.train(make_config("grpo", init_run, data_cache, steps=3), workdir)
+  assert out["step"] == 3
+  m = [r for r in rows(workdir) if "train/loss" in r]
+  assert [r["step"] for r in m] == [1, 2, 3]
+  first = m[0]
+  assert abs(first["train/kl_per_completion"]) < 1e-5 and abs(first["train/kl"]) < 1e-6  # ref == policy
+  for k in ("train/rewards/digits/mean", "train/rewards/digits/std", "train/entropy", "train/clip_fraction",
+            "train/completion_length", "train/zero_spread_fraction", "train/rollout_tokens_per_sec",
+            "train/update_tokens_per_sec", "train/reward", "train/beta"):
+    assert np.isfinite(first[k]), k
+  c = make_config("grpo", init_run, data_cache)
+  assert max_diff(restore(workdir, c), restore(init_run, c)) > 0
+  assert m[-1]["train/kl_per_completion"] > 0
+
+  # Interrupted after iteration 2: drop iteration 3's checkpoint and log lines, rerun the command.
+  straight = {n: rows(workdir, n) for n in ("metrics.jsonl", "samples.jsonl")}
+  shutil.rmtree(os.path.join(workdir, "checkpoints", "3"))
+  for n, rs in straight.items():
+    with open(os.path.join(workdir, n), "w") as f:
+      f.writelines(json.dumps(r) + "\n" for r in rs if r["step"] < 3)
+  assert loop.train(make_config("grpo", init_run, data_cache, steps=3), workdir)["step"] == 3
+  again = {n: rows(workdir, n) for n in straight}
+  third = lambda rs: [r for r in rs if r["step"] == 3]
+  assert third(again["samples.jsonl"]) == third(straight["samples.jsonl"])  # same prompts and samples
+  a, b = third(straight["metrics.jsonl"])[0], third(again["metrics.jsonl"])[0]
+  for k in ("train/reward", "train/loss", "train/kl_per_completion", "train/grad_norm"):
+    np.testing.assert_allclose(b[k], a[k], rtol=1e-4, atol=1e-7, err_msg=k)
+
+
+def test_ppo_iteration_lora_policy_reward_model_and_critic(init_run, reward_run, data_cache, tmp_path,
+                                                          digits_reward, capsys):
+  """PPO with LoRA adapters (the reference is their frozen base), a reward model, and a separate
+  critic started from the reward model (trunk + reward head as the value head), as in TRL."""
+  workdir = str(tmp_path / "ppo")
+  c = make_config("ppo", init_run, data_cache, **{"lora.rank": 4, "rl.reward_model": reward_run})
+  out = loop.train(c, workdir)
+  assert out["step"] == 1
+  log = capsys.readouterr().out
+  assert f"critic initialised from {reward_run}" in log and "reference: the frozen LoRA base" in log
+  m = [r for r in rows(workdir) if "train/loss" in r][0]
+  for k in ("train/value_loss", "train/policy_loss", "train/explained_variance", "train/approx_kl",
+            "train/clip_fraction", "train/kl_per_completion", "train/entropy", "train/non_score_reward",
+            "train/rewards/reward_model/mean", "train/rewards/digits/mean"):
+    assert np.isfinite(m[k]), k
+  assert m["train/value_loss"] > 0 and abs(m["train/kl_per_completion"]) < 1e-5
+  cfg, model = _model(c)
+  mesh = sharding.make_mesh(c.mesh)
+  abs_p, sh, _, _ = state_lib.abstract_params(model, 8, mesh, value.value_head_params)
+  critic, _ = checkpoint.restore_params(os.path.join(workdir, "critic"), abs_p, sh)
+  from model import heads
+  abs_rm, sh_rm, _, _ = state_lib.abstract_params(model, 8, mesh, heads.reward_head_params)
+  rm, _ = checkpoint.restore_params(reward_run, abs_rm, sh_rm)
+  moved = float(jnp.max(jnp.abs(critic["value_head"]["kernel"] - rm["reward_head"]["kernel"])))
+  assert 0 < moved < 0.1  # started as the reward head, then trained
+  policy = restore(workdir, c)  # LoRA adapters merged into the base
+  assert max_diff(policy, restore(init_run, c)) > 0
+
+
+def test_config_errors_name_the_key(init_run, data_cache, digits_reward):
+  with pytest.raises(ValueError, match="config.rl.num_generations"):
+    loop.check_config(make_config("grpo", init_run, data_cache, **{"rl.num_generations": 3}))
+  with pytest.raises(ValueError, match="config.rl.loss_agg"):
+    loop.check_config(make_config("grpo", init_run, data_cache, **{"rl.loss_agg": "mean"}))
+  with pytest.raises(ValueError, match="config.init_from"):
+    loop.check_config(make_config("ppo", "", data_cache))
+  c = make_config("grpo", init_run, data_cache)
+  with c.unlocked():
+    c.rl.typo = 1
+  with pytest.raises(ValueError, match="config.rl.typo"):
+    loop.check_config(c)
+  assert loop.check_config(make_config("ppo", init_run, data_cache))["data"] == jax.device_count()
+
+
+def test_jsonl_prompts_name_file_and_line_and_resume(tmp_path):
+  path = tmp_path / "p.jsonl"
+  path.write_text('{"prompt": "What is 2+2?", "answer": 4}\n\n'
+                  '{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]}\n')
+  recs = prompts.read_jsonl(str(path))
+  assert recs[0].answer == "4" and recs[1].messages[0]["role"] == "system"
+  with pytest.raises(ValueError, match=r"p.jsonl:3: needs an 'answer'"):
+    prompts.read_jsonl(str(path), need_answer=True)
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text('{"prompt": "ok"}\n{"messages": [{"role": "assistant", "content": "x"}]}\n')
+  with pytest.raises(ValueError, match=r"bad.jsonl:2: .*assistant"):
+    prompts.read_jsonl(str(bad))
+  src = prompts.PromptSource(3, seed=0, records=recs * 2)
+  seen = [src.next() for _ in range(2)]
+  again = prompts.PromptSource(3, seed=0, records=recs * 2)
+  again.set_state(json.loads(json.dumps({"iteration": 1, "consumed": 3})))
+  assert again.next() == seen[1]
+
+
+# ----------------------------------------------------------------------------- learning (slow)
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory):
+  """A real tiny SFT run (pretrain 600 + SFT 400 steps, a few minutes), or $KILN_SFT_RUN."""
+  if os.environ.get("KILN_SFT_RUN"):
+    return os.environ["KILN_SFT_RUN"]
+  from configs import pretrain_tiny, sft_tiny
+  from train import loop as train_loop
+  d = tmp_path_factory.mktemp("sft")
+  cache = str(d / "cache")
+  pre = pretrain_tiny.get_config()
+  pre.data.cache_dir = cache
+  train_loop.train(pre, str(d / "pretrain"))
+  sft = sft_tiny.get_config()
+  sft.data.cache_dir, sft.init_from = cache, str(d / "pretrain")
+  train_loop.train(sft, str(d / "sft"))
+  return str(d / "sft")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", ["grpo", "ppo"])
+def test_rl_raises_heldout_accuracy(objective, sft_run, tmp_path):
+  c = (grpo_arith if objective == "grpo" else ppo_arith).get_config()
+  c.init_from = sft_run
+  from eval.checkpoints import load_config
+  c.data.cache_dir = load_config(sft_run).data.cache_dir  # the same tokenizer
+  c.eval_every = 0
+  out = loop.train(c, str(tmp_path / objective))
+  evals = [r for r in rows(str(tmp_path / objective)) if "eval/accuracy" in r]
+  before, after = evals[0]["eval/accuracy"], evals[-1]["eval/accuracy"]
+  print(f"{objective}: held-out accuracy {before:.3f} -> {after:.3f}")
+  assert after >= before + 0.05, (before, after)
+  assert out["eval/format"] > 0.9
