@@ -7,8 +7,10 @@ last prompt token, then the previous sample), samples the next one and stops whe
 has emitted a stop id or `max_new_tokens` are out. No host round trip per token.
 
 Sampling is temperature -> top-k -> top-p (the Hugging Face order; each filter renormalises).
-Top-p is exact and sort-free: a bisection over the float32 bit patterns of the probabilities
-finds the smallest kept probability, then ONE uniform per row picks a token by inverse CDF.
+Top-p is exact and sort-free: a search over the float32 bit patterns of the probabilities finds
+the smallest kept probability, then ONE uniform per row picks a token by inverse CDF. All the
+uniforms are drawn before the loop; one-token steps skip the generic Transformer code
+(`one_token_step`); the cache grows in a few phases so early steps read a shorter cache.
 """
 import dataclasses
 import functools
@@ -47,16 +49,18 @@ def top_p_threshold(weights, p, max_weight: float = float("inf")):
   Returns the largest float t with sum(w[w >= t]) >= p * sum(w), as [..., 1]. Non-negative
   floats order like their int32 bit patterns, so t is built bit by bit from the top (radix
   descent): keep a bit if the weights at or above the candidate still hold p of the mass. One
-  masked sum per bit, 31 bits (30 if max_weight <= 1, e.g. exp(x - max x)), unrolled: no sort, no
-  data-dependent loop."""
+  masked sum per bit, 31 bits (30 if max_weight <= 1, e.g. exp(x - max x)): no sort."""
   bits = jax.lax.bitcast_convert_type(weights, jnp.int32)          # [..., V]
   need = p * jnp.sum(weights, -1, keepdims=True)                    # [..., 1]
   t = jnp.zeros(need.shape, jnp.int32)                              # S(t) >= need holds
   top = 29 if max_weight <= 1.0 else 30                             # bits(1.0) < 2 ** 30
-  for bit in range(top, -1, -1):
-    cand = t | (1 << bit)
+
+  def keep_bit(i, t):
+    cand = t | jnp.left_shift(1, top - i)
     ok = jnp.sum(jnp.where(bits >= cand, weights, 0.0), -1, keepdims=True) >= need
-    t = jnp.where(ok, cand, t)
+    return jnp.where(ok, cand, t)
+
+  t = jax.lax.fori_loop(0, top + 1, keep_bit, t)
   return jax.lax.bitcast_convert_type(t, jnp.float32)
 
 
@@ -164,6 +168,7 @@ def one_token_step(cfg: ModelConfig, params, tokens, positions, segment_ids, cac
   segments = jax.lax.dynamic_update_slice(cache["segments"], segment_ids, (0, index))  # [b, T]
   slots = jnp.arange(segments.shape[1])
   visible = (segments == segment_ids) & (segments != 0) & (slots <= index)   # [b, T]
+  scale = 1.0 / math.sqrt(hd)
   layers = []
   for i in range(cfg.n_layers):
     p, c = params[f"layer_{i}"], cache["layers"][i]
@@ -177,7 +182,7 @@ def one_token_step(cfg: ModelConfig, params, tokens, positions, segment_ids, cac
     k_cache = jax.lax.dynamic_update_slice(c["k"], qk[:, :, g:].astype(c["k"].dtype), (0, 0, index, 0))
     v_cache = jax.lax.dynamic_update_slice(c["v"], qkv[:, :, g + 1:].astype(c["v"].dtype), (0, 0, index, 0))
     scores = jnp.einsum("bkgh,bksh->bkgs", qk[:, :, :g], k_cache.astype(cfg.dtype),
-                        preferred_element_type=jnp.float32) / math.sqrt(hd)   # [b, kv, g, T]
+                        preferred_element_type=jnp.float32) * scale           # [b, kv, g, T]
     probs = jax.nn.softmax(jnp.where(visible[:, None, None], scores, NEG_INF), -1).astype(cfg.dtype)
     out = jnp.einsum("bkgs,bksh->bkgh", probs, v_cache.astype(cfg.dtype))  # [b, kv, g, hd]
     out = out.reshape(b, kv * g * hd) @ p["attn"]["out"].astype(cfg.dtype).reshape(kv * g * hd, d)
@@ -210,6 +215,7 @@ def _prefill(apply_fn, cfg, params, tokens, mask, cache_len):
 
 @flax.struct.dataclass
 class Generation:
+  """What `generate` returns (a pytree: jit / device_get friendly)."""
   tokens: jax.Array           # [b, N] int32, pad_id after the stop token
   logprobs: jax.Array         # [b, N] log p(token) under the model (temperature 1, unfiltered)
   sample_logprobs: jax.Array  # [b, N] log p(token) under the sampling distribution (0 greedy)
@@ -269,6 +275,13 @@ def _generate(params, tokens, mask, key, stop_ids, *, cfg, apply_fn, max_new_tok
                     mask=c["mask"], lengths=jnp.sum(c["mask"], -1))
 
 
+def _stop_array(stop_ids) -> jax.Array:
+  """Stop ids as int32 [multiple of 8], padded with -1 (never a token): one compile for 1..8 ids."""
+  ids = [int(i) for i in np.asarray(stop_ids).reshape(-1)]
+  pad = -len(ids) % 8 if ids else 8
+  return jnp.asarray(ids + [-1] * pad, jnp.int32)
+
+
 def generate(params, cfg: ModelConfig, tokens, mask=None, key=None, *, max_new_tokens: int,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              stop_ids: Sequence[int] = (), pad_id: int = 0,
@@ -283,18 +296,13 @@ def generate(params, cfg: ModelConfig, tokens, mask=None, key=None, *, max_new_t
   tokens = jnp.asarray(tokens, jnp.int32)
   mask = jnp.ones_like(tokens) if mask is None else jnp.asarray(mask, jnp.int32)
   key = jax.random.key(0) if key is None else key
-  return _generate(params, tokens, mask, key, jnp.asarray(stop_ids, jnp.int32).reshape(-1),
+  return _generate(params, tokens, mask, key, _stop_array(stop_ids),
                    cfg=cfg, apply_fn=apply_fn or transformer_apply, max_new_tokens=int(max_new_tokens),
                    sampling=Sampling(float(temperature), int(top_k), float(top_p)), pad_id=int(pad_id),
                    phases=int(phases))
 
 
 # ----------------------------------------------------------------------------- beam search
-
-
-def gather_beams(tree, parents):
-  """Reorders every array of `tree` along axis 0 by parents [b * width]."""
-  return jax.tree.map(lambda x: jnp.take(x, parents, axis=0), tree)
 
 
 def beam_search(step_fn, state, first_tokens, *, width: int, max_new_tokens: int,
@@ -373,7 +381,7 @@ def beam_generate(params, cfg: ModelConfig, tokens, mask=None, *, width: int, ma
   """Beam search over the model from left-padded prompts [b, P]; see `beam_search` for outputs."""
   tokens = jnp.asarray(tokens, jnp.int32)
   mask = jnp.ones_like(tokens) if mask is None else jnp.asarray(mask, jnp.int32)
-  return _beam_generate(params, tokens, mask, jnp.asarray(stop_ids, jnp.int32).reshape(-1), cfg=cfg,
+  return _beam_generate(params, tokens, mask, _stop_array(stop_ids), cfg=cfg,
                         apply_fn=apply_fn or transformer_apply, width=int(width),
                         max_new_tokens=int(max_new_tokens), length_penalty=float(length_penalty),
                         pad_id=int(pad_id))

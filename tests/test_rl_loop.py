@@ -2,7 +2,7 @@
 GRPO and PPO iterations through the real loop, exact resume, config errors; slow: learning."""
 import json
 import os
-import shutil
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -235,17 +235,25 @@ def test_grpo_iterations_train_and_resume_exactly(init_run, data_cache, tmp_path
   assert max_diff(restore(workdir, c), restore(init_run, c)) > 0
   assert m[-1]["train/kl_per_completion"] > 0
 
-  # Interrupted after iteration 2: drop iteration 3's checkpoint and log lines, rerun the command.
-  straight = {n: rows(workdir, n) for n in ("metrics.jsonl", "samples.jsonl")}
-  shutil.rmtree(os.path.join(workdir, "checkpoints", "3"))
-  for n, rs in straight.items():
-    with open(os.path.join(workdir, n), "w") as f:
-      f.writelines(json.dumps(r) + "\n" for r in rs if r["step"] < 3)
-  assert loop.train(make_config("grpo", init_run, data_cache, steps=3), workdir)["step"] == 3
-  again = {n: rows(workdir, n) for n in straight}
-  third = lambda rs: [r for r in rs if r["step"] == 3]
-  assert third(again["samples.jsonl"]) == third(straight["samples.jsonl"])  # same prompts and samples
-  a, b = third(straight["metrics.jsonl"])[0], third(again["metrics.jsonl"])[0]
+  # Ctrl-C during iteration 2 (from inside the reward function): the loop saves iteration 2 and
+  # stops; rerunning the command resumes at iteration 3 with the prompts and samples of the run above.
+  calls = []
+
+  def interrupting(completions, answers, lengths, max_len):
+    calls.append(1)
+    if len(calls) == 2:
+      os.kill(os.getpid(), signal.SIGINT)
+    return _digits(completions, answers, lengths, max_len)
+
+  rewards.REWARD_FUNCTIONS["digits"] = interrupting
+  resumed = str(tmp_path / "resumed")
+  assert loop.train(make_config("grpo", init_run, data_cache, steps=3), resumed)["step"] == 2
+  assert sorted(os.listdir(os.path.join(resumed, "checkpoints"))) == ["1", "2"]
+  rewards.REWARD_FUNCTIONS["digits"] = _digits
+  assert loop.train(make_config("grpo", init_run, data_cache, steps=3), resumed)["step"] == 3
+  third = lambda d, n: [r for r in rows(d, n) if r["step"] == 3]
+  assert third(resumed, "samples.jsonl") == third(workdir, "samples.jsonl")  # same prompts and samples
+  a, b = third(workdir, "metrics.jsonl")[0], third(resumed, "metrics.jsonl")[0]
   for k in ("train/reward", "train/loss", "train/kl_per_completion", "train/grad_norm"):
     np.testing.assert_allclose(b[k], a[k], rtol=1e-4, atol=1e-7, err_msg=k)
 
