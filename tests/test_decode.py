@@ -8,7 +8,7 @@ import pytest
 
 from configs import models
 from model import decode, sharding
-from model.transformer import ModelConfig, Transformer
+from model.transformer import ModelConfig, Transformer, init_cache
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -17,8 +17,8 @@ from model.transformer import ModelConfig, Transformer
 def tiny():
   cfg = ModelConfig.from_config(dict(models.tiny(), init_std=0.1))
   model = Transformer(cfg)
-  params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))["params"]
-  return cfg, model, params
+  init = jax.jit(lambda k: nn.meta.unbox(model.init(k, jnp.zeros((1, 4), jnp.int32)))["params"])
+  return cfg, model, init(jax.random.key(0))
 
 
 def prompts(cfg, lengths, seed=0):
@@ -27,18 +27,23 @@ def prompts(cfg, lengths, seed=0):
 
 
 def full_forward_greedy(model, params, seqs, steps):
-  """Greedy by re-running the whole (left-padded) sequence at every step: (tokens, logprobs)."""
+  """Greedy by re-running the whole left-padded sequence at every step: (tokens, logprobs).
+
+  The rows live in a [b, P + steps] buffer; slots after the current token hold pads, which the
+  causal mask keeps out of the logits read at the current token, so one compile serves all steps."""
   toks, mask = decode.left_pad(seqs)
+  b, p = toks.shape
+  toks = np.concatenate([toks, np.zeros((b, steps), np.int32)], 1)
+  mask = np.concatenate([mask, np.ones((b, steps), np.int32)], 1)
+  pos = np.maximum(np.cumsum(mask, -1) - 1, 0)
+  forward = jax.jit(lambda t: jax.nn.log_softmax(model.apply({"params": params}, t, pos, mask)))
   out_t, out_lp = [], []
-  for _ in range(steps):
-    pos = np.maximum(np.cumsum(mask, -1) - 1, 0)
-    logits = model.apply({"params": params}, jnp.asarray(toks), jnp.asarray(pos), jnp.asarray(mask))
-    logp = np.asarray(jax.nn.log_softmax(logits[:, -1]))
+  for s in range(steps):
+    logp = np.asarray(forward(toks))[:, p - 1 + s]                      # [b, V]
     nxt = logp.argmax(-1)
     out_t.append(nxt)
-    out_lp.append(logp[np.arange(len(nxt)), nxt])
-    toks = np.concatenate([toks, nxt[:, None]], 1)
-    mask = np.concatenate([mask, np.ones_like(mask[:, :1])], 1)
+    out_lp.append(logp[np.arange(b), nxt])
+    toks[:, p + s] = nxt
   return np.stack(out_t, 1), np.stack(out_lp, 1)
 
 
@@ -59,6 +64,8 @@ def ref_filter(logits, temperature=1.0, top_k=0, top_p=1.0):
   return q
 
 
+SAMPLED = dict(max_new_tokens=12, temperature=1.0, top_k=40, top_p=0.95)  # one compile, three tests
+
 # ----------------------------------------------------------------------------- the decode loop
 
 
@@ -66,20 +73,20 @@ def test_cached_greedy_equals_full_forward_argmax(tiny):
   cfg, model, params = tiny
   seqs = prompts(cfg, [5, 9, 1])
   toks, mask = decode.left_pad(seqs)
-  out = decode.generate(params, cfg, toks, mask, max_new_tokens=8, temperature=0.0)
-  want_t, want_lp = full_forward_greedy(model, params, seqs, 8)
+  out = decode.generate(params, cfg, toks, mask, max_new_tokens=40, temperature=0.0, phases=2)
+  want_t, want_lp = full_forward_greedy(model, params, seqs, 40)  # the cache grew once
   np.testing.assert_array_equal(out.tokens, want_t)
   np.testing.assert_allclose(out.logprobs, want_lp, atol=1e-4)
   np.testing.assert_array_equal(out.mask, 1)
-  np.testing.assert_array_equal(out.lengths, 8)
+  np.testing.assert_array_equal(out.lengths, 40)
   assert np.all(np.asarray(out.sample_logprobs) == 0)  # greedy: deterministic choice
-  again = decode.generate(params, cfg, toks, mask, max_new_tokens=8, temperature=0.0)
+  again = decode.generate(params, cfg, toks, mask, max_new_tokens=40, temperature=0.0, phases=2)
   np.testing.assert_array_equal(again.tokens, out.tokens)
 
 
 def test_left_padded_rows_equal_each_row_alone(tiny):
   cfg, _, params = tiny
-  seqs = prompts(cfg, [3, 11, 6], seed=1)
+  seqs = prompts(cfg, [3, 11], seed=1)
   toks, mask = decode.left_pad(seqs)
   batch = decode.generate(params, cfg, toks, mask, max_new_tokens=6, temperature=0.0)
   for i, s in enumerate(seqs):
@@ -91,8 +98,7 @@ def test_left_padded_rows_equal_each_row_alone(tiny):
 def test_sampling_is_reproducible_per_seed(tiny):
   cfg, _, params = tiny
   toks, mask = decode.left_pad(prompts(cfg, [4, 7]))
-  run = lambda seed: decode.generate(params, cfg, toks, mask, jax.random.key(seed), max_new_tokens=12,
-                                     temperature=1.0, top_k=40, top_p=0.95)
+  run = lambda seed: decode.generate(params, cfg, toks, mask, jax.random.key(seed), **SAMPLED)
   a, b, c = run(0), run(0), run(1)
   np.testing.assert_array_equal(a.tokens, b.tokens)
   assert not np.array_equal(a.tokens, c.tokens)
@@ -123,7 +129,7 @@ def test_stop_id_ends_one_row_while_the_other_continues(tiny):
   np.testing.assert_array_equal(out.mask, [[1, 1, 0, 0, 0, 0], [1] * 6])
   np.testing.assert_array_equal(out.lengths, [2, 6])
   assert len(CALLS) == 6
-  # when every row has stopped the loop ends early: 3 steps, not 10
+  # when every row has stopped the loop ends early: 2 steps, not 10
   CALLS.clear()
   out = decode.generate(params, cfg, np.array([[2], [3]]), max_new_tokens=10, temperature=0.7,
                         stop_ids=[1], apply_fn=table_apply)
@@ -134,15 +140,18 @@ def test_stop_id_ends_one_row_while_the_other_continues(tiny):
 
 def test_stop_on_a_real_model_row(tiny):
   cfg, _, params = tiny
-  toks, mask = decode.left_pad(prompts(cfg, [6, 4], seed=3))
-  free = decode.generate(params, cfg, toks, mask, max_new_tokens=8, temperature=0.0)
+  toks, mask = decode.left_pad(prompts(cfg, [4, 7]))
+  run = lambda stops: decode.generate(params, cfg, toks, mask, jax.random.key(0), stop_ids=stops,
+                                      **SAMPLED)
+  free = run(())
   stop = int(free.tokens[0, 2])
   assert stop not in np.asarray(free.tokens[1]).tolist()
-  out = decode.generate(params, cfg, toks, mask, max_new_tokens=8, temperature=0.0, stop_ids=[stop])
+  out = run([stop])  # same uniforms per row and step: identical up to the stop
   first = list(np.asarray(free.tokens[0])).index(stop)
-  assert int(out.lengths[0]) == first + 1 and int(out.lengths[1]) == 8
+  assert int(out.lengths[0]) == first + 1 and int(out.lengths[1]) == 12
   np.testing.assert_array_equal(out.tokens[0, :first + 1], free.tokens[0, :first + 1])
   np.testing.assert_array_equal(out.tokens[0, first + 1:], 0)
+  np.testing.assert_array_equal(out.mask[0], np.arange(12) <= first)
   np.testing.assert_array_equal(out.tokens[1], free.tokens[1])
 
 
@@ -259,19 +268,19 @@ def test_beam_search_on_the_model_scores_its_beams(tiny):
   cfg, model, params = tiny
   seqs = prompts(cfg, [4, 7], seed=5)
   toks, mask = decode.left_pad(seqs)
-  greedy = decode.generate(params, cfg, toks, mask, max_new_tokens=5, temperature=0.0)
+  want_t, want_lp = full_forward_greedy(model, params, seqs, 5)
   one, _, raw1, _ = decode.beam_generate(params, cfg, toks, mask, width=1, max_new_tokens=5)
-  np.testing.assert_array_equal(one[:, 0], greedy.tokens)
-  np.testing.assert_allclose(raw1[:, 0], greedy.logprobs.sum(-1), atol=1e-4)
+  np.testing.assert_array_equal(one[:, 0], want_t)                 # width 1 is greedy
+  np.testing.assert_allclose(raw1[:, 0], want_lp.sum(-1), atol=1e-4)
   beams, _, raw, _ = decode.beam_generate(params, cfg, toks, mask, width=3, max_new_tokens=5)
-  assert np.all(np.diff(np.asarray(raw), axis=-1) <= 1e-6)  # best first
+  assert np.all(np.diff(np.asarray(raw), axis=-1) <= 1e-6)       # best first
+  assert np.all(np.asarray(raw[:, 0]) >= want_lp.sum(-1) - 1e-4)  # here beam search beats greedy
+  forward = jax.jit(lambda t: jax.nn.log_softmax(model.apply({"params": params}, t)))
   for i, s in enumerate(seqs):  # each beam's score is its log-prob under a full forward pass
-    for j in range(3):
-      full = np.array([list(s) + list(np.asarray(beams[i, j]))])
-      logits = model.apply({"params": params}, jnp.asarray(full))
-      logp = np.asarray(jax.nn.log_softmax(logits[0, len(s) - 1:-1]))
-      want = logp[np.arange(5), np.asarray(beams[i, j])].sum()
-      np.testing.assert_allclose(raw[i, j], want, atol=1e-4)
+    full = np.concatenate([np.broadcast_to(np.array(s), (3, len(s))), np.asarray(beams[i])], 1)
+    logp = np.asarray(forward(full))[:, len(s) - 1:-1]               # [3, 5, V]
+    want = np.take_along_axis(logp, np.asarray(beams[i])[:, :, None], -1).sum((1, 2))
+    np.testing.assert_allclose(raw[i], want, atol=1e-4)
 
 
 # ----------------------------------------------------------------------------- mesh and text
@@ -279,15 +288,14 @@ def test_beam_search_on_the_model_scores_its_beams(tiny):
 
 def test_sharded_generation_matches_single_device(tiny):
   cfg, model, params = tiny
-  mesh = sharding.make_mesh(dict(data=2, fsdp=2, tensor=2))
+  mesh = sharding.make_mesh(dict(data=2, fsdp=1, tensor=4))  # the 8 test devices
   boxed = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
   sharded = jax.device_put(params, sharding.tree_shardings(boxed, mesh))
-  toks, mask = decode.left_pad(prompts(cfg, [3, 8, 5, 6], seed=7))
-  kw = dict(max_new_tokens=6, temperature=0.9, top_p=0.9)
-  want = decode.generate(params, cfg, toks, mask, jax.random.key(3), **kw)
+  toks, mask = decode.left_pad(prompts(cfg, [4, 7]))
+  want = decode.generate(params, cfg, toks, mask, jax.random.key(0), **SAMPLED)
   with sharding.use_mesh(mesh):
     put = lambda x: jax.device_put(x, sharding.batch_sharding(mesh))
-    got = decode.generate(sharded, cfg, put(toks), put(mask), jax.random.key(3), **kw)
+    got = decode.generate(sharded, cfg, put(toks), put(mask), jax.random.key(0), **SAMPLED)
   assert len(got.tokens.sharding.device_set) == 8
   np.testing.assert_array_equal(got.tokens, want.tokens)
   np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-5)
@@ -298,36 +306,41 @@ def test_generate_text_plain_and_chat(tiny, tmp_path):
   from train import corpus
   cfg, _, params = tiny
   tok = T.train_tokenizer(corpus.pretrain_documents(0, 300), cfg.vocab_size, str(tmp_path / "t.model"))
-  texts = decode.generate_text(params, cfg, tok, ["What is 2 + 2?", "Hi"], chat=True,
-                               max_new_tokens=6, num_samples=2, temperature=0.0)
+  questions = ["What is 2 + 2?", "Hi"]
+  texts = decode.generate_text(params, cfg, tok, questions, chat=True, max_new_tokens=6,
+                               num_samples=2, temperature=0.0)
   assert len(texts) == 2 and all(len(t) == 2 and t[0] == t[1] for t in texts)  # greedy samples agree
-  seqs = [T.apply_chat_template(tok, [{"role": "user", "content": p}], add_generation_prompt=True)[0]
-          for p in ["What is 2 + 2?", "Hi"]]
+  seqs = [T.apply_chat_template(tok, [{"role": "user", "content": q}], add_generation_prompt=True)[0]
+          for q in questions for _ in range(2)]
   toks, mask = decode.left_pad(seqs)
-  out = decode.generate(params, cfg, toks, mask, max_new_tokens=6, temperature=0.0,
-                        stop_ids=[tok.im_end_id, tok.eos_id])
+  stops = [tok.im_end_id, tok.eos_id]
+  out = decode.generate(params, cfg, toks, mask, max_new_tokens=6, temperature=0.0, stop_ids=stops)
   for i in range(2):
-    ids = [t for t in np.asarray(out.tokens[i, :out.lengths[i]]) if t not in (tok.im_end_id, tok.eos_id)]
+    ids = [t for t in np.asarray(out.tokens[2 * i, :out.lengths[2 * i]]) if t not in stops]
     assert texts[i][0] == tok.decode(ids)
   plain = decode.generate_text(params, cfg, tok, ["2 + 2 ="], max_new_tokens=4, key=jax.random.key(1))
   assert isinstance(plain[0][0], str)
 
 
-@pytest.mark.parametrize("overrides", [dict(), dict(n_kv_heads=1, qkv_bias=True, tie_embeddings=True),
-                                       dict(n_kv_heads=4)])
-def test_one_token_step_equals_the_transformer(overrides):
-  cfg = ModelConfig.from_config(dict(models.tiny(), init_std=0.1, **overrides))
+def test_one_token_step_equals_the_transformer():
+  # GQA with a single kv head, qkv bias and tied embeddings (the default shape runs in every
+  # generate test above, against full forward passes)
+  cfg = ModelConfig.from_config(dict(models.tiny(), init_std=0.1, n_kv_heads=1, qkv_bias=True,
+                                     tie_embeddings=True))
   model = Transformer(cfg)
-  params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))["params"]
-  params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(1), x.shape), params)
   toks, mask = decode.left_pad(prompts(cfg, [5, 2, 7], seed=9))
   pos = np.maximum(np.cumsum(mask, -1) - 1, 0)
-  from model.transformer import init_cache
-  _, cache = model.apply({"params": params}, toks[:, :-1], pos[:, :-1], mask[:, :-1],
-                         cache=init_cache(cfg, 3, 10), head=False)
-  args = (toks[:, -1:], pos[:, -1:], mask[:, -1:], cache)
-  want, want_cache = model.apply({"params": params}, *args[:3], cache=cache)
-  got, got_cache = decode.one_token_step(cfg, params, *args)
+
+  @jax.jit
+  def both(key):
+    params = nn.meta.unbox(model.init(key, jnp.zeros((1, 4), jnp.int32)))["params"]
+    params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(key, x.shape), params)  # biases != 0
+    _, cache = model.apply({"params": params}, toks[:, :-1], pos[:, :-1], mask[:, :-1],
+                           cache=init_cache(cfg, 3, 10), head=False)
+    args = (toks[:, -1:], pos[:, -1:], mask[:, -1:])
+    return model.apply({"params": params}, *args, cache=cache), decode.one_token_step(cfg, params, *args, cache)
+
+  (want, want_cache), (got, got_cache) = both(jax.random.key(0))
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(got_cache), jax.tree.leaves(want_cache)):
     np.testing.assert_allclose(a, b, atol=1e-6)
