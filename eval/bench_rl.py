@@ -7,8 +7,8 @@ GRPO: 2 prompts x 8 generations, prompt 32, 64 new tokens, beta 0.04 with a refe
 reference, a reward model and a separate critic (TRL ~2.6-2.8 s/step). A step is exactly what one
 iteration of rl/loop.py runs on the device: sample (model/decode.py with the shared-prompt
 prefill), score (reference log-probs, values, reward-model scores), advantages, update steps.
-Stop tokens are off so every completion has all 64 tokens. Median of `steps` timed steps after
-one warm-up (compile) step.
+Stop tokens are off so every completion has all 64 tokens. Median (and min) of `steps` timed steps
+after one warm-up (compile) step. On a shared machine, quote the min only next to the median.
 """
 import argparse
 import json
@@ -100,7 +100,8 @@ def bench(which="grpo", preset="small", prompts=2, g=8, prompt_len=32, new_token
   step_s = med(0)
   return dict(which=which, preset=preset, prompts=prompts, generations=g, prompt_len=prompt_len,
               new_tokens=new_tokens, epochs=epochs, value_model=value_model if ppo else None,
-              step_s=step_s, generate_s=med(1), score_s=med(2), update_s=med(3), first_step_s=first[0],
+              step_s=step_s, generate_s=med(1), score_s=med(2), update_s=med(3),
+              step_min_s=min(t[0] for t in rest), first_step_s=first[0],
               trl_s=TRL_SECONDS[which], speedup_vs_trl=TRL_SECONDS[which] / step_s,
               loss=float(m["loss"]), backend=jax.default_backend())
 

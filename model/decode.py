@@ -293,6 +293,9 @@ def generate(params, cfg: ModelConfig, tokens, mask=None, key=None, *, max_new_t
   (tests drive the loop with stubs). The cache grows in `phases` steps (one compiled loop each) so
   early steps attend over a shorter cache. Under `sharding.use_mesh(mesh)` pass params sharded and
   tokens batch-sharded (`sharding.batch_sharding(mesh)`); the cache follows the batch."""
+  if not 0.0 < top_p <= 1.0 or top_k < 0 or temperature < 0.0:
+    raise ValueError(f"need 0 < top_p <= 1, top_k >= 0 and temperature >= 0; got top_p={top_p}, "
+                     f"top_k={top_k}, temperature={temperature}")
   tokens = jnp.asarray(tokens, jnp.int32)
   mask = jnp.ones_like(tokens) if mask is None else jnp.asarray(mask, jnp.int32)
   key = jax.random.key(0) if key is None else key

@@ -9,6 +9,7 @@ The prompt is shared by its G completions, so both sampling and scoring run it o
 - `forward` runs the prompt (all but its last token) once into a cache, copies it G times and
   runs the completion rows against it. Gradients flow through the shared prompt keys/values, so
   this equals the plain forward of [prompt; completion] rows at ~N*P + R*T tokens, not R*(P+T).
+  Either way the LM head runs on completion positions only.
 """
 import functools
 
@@ -98,17 +99,34 @@ def _is_final_norm(module, method_name):
   return isinstance(module, RMSNorm) and module.name == "final_norm" and method_name == "__call__"
 
 
-def forward(params, cfg, prompt, prompt_mask, inputs, g: int, *, head: bool = True, hidden: bool = False):
-  """The model on completion rows after their shared prompt: (logits [R, W, V] | None, hidden | None).
+def lm_logits(params, cfg, hidden):
+  """The model's LM head on chosen final hidden states [R, W, d] -> fp32 logits [R, W, V]."""
+  if cfg.tie_embeddings:
+    logits = jnp.einsum("btd,vd->btv", hidden, params["embedding"].astype(cfg.dtype))
+  else:
+    logits = jnp.einsum("btd,dv->btv", hidden, params["lm_head"].astype(cfg.dtype))
+  return sharding.constrain(logits.astype(jnp.float32), ("batch", "length", "act_vocab"))
 
-  prompt/prompt_mask [N, P]; inputs [R, W]: the tokens that follow the prompt's last token (which
-  is fed first, as in decoding). Output position w is the state after the last prompt token and
-  inputs[:, :w], i.e. it predicts inputs[:, w]. hidden (the final-norm output [R, W, d]) is
-  captured from the model's own final norm, so any head can read it.
+
+def forward(params, cfg, prompt, prompt_mask, inputs, g: int, *, head: bool = True, hidden: bool = False):
+  """The model on completion rows after their prompt: (logits [R, W, V] | None, hidden | None).
+
+  prompt/prompt_mask [N, P]; inputs [R, W]: the tokens that follow the prompt (R = N * g). Output
+  position w is the state after the prompt and inputs[:, :w], i.e. it predicts inputs[:, w]; the
+  LM head runs on these W positions only. hidden is the final-norm output [R, W, d].
+  g > 1: the prompt (all but its last token) runs once into a KV cache that its g rows share.
+  g == 1: one plain pass over [prompt; inputs[:, :-1]] (faster than the cache path on CPU).
   """
   n, p = prompt.shape
   r, w = inputs.shape
   model = Transformer(cfg)
+  if g == 1:
+    tokens = jnp.concatenate([prompt, inputs[:, :-1]], axis=1)                  # [R, P + W - 1]
+    seg = jnp.concatenate([prompt_mask, jnp.ones((r, w - 1), prompt_mask.dtype)], axis=1)
+    pos = jnp.maximum(jnp.cumsum(seg, -1) - 1, 0)
+    _, h = model.apply({"params": params}, tokens, pos, seg, return_hidden=True, head=False)
+    h = h[:, p - 1:]                                                            # [R, W, d]
+    return (lm_logits(params, cfg, h) if head else None), (h if hidden else None)
   positions = jnp.maximum(jnp.cumsum(prompt_mask, -1) - 1, 0)                  # [N, P]
   cache = init_cache(cfg, n, p - 1 + w)
   _, cache = model.apply({"params": params}, prompt[:, :-1], positions[:, :-1], prompt_mask[:, :-1],

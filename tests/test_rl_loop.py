@@ -74,7 +74,7 @@ def make_config(objective, init_from, data_cache, **kw):
   c.rl.rewards.answer_match, c.rl.rewards.digits = 0.0, 1.0
   c.optim.lr = 1e-3
   if objective == "grpo":
-    c.batch_size, c.rl.num_generations = 8, 4
+    c.batch_size, c.rl.num_generations, c.rl.num_iterations, c.rl.num_minibatches = 8, 4, 1, 1
   else:
     c.batch_size, c.rl.num_iterations, c.rl.num_minibatches = 16, 2, 2
   for k, v in kw.items():
@@ -110,11 +110,12 @@ def _random_params(cfg, seed=0):
   return sharding.unbox(model.init(jax.random.key(seed), jnp.zeros((1, 8), jnp.int32))["params"])
 
 
-def test_shared_prompt_forward_equals_the_plain_forward_with_gradients():
+@pytest.mark.parametrize("g", [1, 3])
+def test_completion_forward_equals_the_plain_forward_with_gradients(g):
   cfg = ModelConfig.from_config(grpo_arith.get_config().model)
   params = _random_params(cfg)
   rng = np.random.default_rng(0)
-  n, g, p, t = 2, 3, 7, 5
+  n, p, t = 2, 7, 5
   prompt = rng.integers(6, 500, (n, p)).astype(np.int32)
   pmask = np.ones((n, p), np.int32)
   pmask[0, :3] = 0
