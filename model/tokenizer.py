@@ -138,7 +138,11 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_path: str) -> Tok
 
 
 def load_tokenizer(path: str) -> Tokenizer:
-  """Loads an existing SentencePiece `.model` file."""
+  """Loads an existing SentencePiece `.model` file, or a Hugging Face directory / tokenizer.json
+  (model/hf_tokenizer.py)."""
+  if os.path.isdir(path) or path.endswith(".json"):
+    from model import hf_tokenizer
+    return hf_tokenizer.load(path)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"tokenizer model not found: {path}")
   with open(path, "rb") as f:

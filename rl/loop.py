@@ -31,7 +31,7 @@ from model.tokenizer import stop_id
 from model.transformer import ModelConfig, Transformer
 from rl import config as rl_config, grpo, kl, prompts, rollout, steps, value
 from rl.rewards import combined_reward
-from train import checkpoint, data, optim
+from train import checkpoint, data, init_source, optim
 from train import state as state_lib
 from train.loop import StopFlag
 from train.metrics import MetricsLogger
@@ -135,6 +135,7 @@ def setup_models(config, workdir, model, tx, mesh, mngr) -> Models:
 
 def train(config, workdir: str) -> dict:
   """Runs (or resumes) a grpo / ppo stage in `workdir`; returns the last metrics."""
+  config = init_source.resolve(config, workdir)  # init_from="hf:DIR": model shape from config.json
   mesh_shape = check_config(config)
   r = config.rl
   is_main = jax.process_index() == 0

@@ -9,6 +9,15 @@ import os
 import jax
 import orbax.checkpoint as ocp
 
+HF_PREFIX = "hf:"  # init_from="hf:/path/to/dir": a Hugging Face checkpoint directory (model/convert.py)
+
+
+def absolute(path: str) -> str:
+  """os.path.abspath that keeps the hf: prefix."""
+  if path.startswith(HF_PREFIX):
+    return HF_PREFIX + os.path.abspath(os.path.expanduser(path[len(HF_PREFIX):]))
+  return os.path.abspath(path)
+
 
 def manager(workdir: str, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
@@ -45,7 +54,9 @@ def checkpoint_dir(path: str) -> str:
 
 
 def latest_step(path: str):
-  """The latest finished step of a run's checkpoints (None if none)."""
+  """The latest finished step of a run's checkpoints (None if none; 0 for a hf: directory)."""
+  if path.startswith(HF_PREFIX):
+    return 0
   mngr = ocp.CheckpointManager(os.path.abspath(checkpoint_dir(path)),
                                options=ocp.CheckpointManagerOptions(read_only=True, create=False,
                                                                    save_interval_steps=0))
@@ -68,7 +79,11 @@ def restore_params(path: str, abstract_params, param_shardings, step=None, missi
   Top-level entries of `abstract_params` named in `missing_ok` (e.g. a reward head the SFT run
   does not have) may be absent from the checkpoint: they are left out of the result, and the
   caller initialises them. Stored entries that `abstract_params` lacks are not read.
+  `path` = "hf:DIR" reads a Hugging Face directory instead (step 0).
   """
+  if path.startswith(HF_PREFIX):
+    from model import convert
+    return convert.load_hf(path[len(HF_PREFIX):], abstract_params, param_shardings, missing_ok), 0
   directory = os.path.abspath(checkpoint_dir(path))
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"config.init_from: no checkpoint directory at {directory}")

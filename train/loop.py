@@ -20,7 +20,7 @@ import optax
 from model import sharding
 from model.transformer import ModelConfig, Transformer
 from rl import reference
-from train import checkpoint, data, objectives, optim
+from train import checkpoint, data, init_source, objectives, optim
 from train import state as state_lib
 from train.metrics import MetricsLogger
 from train.validate import validate
@@ -147,6 +147,7 @@ def _describe(batches) -> str:
 
 def train(config, workdir: str) -> dict:
   """Runs (or resumes) the stage described by `config` in `workdir`; returns the last metrics."""
+  config = init_source.resolve(config, workdir)  # init_from="hf:DIR": model shape from config.json
   mesh_shape = validate(config, jax.device_count(), jax.process_count())
   objective = objectives.get(config.objective)
   objective.check(config)

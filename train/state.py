@@ -104,4 +104,4 @@ def checkpoint_meta(config) -> dict:
   """What a later reader needs besides the arrays: for LoRA, the base and the adapter config."""
   if not lora_enabled(config):
     return {}
-  return {"lora": {"base": os.path.abspath(config.init_from), "config": config.lora.to_dict()}}
+  return {"lora": {"base": checkpoint.absolute(config.init_from), "config": config.lora.to_dict()}}
