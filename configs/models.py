@@ -1,7 +1,8 @@
 """Named model presets. Each returns a fresh ConfigDict; override any key from the command line.
 
-`tiny` is for tests; `small` and `medium` are the benchmark shapes of PERF-NOTES; the rest are
-the real shapes of public checkpoints (GQA, RoPE scaling, qkv bias, tied embeddings).
+`tiny` is for tests, `demo` for `make demo`; `small` and `medium` are the benchmark shapes of
+PERF-NOTES; the rest are the real shapes of public checkpoints (GQA, RoPE scaling, qkv bias,
+tied embeddings).
 """
 import ml_collections
 
@@ -37,6 +38,10 @@ def tiny():
   return _base(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, mlp_dim=192)
 
 
+def demo():  # configs/demo.py on two CPU cores: the smallest shape that learns the arithmetic
+  return _base(vocab_size=512, d_model=128, n_layers=4, n_heads=4, n_kv_heads=4, mlp_dim=384)
+
+
 def small():
   return _base(vocab_size=4096, d_model=256, n_layers=4, n_heads=4, n_kv_heads=4, mlp_dim=768)
 
@@ -65,7 +70,7 @@ def qwen2_0_5b():
                qkv_bias=True, tie_embeddings=True)
 
 
-PRESETS = dict(tiny=tiny, small=small, medium=medium, llama3_1b=llama3_1b,
+PRESETS = dict(tiny=tiny, demo=demo, small=small, medium=medium, llama3_1b=llama3_1b,
                llama3_8b=llama3_8b, qwen2_0_5b=qwen2_0_5b)
 
 

@@ -1,6 +1,9 @@
 """Evaluate one checkpoint on the suite and print its table row:
 
-  python -m eval --workdir runs/demo/sft [--num_problems 200 --samples 4]
+  python -m eval --workdir runs/demo/grpo --reference runs/demo/sft --reward_model runs/demo/reward
+  python -m eval --workdir runs/demo/reward          # a reward model: held-out pair accuracy
+
+Without --reference there is no KL and no win rate; without --reward_model no reward and no win rate.
 """
 import argparse
 import json
@@ -12,6 +15,8 @@ from eval import report, suite
 def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--workdir", required=True)
+  ap.add_argument("--reference", default="", help="run to measure KL and win rate against (the SFT run)")
+  ap.add_argument("--reward_model", default="", help="reward_model run that judges reward and win rate")
   ap.add_argument("--num_problems", type=int, default=200)
   ap.add_argument("--samples", type=int, default=4)
   ap.add_argument("--temperature", type=float, default=0.8)
@@ -22,10 +27,9 @@ def main():
   sft = sft_tiny.get_config()
   sft.data = load_config(args.workdir).data  # the run's own data source and cache
   sft.data.train_on_prompt = False
-  row = suite.evaluate_run(args.workdir, cfg, sft)
-  row.pop("examples")
+  row = suite.evaluate_run(args.workdir, cfg, sft, reference=args.reference, reward_model=args.reward_model)
   print(report.table({args.workdir: row}, suite.COLUMNS))
-  print(json.dumps(row))
+  print(json.dumps({k: v for k, v in row.items() if k not in report.NOT_SAVED}))
 
 
 if __name__ == "__main__":

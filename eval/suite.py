@@ -1,32 +1,37 @@
-"""The evaluation suite: one row of numbers for one checkpoint.
+"""The evaluation suite: one row of numbers for one checkpoint, comparable across every stage.
 
-Held-out perplexity of answers (assistant tokens of the held-out conversations), exact-match
-accuracy of generated answers (greedy, and sampled with pass@k), format compliance and mean
-completion length — comparable across every stage of the pipeline.
+Policies: held-out perplexity of answers (assistant tokens of the held-out conversations),
+exact-match accuracy of generated answers (greedy, and sampled with pass@k), format compliance,
+mean completion length; with a reward model, its mean score of the greedy answers (`reward`) and
+the `win_rate` against the reference's greedy answers; with a reference, `kl` = KL(pi || ref) per
+completion on held-out prompts. Reward models (and DPO's implicit reward): held-out
+`pair_accuracy`. A metric that does not apply to a run is None ("-" in the table).
 """
 import copy
 import functools
+import os
 
 import jax
 
-from eval import tasks
+from eval import compare, preference, tasks
 from eval.checkpoints import load_run
 from model import sharding
-from train import data, loop, objectives
-from train import corpus
+from rl.loop import load_reward_model
+from train import corpus, data, loop, objectives
 
-COLUMNS = ("perplexity", "accuracy", "pass@k", "sampled_accuracy", "format", "length")
+COLUMNS = ("perplexity", "accuracy", "pass@k", "sampled_accuracy", "format", "length", "reward",
+           "win_rate", "kl", "pair_accuracy")
 
 
 def default_eval_config():
   import ml_collections
   return ml_collections.ConfigDict(dict(
-      num_problems=200,     # held-out problems asked
+      num_problems=200,     # held-out problems asked (greedy, sampled, KL)
       samples=4,            # sampled answers per problem for pass@k (0 = greedy only)
       temperature=0.8,
       max_new_tokens=48,
       perplexity_batches=8,
-      skip_objectives=["reward_model"],  # stages that are not policies
+      seed=0,
   ))
 
 
@@ -41,19 +46,53 @@ def answer_perplexity(run, sft_config, max_batches: int = 8) -> float:
   return out["eval/perplexity"]
 
 
-def evaluate_run(workdir: str, eval_cfg, sft_config) -> dict:
-  """The suite's row for the latest checkpoint of `workdir`."""
-  run = load_run(workdir)
-  chat = run.config.objective != "pretrain"
+def greedy_completions(run, problems, max_new_tokens: int) -> list:
+  """A run's greedy answers (the reference's, for the win rate)."""
   with sharding.use_mesh(run.mesh):
-    row = {"perplexity": answer_perplexity(run, sft_config, eval_cfg.perplexity_batches)}
-    res = tasks.evaluate_problems(
-        run.params, run.model_cfg, run.tokenizer, corpus.heldout_problems(eval_cfg.num_problems),
-        chat=chat, mesh=run.mesh, samples=eval_cfg.samples, temperature=eval_cfg.temperature,
-        max_new_tokens=eval_cfg.max_new_tokens, template=run.config.data.chat_template)
-  row.update({k: v for k, v in res.items() if k != "examples"})
-  if eval_cfg.samples:
-    row["pass@k"] = row.pop(f"pass@{eval_cfg.samples}")
-  row["examples"] = res["examples"]
+    res = tasks.evaluate_problems(run.params, run.model_cfg, run.tokenizer, problems,
+                                  chat=run.config.objective != "pretrain", mesh=run.mesh,
+                                  max_new_tokens=max_new_tokens, template=run.config.data.chat_template)
+  return res["completions"]
+
+
+def evaluate_run(workdir: str, eval_cfg, sft_config, *, reference: str = "", reward_model: str = "",
+                 reference_completions=None) -> dict:
+  """The suite's row for the latest checkpoint of `workdir` (plus "completions", "examples", "step").
+
+  reference: the run KL and win rate are measured against ('' = neither); reward_model: the judge
+  of `reward` and `win_rate`; reference_completions: the reference's greedy answers if known."""
+  run = load_run(workdir)
+  row = dict.fromkeys(COLUMNS)
   row["step"] = run.step
+  if run.config.objective in ("reward_model", "dpo"):
+    row["pair_accuracy"] = preference.evaluate_pairs(workdir)["accuracy"]
+    if run.config.objective == "reward_model":
+      return row
+  problems = corpus.heldout_problems(eval_cfg.num_problems)
+  chat, template = run.config.objective != "pretrain", run.config.data.chat_template
+  with sharding.use_mesh(run.mesh):
+    row["perplexity"] = answer_perplexity(run, sft_config, eval_cfg.perplexity_batches)
+    res = tasks.evaluate_problems(
+        run.params, run.model_cfg, run.tokenizer, problems, chat=chat, mesh=run.mesh,
+        samples=eval_cfg.samples, temperature=eval_cfg.temperature,
+        max_new_tokens=eval_cfg.max_new_tokens, template=template, seed=eval_cfg.seed)
+  row.update({k: res[k] for k in ("accuracy", "format", "length", "completions", "examples")})
+  if eval_cfg.samples:
+    row["pass@k"], row["sampled_accuracy"] = res[f"pass@{eval_cfg.samples}"], res["sampled_accuracy"]
+  is_reference = bool(reference) and os.path.realpath(reference) == os.path.realpath(workdir)
+  questions = [p.question for p in problems]
+  if reward_model:
+    rm, rm_cfg = load_reward_model(reward_model, run.mesh)
+    scores = compare.reward_scores(rm, rm_cfg, run.tokenizer, questions, row["completions"], template, run.mesh)
+    row["reward"] = float(scores.mean())
+    if reference and not is_reference:
+      ref_answers = reference_completions or greedy_completions(load_run(reference), problems,
+                                                                eval_cfg.max_new_tokens)
+      ref_scores = compare.reward_scores(rm, rm_cfg, run.tokenizer, questions, ref_answers, template, run.mesh)
+      row["win_rate"] = compare.win_rate(scores, ref_scores)
+  if reference and chat and not is_reference:
+    ref = load_run(reference)
+    row["kl"] = compare.kl_to_reference(
+        run.params, ref.params, run.model_cfg, run.tokenizer, problems, template, run.mesh,
+        key=jax.random.key(eval_cfg.seed + 2), max_new_tokens=eval_cfg.max_new_tokens)
   return row

@@ -54,6 +54,7 @@ def evaluate_problems(params, model_cfg, tokenizer, problems, *, chat: bool, mes
       "accuracy": float(np.mean(rewards.answer_match(greedy, answers))),
       "format": float(np.mean(rewards.answer_tag_reward(greedy))),
       "length": float(np.mean([len(tokenizer.encode(c)) for c in greedy])),
+      "completions": greedy,
       "examples": [{"question": p.question, "answer": p.answer, "completion": c}
                    for p, c in zip(problems[:3], greedy[:3])],
   }
@@ -86,6 +87,7 @@ def main():
                             temperature=args.temperature, top_p=args.top_p,
                             max_new_tokens=args.max_new_tokens,
                             template=run.config.data.chat_template)
+  res.pop("completions")
   for ex in res.pop("examples"):
     print(f"Q: {ex['question']}\n   model: {ex['completion']!r}   (answer {ex['answer']})")
   print(json.dumps({"workdir": args.workdir, "step": run.step, "task": args.task, "num": args.num,

@@ -1,13 +1,18 @@
-"""Every stage in order, each starting from the previous one's checkpoint, then the report.
+"""Every stage in order, each starting from an earlier one's checkpoint, then the evaluation report.
 
   python -m train.pipeline --config configs/demo.py --workdir runs/demo
 
 A stage whose checkpoint already reached its `steps` is skipped and an unfinished one resumes,
 so rerunning after an interruption continues where it stopped. Stage configs are sections of
-the pipeline config (`--config.sft.steps=200` overrides one); `init_from="@pretrain"` means
-the workdir of the stage called pretrain.
+the pipeline config (`--config.sft.steps=200` overrides one); a value "@name" of `init_from`,
+`rl.reward_model` or `rl.value_init_from` means the workdir of the earlier stage called name.
+grpo / ppo stages run in the online loop (rl/loop.py), the others in train/loop.py. Then every
+stage is evaluated (eval/suite.py) against `eval.reference` with `eval.reward_model` as the judge,
+and runs/.../report.md, report.json and the plots are written (eval/report.py).
 """
+import copy
 import os
+import time
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -15,6 +20,9 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Pipeline config, e.g. configs/demo.py[:size].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Pipeline directory: one subdirectory per stage.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+STAGE_REFS = ("init_from", "rl.reward_model", "rl.value_init_from")  # keys that may say "@stage"
+RL_OBJECTIVES = ("grpo", "ppo")
 
 
 def finished_step(stage_dir: str) -> int:
@@ -24,46 +32,113 @@ def finished_step(stage_dir: str) -> int:
   return max(steps, default=-1)
 
 
-def resolve(stage_cfg, workdir: str):
-  if stage_cfg.init_from.startswith("@"):
-    stage_cfg.init_from = os.path.join(workdir, stage_cfg.init_from[1:])
-  return stage_cfg
+def _get(cfg, dotted: str):
+  for part in dotted.split("."):
+    if part not in cfg:
+      return None
+    cfg = cfg[part]
+  return cfg
 
 
-def run_stage(name: str, cfg, stage_dir: str):
-  from train import loop
-  trainers = {}
-  try:
+def resolve(config, name: str, workdir: str):
+  """A copy of stage `name`'s config with every "@stage" reference turned into that stage's dir."""
+  cfg = copy.deepcopy(config[name])
+  earlier = list(config.stages)[:list(config.stages).index(name)]
+  for key in STAGE_REFS:
+    value = _get(cfg, key)
+    if not isinstance(value, str) or not value.startswith("@"):
+      continue
+    if value[1:] not in earlier:
+      raise ValueError(f"config.{name}.{key}={value!r}: no earlier stage called {value[1:]!r} "
+                       f"(stages before {name}: {earlier})")
+    section, _, last = key.rpartition(".")
+    (_get(cfg, section) if section else cfg)[last] = os.path.join(workdir, value[1:])
+  return cfg
+
+
+def check(config, workdir: str) -> dict:
+  """Every stage's resolved config, checked before anything runs; errors name the key."""
+  stages = list(config.get("stages") or [])
+  if not stages:
+    raise ValueError("config.stages is empty: list the stage sections to run, e.g. ['pretrain', 'sft']")
+  for name in stages:
+    if name not in config or not hasattr(config[name], "objective"):
+      raise ValueError(f"config.stages: {name!r} is not a stage section of the config")
+  if len(set(stages)) != len(stages):
+    raise ValueError(f"config.stages={stages} names a stage twice")
+  for key in ("reference", "reward_model"):
+    if config.eval[key] and config.eval[key] not in stages:
+      raise ValueError(f"config.eval.{key}={config.eval[key]!r} is not one of config.stages {stages}")
+  resolved = {name: resolve(config, name, workdir) for name in stages}
+  import jax
+  from rl.loop import check_config
+  from train.validate import validate
+  for name, cfg in resolved.items():
+    try:
+      check_config(cfg) if cfg.objective in RL_OBJECTIVES else validate(cfg, jax.device_count(),
+                                                                          jax.process_count())
+    except ValueError as e:
+      raise ValueError(f"stage {name}: {e}".replace("config.", f"config.{name}.")) from None
+  return resolved
+
+
+def run_stage(cfg, stage_dir: str) -> dict:
+  """One stage in its loop: online RL for grpo / ppo, the offline trainer for the rest."""
+  if cfg.objective in RL_OBJECTIVES:
     from rl import loop as rl_loop
-    trainers = {"grpo": rl_loop.train, "ppo": rl_loop.train}
-  except ImportError:
-    pass
-  return trainers.get(cfg.objective, loop.train)(cfg, stage_dir)
+    return rl_loop.train(cfg, stage_dir)
+  from train import loop
+  return loop.train(cfg, stage_dir)
 
 
-def run_pipeline(config, workdir: str) -> dict:
-  from eval import report, suite
-  os.makedirs(workdir, exist_ok=True)
-  stage_dirs = {}
-  for name in config.stages:
-    cfg = resolve(config[name], workdir)
-    stage_dir = os.path.join(workdir, name)
-    stage_dirs[name] = stage_dir
-    done = finished_step(stage_dir)
+def run_stages(resolved: dict, workdir: str) -> dict:
+  """Runs the unfinished stages in order; returns {stage: its workdir}."""
+  dirs = {}
+  for name, cfg in resolved.items():
+    dirs[name] = os.path.join(workdir, name)
+    done = finished_step(dirs[name])
     if done >= cfg.steps:
       print(f"== {name}: finished earlier (step {done}), skipped", flush=True)
       continue
+    t0 = time.time()
     print(f"== {name}: {cfg.objective}" + (f" from {cfg.init_from}" if cfg.init_from else ""), flush=True)
-    run_stage(name, cfg, stage_dir)
+    run_stage(cfg, dirs[name])
+    print(f"== {name}: done in {(time.time() - t0) / 60:.1f} min", flush=True)
+  return dirs
 
-  rows = {}
-  for name in config.stages:
-    if config[name].objective in config.eval.skip_objectives:
-      continue
+
+def evaluate(config, resolved: dict, dirs: dict) -> dict:
+  """The suite's row of every stage, the reference first (its answers are reused for win rates)."""
+  from configs import sft_tiny
+  from eval import suite
+  e = config.eval
+  sft_cfg = next((c for c in resolved.values() if c.objective == "sft"), None) or sft_tiny.get_config()
+  ref = dirs[e.reference] if e.reference else ""
+  rm = dirs[e.reward_model] if e.reward_model else ""
+  order = sorted(resolved, key=lambda n: n != e.reference)
+  rows, ref_answers = {}, None
+  for name in order:
     print(f"== evaluating {name}", flush=True)
-    rows[name] = suite.evaluate_run(stage_dirs[name], config.eval, config.sft)
-  md = report.write(workdir, rows, stage_dirs, suite.COLUMNS)
-  print("\n" + md + f"\n\nreport: {os.path.join(workdir, 'report.md')}", flush=True)
+    rows[name] = suite.evaluate_run(dirs[name], e, sft_cfg, reference=ref, reward_model=rm,
+                                    reference_completions=ref_answers)
+    if name == e.reference:
+      ref_answers = rows[name].get("completions")
+  return {name: rows[name] for name in resolved}
+
+
+def run_pipeline(config, workdir: str) -> dict:
+  """Checks, trains every unfinished stage, evaluates all of them, writes the report; the rows."""
+  from eval import report, suite
+  t0 = time.time()
+  resolved = check(config, workdir)
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "pipeline.json"), "w") as f:
+    f.write(config.to_json(indent=2))
+  dirs = run_stages(resolved, workdir)
+  rows = evaluate(config, resolved, dirs)
+  md = report.write(workdir, rows, dirs, suite.COLUMNS)
+  print(f"\n{md}\n\nreport: {os.path.join(workdir, 'report.md')} "
+        f"({(time.time() - t0) / 60:.1f} min)", flush=True)
   return rows
 
 
