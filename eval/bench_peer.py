@@ -1,0 +1,90 @@
+"""The PyTorch peer on the same shapes and machine: HF transformers Llama, eager, fp32.
+
+  pip install -e '.[hf]'    # torch==2.13.0 (CPU), transformers
+  python -m eval.bench_peer --which train --preset small
+  python -m eval.bench_peer --which generate --preset small
+
+`make bench` runs these next to Kiln's own benchmarks (when torch is installed) so the ratio in its
+table comes from the same machine, not from figures measured elsewhere. Train: one AdamW step on
+random tokens (forward, loss, backward, update), median of `steps` after two warm-up steps.
+Generate: `model.generate` with the KV cache, top-p 0.9, EOS off, median of `repeats` calls.
+"""
+import argparse
+import json
+import statistics
+import time
+
+from configs import models
+
+
+def hf_llama(preset: str):
+  """A randomly initialised transformers LlamaForCausalLM with the shape of Kiln's `preset`."""
+  import torch
+  import transformers
+  m = models.get(preset)
+  cfg = transformers.LlamaConfig(
+      vocab_size=m.vocab_size, hidden_size=m.d_model, intermediate_size=m.mlp_dim,
+      num_hidden_layers=m.n_layers, num_attention_heads=m.n_heads, num_key_value_heads=m.n_kv_heads,
+      rms_norm_eps=m.norm_eps, rope_theta=m.rope_theta, tie_word_embeddings=m.tie_embeddings,
+      max_position_embeddings=4096, attn_implementation="sdpa")
+  torch.manual_seed(0)
+  return transformers.LlamaForCausalLM(cfg).float()
+
+
+def bench_train(preset="small", seq_len=256, batch=8, steps=10) -> dict:
+  import torch
+  model = hf_llama(preset).train()
+  opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+  tokens = torch.randint(0, model.config.vocab_size, (batch, seq_len))
+
+  def step():
+    loss = model(input_ids=tokens, labels=tokens).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return float(loss)
+
+  for _ in range(2):
+    step()
+  times = []
+  for _ in range(steps):
+    t = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - t)
+  dt = statistics.median(times)
+  return dict(peer="torch eager HF Llama", torch=torch.__version__, threads=torch.get_num_threads(),
+              preset=preset, seq_len=seq_len, batch=batch, step_s=round(dt, 4),
+              tokens_per_sec=round(batch * seq_len / dt, 1))
+
+
+def bench_generate(preset="small", batch=8, prompt_len=32, new_tokens=128, top_p=0.9, repeats=3) -> dict:
+  import torch
+  model = hf_llama(preset).eval()
+  tokens = torch.randint(0, model.config.vocab_size, (batch, prompt_len))
+  kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=top_p < 1.0, top_p=top_p,
+            top_k=0, temperature=1.0, use_cache=True, eos_token_id=None, pad_token_id=0)
+  with torch.inference_mode():
+    model.generate(tokens, attention_mask=torch.ones_like(tokens), **kw)
+    times = []
+    for _ in range(repeats):
+      t = time.perf_counter()
+      out = model.generate(tokens, attention_mask=torch.ones_like(tokens), **kw)
+      times.append(time.perf_counter() - t)
+  assert out.shape[1] == prompt_len + new_tokens, out.shape
+  dt = statistics.median(times)
+  return dict(peer="HF generate", torch=torch.__version__, preset=preset, batch=batch,
+              new_tokens=new_tokens, top_p=top_p, seconds=round(dt, 4),
+              tokens_per_sec=round(batch * new_tokens / dt, 1))
+
+
+if __name__ == "__main__":
+  p = argparse.ArgumentParser()
+  p.add_argument("--which", choices=["train", "generate"], default="train")
+  p.add_argument("--preset", default="small")
+  a = p.parse_args()
+  if a.which == "train":
+    seq, batch = (256, 8) if a.preset == "small" else (512, 4)
+    print(json.dumps(bench_train(a.preset, seq, batch, steps=10 if a.preset == "small" else 5)))
+  else:
+    print(json.dumps(bench_generate(a.preset)))
