@@ -93,8 +93,21 @@ def test_families_match_transformers_logits_and_greedy_generation(family_dir, me
     hf_out = ref.generate(torch.tensor(prompt), attention_mask=torch.ones_like(torch.tensor(prompt)),
                           max_new_tokens=20, min_new_tokens=20, do_sample=False,
                           pad_token_id=0, eos_token_id=None).numpy()[0, 6:]
-  out = decode.generate(jax.device_get(params), cfg, prompt, max_new_tokens=20, temperature=0.0)
+  out = decode.generate(jax.device_get(params), cfg, prompt, max_new_tokens=20, temperature=0.0, phases=1)
   np.testing.assert_array_equal(np.asarray(out.tokens)[0], hf_out)
+
+
+def everything(path: str) -> dict:
+  """{name: array} of every tensor of a HF directory's shards."""
+  files = set(json.load(open(os.path.join(path, convert.INDEX)))["weight_map"].values())
+  return {k: v for f in files for k, v in load_file(os.path.join(path, f)).items()}
+
+
+def assert_same_tensors(a: dict, b: dict):
+  assert sorted(a) == sorted(b)
+  for k in a:
+    assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+    assert a[k].tobytes() == b[k].tobytes(), k
 
 
 def test_round_trip_is_bitwise(family_dir, mesh, tmp_path):
@@ -103,27 +116,32 @@ def test_round_trip_is_bitwise(family_dir, mesh, tmp_path):
   model = hf_config.to_model(hf_config.read(d))
   tensors = convert.to_hf_tensors(jax.device_get(params), model)
   convert.save_hf(tensors, hf_config.from_model(model, hf_config.read(d)), str(tmp_path), 16 << 10)
-  def everything(path):
-    files = set(json.load(open(os.path.join(path, convert.INDEX)))["weight_map"].values())
-    return {k: v for f in files for k, v in load_file(os.path.join(path, f)).items()}
-  a, b = everything(d), everything(str(tmp_path))
-  assert sorted(a) == sorted(b)
-  for k in a:
-    assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
-    assert a[k].tobytes() == b[k].tobytes(), k
+  assert_same_tensors(everything(d), everything(str(tmp_path)))
+  assert hf_config.to_model(hf_config.read(str(tmp_path))) == model
 
 
-def test_cli_import_then_lora_merged_export_loads_in_transformers(tmp_path, mesh):
-  """HF -> `--from hf` run dir -> a LoRA run over it (adapters set by hand) -> `--to hf`."""
+@pytest.mark.parametrize("family_dir", ["qwen2"], indirect=True)  # bias and tied embeddings
+def test_cli_round_trip_through_a_kiln_run_dir_is_bitwise(family_dir, tmp_path):
+  """`--from hf` (a run dir that init_from and eval read) then `--to hf`: the same code for every family."""
+  family, d = family_dir
+  convert.main(["--from", "hf", "--hf", d, "--out", str(tmp_path / "run")])
+  convert.main(["--to", "hf", "--workdir", str(tmp_path / "run"), "--out", str(tmp_path / "out"),
+                "--max_shard_mb", "0.02"])
+  assert len(set(json.load(open(tmp_path / "out" / convert.INDEX))["weight_map"].values())) > 2
+  assert_same_tensors(everything(d), everything(str(tmp_path / "out")))
+
+
+def test_lora_merged_export_loads_in_transformers_and_matches_kiln(tmp_path, mesh):
+  """A LoRA run over init_from="hf:DIR" (adapters written by hand) -> `--to hf` -> transformers."""
+  import logging
+  import shutil
   import ml_collections
   import orbax.checkpoint as ocp
   from model import lora
   from train import checkpoint, state
   hf_dir = make_hf("qwen2", str(tmp_path / "hf"), seed=3)
-  base = str(tmp_path / "base")
-  convert.main(["--from", "hf", "--hf", hf_dir, "--out", base])
   cfg, params = kiln_load(hf_dir, mesh)
-  # A LoRA run dir, as train/ writes it: adapters in params, base + config in meta.
+  # A LoRA run dir as train/ writes it: adapters as params; base and lora config in meta.
   lora_cfg = ml_collections.ConfigDict(dict(rank=2, alpha=4.0, targets=list(lora.DEFAULT_TARGETS)))
   adapters = lora.init_adapters(jax.device_get(params), lora_cfg, jax.random.key(1))
   adapters = jax.tree.map(lambda x: np.asarray(x) + 0.05, adapters)  # b != 0: the merge matters
@@ -131,35 +149,35 @@ def test_cli_import_then_lora_merged_export_loads_in_transformers(tmp_path, mesh
   mngr = checkpoint.manager(run, keep=1, async_save=False)
   mngr.save(1, args=ocp.args.Composite(
       params=ocp.args.StandardSave(adapters),
-      meta=ocp.args.JsonSave({"step": 1, "lora": {"base": base, "config": lora_cfg.to_dict()}})))
+      meta=ocp.args.JsonSave({"step": 1, "lora": {"base": "hf:" + hf_dir, "config": lora_cfg.to_dict()}})))
   mngr.wait_until_finished()
   mngr.close()
-  import shutil
-  shutil.copy(os.path.join(base, "config.json"), run)
-  shutil.copy(os.path.join(base, "hf_config.json"), run)
+  from configs import base
+  c = base.base_config()
+  c.model.update(hf_config.to_model(hf_config.read(hf_dir)))
+  (tmp_path / "lora_run" / "config.json").write_text(c.to_json())
+  shutil.copy(os.path.join(hf_dir, "config.json"), os.path.join(run, "hf_config.json"))
   out = str(tmp_path / "export")
-  convert.main(["--to", "hf", "--workdir", run, "--out", out, "--max_shard_mb", "0.02"])
-  assert len(set(json.load(open(os.path.join(out, convert.INDEX)))["weight_map"].values())) > 2
+  convert.main(["--to", "hf", "--workdir", run, "--out", out])
 
-  merged = lora.merge(jax.device_get(params), adapters, lora_cfg)
+  merged, _ = checkpoint.restore_params(run, *state.abstract_params(Transformer(cfg), 8, mesh)[:2])
   tokens = np.random.default_rng(1).integers(0, VOCAB, (2, 16))
-  want = np.asarray(Transformer(cfg).apply({"params": merged}, tokens))
-  from transformers.utils import logging as hf_logging
-  hf_logging.set_verbosity_warning()
+  forward = jax.jit(lambda p: Transformer(cfg).apply({"params": p}, tokens))
+  with sharding.use_mesh(mesh):
+    want, before = np.asarray(forward(merged)), np.asarray(forward(params))
+  assert np.abs(want - before).max() > 1e-2  # the adapters changed the function
   buf = io.StringIO()
-  import logging
   handler = logging.StreamHandler(buf)
   logging.getLogger("transformers").addHandler(handler)
   try:
     ref = hf_model(out)
   finally:
     logging.getLogger("transformers").removeHandler(handler)
-  assert buf.getvalue() == "", buf.getvalue()
+  assert buf.getvalue() == "", buf.getvalue()  # no missing / unexpected keys, no config warnings
   assert type(ref).__name__ == "Qwen2ForCausalLM"
   with torch.no_grad():
     got = ref(torch.tensor(tokens)).logits.numpy()
   assert np.abs(got - want).max() < 1e-4
-  assert np.abs(want - np.asarray(Transformer(cfg).apply({"params": jax.device_get(params)}, tokens))).max() > 1e-2
 
 
 # ------------------------------------------------------------------------------------ tokenizers
