@@ -17,6 +17,8 @@ setup(
         "array-record>=0.8,<0.9",
         "grain>=0.2.12,<0.3",
         "ml-collections>=1.0,<2",
+        "safetensors>=0.4",     # model/convert.py: Hugging Face checkpoints
+        "tokenizers>=0.20",     # model/hf_tokenizer.py: tokenizer.json (imported lazily)
         "numpy>=1.26",
         "tqdm>=4.66",
         "tensorboardX>=2.6",
@@ -24,7 +26,9 @@ setup(
         "absl-py>=2.0",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5"],
+        # tests/test_convert.py builds tiny HF models and tokenizers locally and compares against them
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "transformers>=5.0,<6",
+                 "safetensors>=0.4", "tokenizers>=0.20"],
         "gpu": ["jax[cuda12]>=0.10.2,<0.13"],
         "tpu": ["jax[tpu]>=0.10.2,<0.13"],
         "hf": ["torch==2.13.0", "transformers>=5.0,<6", "safetensors>=0.4", "tokenizers>=0.20"],
