@@ -46,7 +46,7 @@ def critic_config(config):
 
 def head_from_reward_model(path: str, params: dict):
   """(`params` with its value_head replaced by the `reward_head` stored in run `path`, whether it was)."""
-  if not path:
+  if not path or path.startswith(checkpoint.HF_PREFIX):  # a HF checkpoint has no reward head
     return params, False
   directory = checkpoint.checkpoint_dir(path)
   step = checkpoint.latest_step(path)
