@@ -37,10 +37,12 @@ class Reader:
     self.dir = hf_dir
     index = os.path.join(hf_dir, INDEX)
     if os.path.isfile(index):
+      self.listing = index
       with open(index) as f:
         self.files = dict(json.load(f)["weight_map"])
     elif os.path.isfile(os.path.join(hf_dir, SINGLE)):
-      with safe_open(os.path.join(hf_dir, SINGLE), framework="numpy") as f:
+      self.listing = os.path.join(hf_dir, SINGLE)
+      with safe_open(self.listing, framework="numpy") as f:
         self.files = {k: SINGLE for k in f.keys()}
     else:
       raise FileNotFoundError(f"{hf_dir}: neither {INDEX} nor {SINGLE}: no safetensors weights")
@@ -51,8 +53,7 @@ class Reader:
 
   def get(self, name: str) -> np.ndarray:
     if name not in self.files:
-      raise KeyError(f"{os.path.join(self.dir, INDEX if len(set(self.files.values())) > 1 else SINGLE)}"
-                     f": tensor {name!r} is missing")
+      raise KeyError(f"{self.listing}: tensor {name!r} is missing")
     file = self.files[name]
     if file not in self._open:
       path = os.path.join(self.dir, file)

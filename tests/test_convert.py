@@ -47,11 +47,11 @@ def hf_model(path):
   return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
-def kiln_load(hf_dir, mesh):
+def kiln_load(hf_dir, mesh, scan_layers=False):
   """(ModelConfig, params) of an HF directory, loaded through restore_params' hf: path."""
   from train import checkpoint, state
   m = dict(hf_config.to_model(hf_config.read(hf_dir)), dtype="float32", param_dtype="float32",
-           scan_layers=False, remat="none", attention="xla", init_std=0.02)
+           scan_layers=scan_layers, remat="none", attention="xla", init_std=0.02)
   cfg = ModelConfig.from_config(m)
   abstract, shardings, _, _ = state.abstract_params(Transformer(cfg), 8, mesh)
   params, step = checkpoint.restore_params("hf:" + hf_dir, abstract, shardings)
@@ -118,6 +118,9 @@ def test_round_trip_is_bitwise(family_dir, mesh, tmp_path):
   convert.save_hf(tensors, hf_config.from_model(model, hf_config.read(d)), str(tmp_path), 16 << 10)
   assert_same_tensors(everything(d), everything(str(tmp_path)))
   assert hf_config.to_model(hf_config.read(str(tmp_path))) == model
+  _, stacked = kiln_load(d, mesh, scan_layers=True)  # layers/block/... [layers, ...]
+  assert stacked["layers"]["block"]["attn"]["qkv"].shape == (2,) + params["layer_0"]["attn"]["qkv"].shape
+  assert_same_tensors(convert.to_hf_tensors(jax.device_get(stacked), model), tensors)
 
 
 @pytest.mark.parametrize("family_dir", ["qwen2"], indirect=True)  # bias and tied embeddings
