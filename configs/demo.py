@@ -8,7 +8,7 @@ pretrain -> sft -> reward (reward model, from sft) -> dpo (from sft) -> grpo (fr
 verifiable answer reward) -> ppo (from sft, critic from sft), then every stage evaluated against
 the SFT model with the reward model as the judge. Stages run in `stages` order; each is a full
 stage config (override with `--config.sft.steps=300`); "@name" is the workdir of stage `name`.
-`arg` picks the model preset (default demo: 1M params, ~15 min on two CPU cores).
+`arg` picks the model preset (default demo: 1M params).
 """
 import ml_collections
 
@@ -21,7 +21,7 @@ def get_config(arg=None):
   c.stages = ["pretrain", "sft", "reward", "dpo", "grpo", "ppo"]
 
   c.pretrain = pretrain_tiny.get_config(size)
-  c.pretrain.steps = 300
+  c.pretrain.steps = 250
 
   c.sft = sft_tiny.get_config(size)
   c.sft.init_from = "@pretrain"
@@ -29,26 +29,35 @@ def get_config(arg=None):
 
   c.reward = reward_tiny.get_config(size)
   c.reward.init_from = "@sft"
-  c.reward.steps = 150
+  c.reward.steps = 80
   c.reward.optim.lr = 3e-4
+  c.reward.optim.warmup_steps = 8
   c.reward.eval_every = 0
+  c.reward.eval_batches = 4            # at the end of training; the report scores all held-out pairs
+  c.reward.seq_len = 144               # the longest prompt + solution is 131 tokens
 
   c.dpo = dpo_tiny.get_config(size)
   c.dpo.init_from = "@sft"
-  c.dpo.steps = 100
+  c.dpo.steps = 60
   c.dpo.eval_every = 0
-  c.dpo.dpo.precompute_reference = True   # one reference pass over the pairs, none per step
+  c.dpo.seq_len = 144
+  c.dpo.optim.warmup_steps = 6
+  c.dpo.eval_batches = 4
 
   c.grpo = grpo_arith.get_config(size)
   c.grpo.init_from = "@dpo"
   c.grpo.steps = 20
-  c.grpo.eval_every = 10
+  c.grpo.batch_size = 128              # 32 prompts x 4 completions per iteration
+  c.grpo.optim.lr = 2e-4
+  c.grpo.rl.num_minibatches = 2        # 2 updates per pass, 2 passes
+  c.grpo.eval_every = 0                # held-out accuracy before the first and after the last
   c.grpo.rl.num_eval_problems = 200
 
   c.ppo = ppo_arith.get_config(size)
   c.ppo.init_from = "@sft"
-  c.ppo.steps = 20
-  c.ppo.eval_every = 10
+  c.ppo.steps = 12
+  c.ppo.batch_size = 64
+  c.ppo.eval_every = 0
   c.ppo.rl.num_eval_problems = 200
 
   for name in c.stages:

@@ -29,7 +29,7 @@ def default_eval_config():
       num_problems=200,     # held-out problems asked (greedy, sampled, KL)
       samples=4,            # sampled answers per problem for pass@k (0 = greedy only)
       temperature=0.8,
-      max_new_tokens=48,
+      max_new_tokens=80,     # the longest built-in solution is 74 tokens
       perplexity_batches=8,
       seed=0,
   ))

@@ -74,7 +74,7 @@ def main():
   ap.add_argument("--samples", type=int, default=0, help="k sampled answers per problem (pass@k)")
   ap.add_argument("--temperature", type=float, default=0.8)
   ap.add_argument("--top_p", type=float, default=1.0)
-  ap.add_argument("--max_new_tokens", type=int, default=64)
+  ap.add_argument("--max_new_tokens", type=int, default=80)
   ap.add_argument("--chat", choices=["auto", "yes", "no"], default="auto")
   args = ap.parse_args()
   from eval.checkpoints import load_run

@@ -8,6 +8,14 @@ solution is written step by step, e.g.
     solution: 13 - 2*2 = 9. 9 / 3 = 3.
     answer:   3
 
+Additions and subtractions are worked column by column, ones first, so a small model can learn
+them (each step is a one-digit fact; the result is assembled from the steps):
+
+    question: What is 49 + 84?
+    solution: 9 + 4 = 13. 4 + 8 + 1 = 13. 49 + 84 = 133.      (+ 1: the carry)
+    question: What is 97 - 28?
+    solution: 17 - 8 = 9. 9 - 1 - 2 = 6. 97 - 28 = 69.        (17: borrowed ten; - 1: the borrow)
+
 Every step of a solution is `<expression> = <value>.`; the value of the last step is the
 answer. The whole project formats a completion as `f"{solution} <answer>{answer}</answer>"`.
 
@@ -61,14 +69,43 @@ def _pick(rng, options):
   return options[int(rng.integers(len(options)))]
 
 
+def _digit(x: int, i: int) -> int:
+  return x // 10 ** i % 10
+
+
+def _columns(a: int, b: int) -> int:
+  return max(len(str(a)), len(str(b)))
+
+
+def column_add(a: int, b: int) -> str:
+  """a + b worked by columns, ones first; the last step is `a + b = sum.`"""
+  steps, carry = [], 0
+  for i in range(_columns(a, b)):
+    total = _digit(a, i) + _digit(b, i) + carry
+    steps.append(f"{_digit(a, i)} + {_digit(b, i)}{' + 1' if carry else ''} = {total}.")
+    carry = total // 10
+  return " ".join(steps + [f"{a} + {b} = {a + b}."])
+
+
+def column_sub(a: int, b: int) -> str:
+  """a - b (a >= b) worked by columns, ones first, borrowing a ten where the top digit is short."""
+  steps, borrow = [], 0
+  for i in range(_columns(a, b)):
+    top, low = _digit(a, i), _digit(b, i)
+    ten = 10 if top - borrow < low else 0
+    steps.append(f"{top + ten}{' - 1' if borrow else ''} - {low} = {top + ten - borrow - low}.")
+    borrow = ten // 10
+  return " ".join(steps + [f"{a} - {b} = {a - b}."])
+
+
 def _add(rng):
   a, b = _int(rng, 1, 99), _int(rng, 1, 99)
-  return Problem(f"What is {a} + {b}?", f"{a} + {b} = {a + b}.", str(a + b))
+  return Problem(f"What is {a} + {b}?", column_add(a, b), str(a + b))
 
 
 def _sub(rng):
   a, b = sorted((_int(rng, 1, 99), _int(rng, 1, 99)), reverse=True)
-  return Problem(f"What is {a} - {b}?", f"{a} - {b} = {a - b}.", str(a - b))
+  return Problem(f"What is {a} - {b}?", column_sub(a, b), str(a - b))
 
 
 def _mul(rng):
@@ -93,7 +130,7 @@ def _give_and_get(rng):
   a, b, c = _int(rng, 10, 60), _int(rng, 1, 9), _int(rng, 1, 30)
   q = (f"{name} has {a} {thing}. {name} gives {b} to a friend and then finds {c} more. "
        f"How many {thing} does {name} have now?")
-  return Problem(q, f"{a} - {b} = {a - b}. {a - b} + {c} = {a - b + c}.", str(a - b + c))
+  return Problem(q, f"{column_sub(a, b)} {column_add(a - b, c)}", str(a - b + c))
 
 
 def _containers(rng):
@@ -103,8 +140,7 @@ def _containers(rng):
   boxes = box + ("es" if box.endswith("x") else "s")
   q = (f"A {box} holds {k} {thing}. There are {n} full {boxes} and {loose} loose {thing}. "
        f"How many {thing} are there in total?")
-  return Problem(q, f"{n}*{k} = {n * k}. {n * k} + {loose} = {n * k + loose}.",
-                 str(n * k + loose))
+  return Problem(q, f"{n}*{k} = {n * k}. {column_add(n * k, loose)}", str(n * k + loose))
 
 
 def _share(rng):
