@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from model import sharding
-from model.attention import Attention
+from model.attention import Attention, matmul
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,10 +90,10 @@ class Mlp(nn.Module):
                          (cfg.d_model, 2, cfg.mlp_dim), cfg.param_dtype)
     down = self.param("down", nn.with_logical_partitioning(init, ("mlp", "embed")),
                       (cfg.mlp_dim, cfg.d_model), cfg.param_dtype)
-    h = jnp.einsum("btd,dcm->btcm", x, gate_up.astype(cfg.dtype))  # [b, t, 2, mlp]
+    h = matmul(x, gate_up.astype(cfg.dtype), 1)  # [b, t, 2, mlp]
     h = sharding.constrain(h, ("batch", "length", None, "act_mlp"))
     h = nn.silu(h[:, :, 0]) * h[:, :, 1]
-    y = jnp.einsum("btm,md->btd", h, down.astype(cfg.dtype))
+    y = matmul(h, down.astype(cfg.dtype), 1)     # [b, t, d]
     return sharding.constrain(y, ("batch", "length", "act_embed"))
 
 
