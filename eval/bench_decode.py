@@ -1,7 +1,7 @@
 """Decode throughput: generated tokens/s of `model.decode.generate`, random weights.
 
   python -m eval.bench_decode [--preset small --batch 8 --prompt_len 32 --new_tokens 128 --top_p 0.9]
-  XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type= python -m eval.bench_decode   # Eigen dots
+  KILN_YNNPACK=1 python -m eval.bench_decode   # XLA:CPU default dots (YNNPACK) instead of Eigen
 
 EOS is disabled, so every row generates all `new_tokens`. One warm-up call (it compiles), then
 the median of `repeats` timed calls. Reference on the 2-core CPU box (PERF-NOTES): Hugging Face
