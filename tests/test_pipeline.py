@@ -24,13 +24,12 @@ def mini_config(cache_dir):
   for name, steps in STEPS.items():
     s = c[name]
     s.steps, s.checkpoint_every, s.log_every, s.eval_every = steps, steps, 1, 0
-    s.async_checkpoints = False
+    s.async_checkpoints, s.eval_batches = False, 1
     s.data.cache_dir = cache_dir
     s.seq_len = 64 if name in ("pretrain", "sft") else 96
     s.batch_size = 16
   c.pretrain.data.num_documents = c.sft.data.num_documents = 4000
   c.reward.data.num_documents = c.dpo.data.num_documents = 400   # 8 held-out pairs
-  c.reward.eval_batches = c.dpo.eval_batches = 1
   for name in ("grpo", "ppo"):
     r = c[name].rl
     r.max_new_tokens, r.num_eval_problems, r.eval_at_start, r.num_iterations = 16, 0, False, 1
@@ -50,12 +49,13 @@ def demo_run(tmp_path_factory, data_cache):
 
 def test_every_stage_runs_from_the_previous_checkpoint(demo_run):
   config, workdir, _ = demo_run
-  starts = dict(sft="pretrain", reward="sft", dpo="sft", grpo="dpo", ppo="sft")
+  starts = dict(sft="pretrain", reward="sft", dpo="sft", grpo="sft", ppo="sft")
   for name, steps in STEPS.items():
     assert pipeline.finished_step(os.path.join(workdir, name)) == steps, name
     with open(os.path.join(workdir, name, "config.json")) as f:
       init_from = json.load(f)["init_from"]
-    assert init_from == (os.path.join(workdir, starts[name]) if name in starts else ""), name
+    expected = os.path.abspath(os.path.join(workdir, starts[name])) if name in starts else ""
+    assert init_from == expected, name
     assert os.listdir(os.path.join(workdir, name, "tb")), f"{name}: no TensorBoard log"
 
 
@@ -106,3 +106,13 @@ def test_bad_stage_reference_names_the_key(data_cache, tmp_path):
   config.sft.batch_size = 12
   with pytest.raises(ValueError, match=r"config.sft.batch_size=12"):
     pipeline.check(config, str(tmp_path))
+
+
+def test_a_stopped_stage_stops_the_pipeline(data_cache, tmp_path, monkeypatch):
+  """A stage that returns before its last step (Ctrl-C saved it) must not hand over to the next."""
+  ran = []
+  monkeypatch.setattr(pipeline, "run_stage", lambda cfg, stage_dir: ran.append(stage_dir))
+  config = mini_config(data_cache)
+  with pytest.raises(SystemExit, match=r"== pretrain: stopped at step -1 of 4; rerun"):
+    pipeline.run_stages(pipeline.check(config, str(tmp_path)), str(tmp_path))
+  assert ran == [str(tmp_path / "pretrain")]

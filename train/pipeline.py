@@ -41,7 +41,8 @@ def _get(cfg, dotted: str):
 
 
 def resolve(config, name: str, workdir: str):
-  """A copy of stage `name`'s config with every "@stage" reference turned into that stage's dir."""
+  """A copy of stage `name`'s config with every "@stage" reference turned into that stage's dir
+  (absolute: orbax restores only absolute paths)."""
   cfg = copy.deepcopy(config[name])
   earlier = list(config.stages)[:list(config.stages).index(name)]
   for key in STAGE_REFS:
@@ -52,7 +53,7 @@ def resolve(config, name: str, workdir: str):
       raise ValueError(f"config.{name}.{key}={value!r}: no earlier stage called {value[1:]!r} "
                        f"(stages before {name}: {earlier})")
     section, _, last = key.rpartition(".")
-    (_get(cfg, section) if section else cfg)[last] = os.path.join(workdir, value[1:])
+    (_get(cfg, section) if section else cfg)[last] = os.path.abspath(os.path.join(workdir, value[1:]))
   return cfg
 
 
@@ -103,6 +104,9 @@ def run_stages(resolved: dict, workdir: str) -> dict:
     t0 = time.time()
     print(f"== {name}: {cfg.objective}" + (f" from {cfg.init_from}" if cfg.init_from else ""), flush=True)
     run_stage(cfg, dirs[name])
+    if finished_step(dirs[name]) < cfg.steps:  # Ctrl-C / SIGTERM: the stage saved and returned
+      raise SystemExit(f"== {name}: stopped at step {finished_step(dirs[name])} of {cfg.steps}; "
+                       "rerun the same command to resume")
     print(f"== {name}: done in {(time.time() - t0) / 60:.1f} min", flush=True)
   return dirs
 
