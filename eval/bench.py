@@ -36,6 +36,7 @@ PEERS = {
     "train_small": "bench_peer.bench_train('small', 256, 8)",
     "train_medium": "bench_peer.bench_train('medium', 512, 4, steps=5)",
     "decode_small": "bench_peer.bench_generate('small', 8, 32, 128, 0.9)",
+    "dpo_small": "bench_peer.bench_dpo('small', 8, 64, 64)",
 }
 
 CHILD = """

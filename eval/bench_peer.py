@@ -3,11 +3,15 @@
   pip install -e '.[hf]'    # torch==2.13.0 (CPU), transformers
   python -m eval.bench_peer --which train --preset small
   python -m eval.bench_peer --which generate --preset small
+  python -m eval.bench_peer --which dpo --preset small
 
 `make bench` runs these next to Kiln's own benchmarks (when torch is installed) so the ratio in its
 table comes from the same machine, not from figures measured elsewhere. Train: one AdamW step on
 random tokens (forward, loss, backward, update), median of `steps` after two warm-up steps.
 Generate: `model.generate` with the KV cache, top-p 0.9, EOS off, median of `repeats` calls.
+DPO: the same sigmoid-DPO step Kiln's eval/bench_dpo.py times (policy forward + backward on
+chosen and rejected, a frozen reference forward, AdamW), written directly in PyTorch: a lower
+bound on TRL's DPOTrainer step, which adds its own bookkeeping on top.
 """
 import argparse
 import json
@@ -78,13 +82,55 @@ def bench_generate(preset="small", batch=8, prompt_len=32, new_tokens=128, top_p
               tokens_per_sec=round(batch * new_tokens / dt, 1))
 
 
+def bench_dpo(preset="small", batch=8, prompt_len=64, completion_len=64, beta=0.1, steps=5) -> dict:
+  import torch
+  import torch.nn.functional as F
+  policy, ref = hf_llama(preset).train(), hf_llama(preset).eval()
+  for p in ref.parameters():
+    p.requires_grad_(False)
+  opt = torch.optim.AdamW(policy.parameters(), lr=1e-6)
+  t = prompt_len + completion_len
+  tokens = torch.randint(0, policy.config.vocab_size, (2 * batch, t))   # rows 2i / 2i + 1: chosen / rejected
+  tokens[1::2, :prompt_len] = tokens[0::2, :prompt_len]
+  mask = torch.zeros(2 * batch, t - 1)
+  mask[:, prompt_len - 1:] = 1.0
+
+  def logps(model):
+    logits = model(input_ids=tokens).logits[:, :-1].float()
+    lp = torch.gather(logits.log_softmax(-1), 2, tokens[:, 1:, None])[..., 0]
+    return (lp * mask).sum(-1)
+
+  def step():
+    with torch.no_grad():
+      r = logps(ref)
+    p = logps(policy)
+    margin = beta * ((p[0::2] - r[0::2]) - (p[1::2] - r[1::2]))
+    loss = -F.logsigmoid(margin).mean()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return float(loss)
+
+  step()
+  times = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - t0)
+  return dict(peer="torch eager DPO step (HF Llama, no TRL)", torch=torch.__version__, preset=preset,
+              batch=batch, step_s=round(statistics.median(times), 4))
+
+
 if __name__ == "__main__":
   p = argparse.ArgumentParser()
-  p.add_argument("--which", choices=["train", "generate"], default="train")
+  p.add_argument("--which", choices=["train", "generate", "dpo"], default="train")
   p.add_argument("--preset", default="small")
   a = p.parse_args()
   if a.which == "train":
     seq, batch = (256, 8) if a.preset == "small" else (512, 4)
     print(json.dumps(bench_train(a.preset, seq, batch, steps=10 if a.preset == "small" else 5)))
+  elif a.which == "dpo":
+    print(json.dumps(bench_dpo(a.preset)))
   else:
     print(json.dumps(bench_generate(a.preset)))
