@@ -148,11 +148,12 @@ def test_text_source_epochs_are_reshuffled(tok, tmp_path):
 
 def test_eval_batches_padded_and_sliced(tok, tmp_path):
   c = make_config(tmp_path, tok, "sft")
+  c.seq_len = 96  # one held-out conversation per row (column-worked solutions outgrow 64 tokens)
   docs = S.load_documents(c, "eval")
   assert docs == [corpus.conversation(p)["messages"] for p in corpus.heldout_problems(4)]
   full = D.make_eval_batches(c, tok)
   halves = [D.make_eval_batches(c, tok, p, 2) for p in (0, 1)]
-  assert len(full) == 1 and full[0]["inputs"].shape == (8, 64)
+  assert len(full) == 1 and full[0]["inputs"].shape == (8, 96)
   real = full[0]["segment_ids"].max(axis=1) > 0
   assert real.tolist() == [True] * 4 + [False] * 4 and not full[0]["loss_mask"][~real].any()
   for k in P.FIELDS:
