@@ -114,7 +114,11 @@ def test_dpo_gradient_accumulation_is_exact(make):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)     # a ~0 gradient may flip; lr = 1e-4
 
 
-@pytest.mark.parametrize("loss", dpo.LOSS_TYPES)
+FAST_LOSSES = ("sigmoid", "ipo")  # the rest train in `make test-all` (each loss's formula is tested fast)
+
+
+@pytest.mark.parametrize("loss", [l if l in FAST_LOSSES else pytest.param(l, marks=pytest.mark.slow)
+                                  for l in dpo.LOSS_TYPES])
 def test_every_dpo_loss_trains(loss, make, tmp_path, capsys):
   smoothing = 0.1 if loss in ("cdpo", "robust") else 0.0
   c = make(dpo_tiny, **{"dpo.loss": loss, "dpo.label_smoothing": smoothing, "optim.lr": 1e-3})
