@@ -21,6 +21,18 @@ import time
 from configs import models
 
 
+def median_seconds(fn, warmup: int, repeats: int) -> float:
+  """Median wall time of `repeats` calls of fn() after `warmup` untimed calls."""
+  for _ in range(warmup):
+    fn()
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t)
+  return statistics.median(times)
+
+
 def hf_llama(preset: str):
   """A randomly initialised transformers LlamaForCausalLM with the shape of Kiln's `preset`."""
   import torch
@@ -49,14 +61,7 @@ def bench_train(preset="small", seq_len=256, batch=8, steps=10) -> dict:
     opt.zero_grad(set_to_none=True)
     return float(loss)
 
-  for _ in range(2):
-    step()
-  times = []
-  for _ in range(steps):
-    t = time.perf_counter()
-    step()
-    times.append(time.perf_counter() - t)
-  dt = statistics.median(times)
+  dt = median_seconds(step, 2, steps)
   return dict(peer="torch eager HF Llama", torch=torch.__version__, threads=torch.get_num_threads(),
               preset=preset, seq_len=seq_len, batch=batch, step_s=round(dt, 4),
               tokens_per_sec=round(batch * seq_len / dt, 1))
@@ -69,14 +74,9 @@ def bench_generate(preset="small", batch=8, prompt_len=32, new_tokens=128, top_p
   kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=top_p < 1.0, top_p=top_p,
             top_k=0, temperature=1.0, use_cache=True, eos_token_id=None, pad_token_id=0)
   with torch.inference_mode():
-    model.generate(tokens, attention_mask=torch.ones_like(tokens), **kw)
-    times = []
-    for _ in range(repeats):
-      t = time.perf_counter()
-      out = model.generate(tokens, attention_mask=torch.ones_like(tokens), **kw)
-      times.append(time.perf_counter() - t)
+    out = model.generate(tokens, attention_mask=torch.ones_like(tokens), **kw)
+    dt = median_seconds(lambda: model.generate(tokens, attention_mask=torch.ones_like(tokens), **kw), 0, repeats)
   assert out.shape[1] == prompt_len + new_tokens, out.shape
-  dt = statistics.median(times)
   return dict(peer="HF generate", torch=torch.__version__, preset=preset, batch=batch,
               new_tokens=new_tokens, top_p=top_p, seconds=round(dt, 4),
               tokens_per_sec=round(batch * new_tokens / dt, 1))
@@ -112,14 +112,9 @@ def bench_dpo(preset="small", batch=8, prompt_len=64, completion_len=64, beta=0.
     opt.zero_grad(set_to_none=True)
     return float(loss)
 
-  step()
-  times = []
-  for _ in range(steps):
-    t0 = time.perf_counter()
-    step()
-    times.append(time.perf_counter() - t0)
+  dt = median_seconds(step, 1, steps)
   return dict(peer="torch eager DPO step (HF Llama, no TRL)", torch=torch.__version__, preset=preset,
-              batch=batch, step_s=round(statistics.median(times), 4))
+              batch=batch, step_s=round(dt, 4))
 
 
 if __name__ == "__main__":
