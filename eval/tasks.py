@@ -35,8 +35,11 @@ def prompts_for(problems, chat: bool) -> list:
 def evaluate_problems(params, model_cfg, tokenizer, problems, *, chat: bool, mesh=None,
                       samples: int = 0, temperature: float = 1.0, top_p: float = 1.0,
                       max_new_tokens: int = 64, template: str = "chatml", seed: int = 0,
-                      batch: int = 64) -> dict:
-  """Greedy accuracy / format / length, plus pass@k and sampled accuracy when samples > 0."""
+                      batch: int = 256) -> dict:
+  """Greedy accuracy / format / length, plus pass@k and sampled accuracy when samples > 0.
+
+  `batch` prompts per generate call (x samples rows): one call, one compiled program, for the
+  usual few hundred problems."""
   answers = [p.answer for p in problems]
   prompts = prompts_for(problems, chat)
 

@@ -393,10 +393,11 @@ def beam_generate(params, cfg: ModelConfig, tokens, mask=None, *, width: int, ma
 # ----------------------------------------------------------------------------- text in, text out
 
 
-def left_pad(seqs: Sequence[Sequence[int]], pad_id: int = 0, multiple: int = 1):
-  """(tokens, mask) int32 numpy [len(seqs) rounded up to `multiple`, max len], padded on the left."""
+def left_pad(seqs: Sequence[Sequence[int]], pad_id: int = 0, multiple: int = 1, width_multiple: int = 1):
+  """(tokens, mask) int32 numpy [len(seqs) rounded up to `multiple`, max len rounded up to
+  `width_multiple`], padded on the left. Rounded widths let calls share one compiled program."""
   rows = -(-len(seqs) // multiple) * multiple
-  width = max(1, max(len(s) for s in seqs))
+  width = -(-max(1, max(len(s) for s in seqs)) // width_multiple) * width_multiple
   tokens = np.full((rows, width), pad_id, np.int32)
   mask = np.zeros((rows, width), np.int32)
   for i, s in enumerate(seqs):
@@ -423,7 +424,7 @@ def generate_text(params, cfg: ModelConfig, tokenizer: Tokenizer, prompts: Seque
     stops = (tokenizer.eos_id,)
   seqs = [s for s in seqs for _ in range(num_samples)]
   multiple = 1 if mesh is None else sharding.data_axis_size(mesh)
-  tokens, mask = left_pad(seqs, tokenizer.pad_id, multiple)
+  tokens, mask = left_pad(seqs, tokenizer.pad_id, multiple, width_multiple=16)
   if mesh is not None:
     tokens, mask = (jax.device_put(x, sharding.batch_sharding(mesh)) for x in (tokens, mask))
   out = generate(params, cfg, tokens, mask, key if key is not None else jax.random.key(0),
