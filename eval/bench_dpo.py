@@ -4,8 +4,9 @@
 
 Batch 8 pairs, prompt 64 + chosen 64 + rejected 64 tokens, beta 0.1, a frozen reference model
 (TRL's DPOTrainer: ~1.1-1.2 s/step on the PERF-NOTES machine). A step is exactly the jitted step
-train/loop.py runs for `objective=dpo`: policy forward + backward over both completions, the
-reference forward, the loss and AdamW. Median of `steps` timed steps after one warm-up step.
+train/loop.py runs for `objective=dpo`: policy forward + backward over both completions (one row
+[prompt | chosen | rejected] per pair, train/pairs.py), the reference forward, the loss and AdamW.
+Median of `steps` timed steps after one warm-up step.
 """
 import argparse
 import json
@@ -19,22 +20,17 @@ import numpy as np
 from configs import dpo_tiny, models
 from model import sharding
 from model.transformer import ModelConfig, Transformer
-from train import loop, objectives, optim
+from train import loop, objectives, optim, pairs
 
 TRL_SECONDS = 1.15  # PERF-NOTES midpoint
 
 
 def random_pairs(vocab: int, batch: int, prompt_len: int, completion_len: int, seed: int = 0) -> dict:
-  """A pairs batch (train/pairs.py's layout): tokens/positions/segment_ids/loss_mask [b, 2, T]."""
+  """A pairs batch in train/pairs.py's layout: one row [prompt | chosen | rejected] per pair."""
   rng = np.random.default_rng(seed)
-  t = prompt_len + completion_len
-  prompt = rng.integers(0, vocab, (batch, 1, prompt_len))
-  tokens = np.concatenate([np.repeat(prompt, 2, 1), rng.integers(0, vocab, (batch, 2, completion_len))], -1)
-  loss_mask = np.zeros((batch, 2, t), np.float32)
-  loss_mask[:, :, prompt_len:] = 1.0
-  return dict(tokens=tokens.astype(np.int32), loss_mask=loss_mask,
-              positions=np.broadcast_to(np.arange(t, dtype=np.int32), (batch, 2, t)).copy(),
-              segment_ids=np.ones((batch, 2, t), np.int32), weight=np.ones((batch,), np.float32))
+  ids = lambda n: rng.integers(0, vocab, n).tolist()
+  ps = pairs.pair_set([(ids(prompt_len), ids(completion_len), ids(completion_len)) for _ in range(batch)], 0)
+  return pairs.make_batch(ps, np.arange(batch))
 
 
 def bench_dpo(preset="small", batch=8, prompt_len=64, completion_len=64, loss="sigmoid", beta=0.1,

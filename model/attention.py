@@ -52,11 +52,19 @@ def matmul(x, kernel, n_in: int):
   return y.reshape((b, t) + kernel.shape[n_in:])
 
 
-def attention_mask(q_segments, k_segments, q_slots, k_slots):
-  """[batch, 1, 1, q, k] bool: same document (segment id) and key not after the query."""
+def attention_mask(q_segments, k_segments, q_slots, k_slots, branches=None):
+  """[batch, 1, 1, q, k] bool: same document (segment id) and key not after the query.
+
+  branches [batch, len] (self-attention only) splits a document into a shared trunk (0) and
+  branches (1, 2, ...): a key of branch 0 is seen by every later query of its document, a key of
+  branch j > 0 only by queries of branch j. E.g. a preference pair [prompt | chosen | rejected]
+  with branches [0.. | 1.. | 2..]: rejected sees the prompt, never the chosen tokens."""
   same_doc = q_segments[:, :, None] == k_segments[:, None, :]
   causal = q_slots[:, :, None] >= k_slots[:, None, :]
-  return (same_doc & causal)[:, None, None]
+  mask = same_doc & causal
+  if branches is not None:
+    mask &= (branches[:, None, :] == 0) | (branches[:, :, None] == branches[:, None, :])
+  return mask[:, None, None]
 
 
 def grouped_attention(q, k, v, mask, impl: str = "xla"):
@@ -85,11 +93,12 @@ class Attention(nn.Module):
 
   `cache` (decoding only) is this layer's dict k, v [batch, kv_heads, max_len, head_dim] plus the
   shared `segments` [batch, max_len] (already holding the new tokens' ids) and `index` (slot of
-  the first new token). Returns (output, updated {k, v} or None)."""
+  the first new token). branch_ids [batch, len] (training only): see `attention_mask`. Returns
+  (output, updated {k, v} or None)."""
   cfg: "ModelConfig"
 
   @nn.compact
-  def __call__(self, x, positions, segment_ids, cache=None):
+  def __call__(self, x, positions, segment_ids, cache=None, branch_ids=None):
     cfg = self.cfg
     kv, group, hd = cfg.n_kv_heads, cfg.n_heads // cfg.n_kv_heads, cfg.head_dim
     dense_init = nn.initializers.normal(cfg.init_std)
@@ -111,7 +120,7 @@ class Attention(nn.Module):
     t = x.shape[1]
     if cache is None:
       slots = jnp.broadcast_to(jnp.arange(t), segment_ids.shape)
-      mask = attention_mask(segment_ids, segment_ids, slots, slots)
+      mask = attention_mask(segment_ids, segment_ids, slots, slots, branch_ids)
       out = grouped_attention(q, k, v, mask, cfg.attention)
       new_cache = None
     else:

@@ -101,10 +101,10 @@ class Block(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, positions, segment_ids, cache=None):
+  def __call__(self, x, positions, segment_ids, cache=None, branch_ids=None):
     cfg = self.cfg
     h = RMSNorm(cfg.norm_eps, cfg.param_dtype, name="attn_norm")(x)
-    a, new_cache = Attention(cfg, name="attn")(h, positions, segment_ids, cache)
+    a, new_cache = Attention(cfg, name="attn")(h, positions, segment_ids, cache, branch_ids)
     x = x + a
     x = x + Mlp(cfg, name="mlp")(RMSNorm(cfg.norm_eps, cfg.param_dtype, name="mlp_norm")(x))
     return x, new_cache
@@ -115,9 +115,9 @@ class ScannedBlock(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, layer_cache, positions, segment_ids, shared):
+  def __call__(self, x, layer_cache, positions, segment_ids, shared, branch_ids):
     cache = None if layer_cache is None else dict(layer_cache, **shared)
-    return Block(self.cfg, name="block")(x, positions, segment_ids, cache)
+    return Block(self.cfg, name="block")(x, positions, segment_ids, cache, branch_ids)
 
 
 REMAT_POLICIES = {
@@ -137,14 +137,18 @@ class Transformer(nn.Module):
 
   tokens, positions, segment_ids: [batch, len] int32. positions restart at 0 per packed document;
   segment_ids differ between documents of a row (0 = padding) so attention never crosses them.
+  branch_ids [batch, len] (optional, training only): shared trunk 0, branches 1, 2, ... that see
+  the trunk but not each other (model/attention.py `attention_mask`).
   Returns logits [batch, len, vocab] (fp32), and (logits, hidden) if return_hidden, or
   (logits, new_cache) when decoding with a cache from `init_cache`. With head=False, logits is None.
+  logit_slots [batch, k] int32: the lm head runs only on the hidden states of those slots, and
+  logits is [batch, k, vocab] (hidden stays [batch, len, d]).
   """
   cfg: ModelConfig
 
   @nn.compact
   def __call__(self, tokens, positions=None, segment_ids=None, cache=None,
-               return_hidden: bool = False, head: bool = True):
+               return_hidden: bool = False, head: bool = True, branch_ids=None, logit_slots=None):
     cfg = self.cfg
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
@@ -164,27 +168,29 @@ class Transformer(nn.Module):
     if cfg.scan_layers:
       stack = nn.scan(_maybe_remat(ScannedBlock, cfg), variable_axes={"params": 0},
                       split_rngs={"params": True},
-                      in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+                      in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                       length=cfg.n_layers, metadata_params={nn.PARTITION_NAME: "layers"})
       x, layer_caches = stack(cfg, name="layers")(
-          x, None if cache is None else cache["layers"], positions, segment_ids, shared)
+          x, None if cache is None else cache["layers"], positions, segment_ids, shared, branch_ids)
     else:
       layer_caches = []
       for i in range(cfg.n_layers):
         layer_cache = None if cache is None else dict(cache["layers"][i], **shared)
-        x, new = _maybe_remat(Block, cfg)(cfg, name=f"layer_{i}")(x, positions, segment_ids, layer_cache)
+        x, new = _maybe_remat(Block, cfg)(cfg, name=f"layer_{i}")(x, positions, segment_ids, layer_cache,
+                                                                   branch_ids)
         layer_caches.append(new)
 
     hidden = RMSNorm(cfg.norm_eps, cfg.param_dtype, name="final_norm")(x)
     logits = None
     if head:
+      h = hidden if logit_slots is None else jnp.take_along_axis(hidden, logit_slots[..., None], 1)  # [b, k, d]
       if cfg.tie_embeddings:
-        logits = jnp.einsum("btd,vd->btv", hidden, embedding.astype(cfg.dtype))
+        logits = jnp.einsum("btd,vd->btv", h, embedding.astype(cfg.dtype))
       else:
         lm_head = self.param(
             "lm_head", nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), ("embed", "vocab")),
             (cfg.d_model, cfg.vocab_size), cfg.param_dtype)
-        logits = jnp.einsum("btd,dv->btv", hidden, lm_head.astype(cfg.dtype))
+        logits = jnp.einsum("btd,dv->btv", h, lm_head.astype(cfg.dtype))
       logits = sharding.constrain(logits.astype(jnp.float32), ("batch", "length", "act_vocab"))
     if cache is not None:
       new_cache = dict(layers=layer_caches if not cfg.scan_layers else layer_caches,

@@ -36,38 +36,57 @@ def records():
           ("r1", (MESSAGES, "4 + 4 = 8. <answer>8</answer>", "4 + 4 = 9. <answer>9</answer>"))]
 
 
+def completions(b, i):
+  """The chosen and rejected token ids of pair i of a batch, read back through its targets."""
+  return [b["targets"][i][b["target_branch"][i] == j].tolist() for j in (1, 2)]
+
+
 @pytest.mark.parametrize("template,end", [("chatml", T.IM_END), ("llama2", T.EOS)])
-def test_mask_is_exactly_the_completion(tok, template, end):
+def test_one_row_per_pair_and_targets_are_exactly_the_completions(tok, template, end):
   msgs = [m for m in MESSAGES if m["role"] != "system"] if template == "llama2" else MESSAGES
   recs = [("r0", (msgs[-1:], "a <answer>1</answer>", "b")), ("r1", (msgs, "4 + 4 = 8.", "nine"))]
   ps = pairs.encode_records(tok, recs, 160, template)
   assert ps.truncated == 0
   batch = pairs.make_batch(ps, np.array([0, -1, 1]))   # a padding pair in the middle
-  assert batch["tokens"].shape == (3, 2, 160) and batch["weight"].tolist() == [1, 0, 1]
+  L, K = ps.columns["tokens"].shape[1], batch["targets"].shape[1]
+  assert batch["tokens"].shape == (3, L) and L % 8 == 0 and K % 8 == 0 and K <= L
+  assert batch["weight"].tolist() == [1, 0, 1]
   end_id = T.SPECIAL_IDS[end]
   suffix = " " if template == "llama2" else ""   # llama2 closes an assistant turn with " </s>"
   for i, (_, (m, chosen, rejected)) in zip((0, 2), recs):
     prompt, _ = T.apply_chat_template(tok, m, template, add_generation_prompt=True)
+    p = len(prompt)
+    tokens, branch, pos = batch["tokens"][i], batch["branch_ids"][i], batch["positions"][i]
+    real = batch["segment_ids"][i] == 1
+    ids = completions(batch, i)
+    n_c, n_r = map(len, ids)
+    assert tokens[:p].tolist() == prompt and (branch[:p] == 0).all()        # the prompt, once
+    assert tokens[p:p + n_c].tolist() == ids[0] and tokens[p + n_c:p + n_c + n_r].tolist() == ids[1]
+    assert branch[real].tolist() == [0] * p + [1] * n_c + [2] * n_r
+    assert pos[real].tolist() == list(range(p + n_c)) + list(range(p, p + n_r))  # rejected restarts
+    assert real.sum() == p + n_c + n_r and (tokens[~real] == tok.pad_id).all() and not branch[~real].any()
     for j, text in enumerate((chosen, rejected)):
-      tokens, mask = batch["tokens"][i, j], batch["loss_mask"][i, j]
-      real = batch["segment_ids"][i, j] == 1
-      assert tokens[:len(prompt)].tolist() == prompt and not mask[:len(prompt)].any()  # prompt: out
-      assert not mask[~real].any() and (tokens[~real] == tok.pad_id).all()           # padding: out
-      completion = tokens[mask == 1]
-      assert completion[-1] == end_id and tok.decode(completion[:-1]) == text + suffix
-      assert mask.sum() == real.sum() - len(prompt)
-      assert batch["positions"][i, j][real].tolist() == list(range(real.sum()))
-  assert not batch["loss_mask"][1].any() and not batch["segment_ids"][1].any()        # padding pair
+      assert ids[j][-1] == end_id and tok.decode(ids[j][:-1]) == text + suffix
+    # Each target is predicted from the token before it in its own sequence.
+    slots = batch["logit_slots"][i][batch["target_branch"][i] > 0].tolist()
+    assert slots == list(range(p - 1, p + n_c - 1)) + [p - 1] + list(range(p + n_c, p + n_c + n_r - 1))
+    assert batch["ends"][i].tolist() == [p + n_c - 1, p + n_c + n_r - 1]
+  assert not batch["segment_ids"][1].any() and not batch["target_branch"][1].any()  # padding pair
 
 
-def test_too_long_cuts_the_prompt_from_the_left(tok):
-  recs = [("r", ([{"role": "user", "content": "word " * 60}], "short answer", "another answer"))]
+def test_too_long_cuts_the_prompt_from_the_left_and_both_share_it(tok):
+  recs = [("r", ([{"role": "user", "content": "word " * 60}], "short answer", "a much much longer answer"))]
   ps = pairs.encode_records(tok, recs, 40, "chatml")
   assert ps.truncated == 1
   b = pairs.make_batch(ps, np.array([0]))
-  for j, text in enumerate(("short answer", "another answer")):
-    completion = b["tokens"][0, j][b["loss_mask"][0, j] == 1]
-    assert tok.decode(completion[:-1]) == text and b["segment_ids"][0, j].sum() == 40
+  p = int(ps.columns["prompt_lengths"][0])
+  ids = completions(b, 0)
+  for j, text in enumerate(("short answer", "a much much longer answer")):
+    assert tok.decode(ids[j][:-1]) == text
+  # The rejected prompt is cut more; the chosen completion shares it (a suffix of its own prompt).
+  assert p + max(map(len, ids)) == 40 and p + min(map(len, ids)) < 40
+  full, n = pairs.encode(tok, recs[0][1][0], "short answer", "chatml")
+  assert b["tokens"][0, :p].tolist() == full[n - p:n]
 
 
 def test_rankings_give_all_pairs_and_errors_name_file_and_line(tmp_path):
@@ -113,7 +132,7 @@ def test_process_slices_resume_and_epochs(tmp_path, tok):
     for k in whole:
       np.testing.assert_array_equal(np.concatenate([h[k] for h in halves]), whole[k])
     seen.append(whole["tokens"])
-  rows = {ps.columns["tokens"][i].tobytes(): i for i in range(len(ps))}
+  rows = {ps.columns["tokens"][i].tobytes(): i for i in range(len(ps))}   # tokens [b, L]
   order = [rows[t.tobytes()] for b in seen for t in b]
   assert sorted(order[:60]) == sorted(order[60:]) == list(range(60)) and order[:60] != order[60:]
   resumed = pairs.make_batches(c, tok, "train")

@@ -13,7 +13,7 @@ import pytest
 
 from configs import dpo_tiny, pretrain_tiny, reward_tiny, sft_tiny
 from eval import preference
-from model import sharding
+from model import heads, sharding
 from model.transformer import ModelConfig, Transformer
 from rl import dpo
 from train import checkpoint, data, loop, objectives, optim, pairs
@@ -112,6 +112,54 @@ def test_dpo_gradient_accumulation_is_exact(make):
     np.testing.assert_allclose(m2[k], m1[k], rtol=1e-5, atol=1e-7)
   for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):   # Adam's first step ~ lr * sign(g):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)     # a ~0 gradient may flip; lr = 1e-4
+
+
+def test_shared_prompt_row_scores_each_completion_as_its_own_sequence():
+  """One row [prompt | chosen | rejected] per pair (random unequal lengths, right padding, a padding
+  pair) gives the log-probs, lengths and rewards of running prompt + chosen and prompt + rejected
+  separately through the plain model, and the DPO loss of the float64 formula on those."""
+  cfg = ModelConfig.from_config(dpo_tiny.get_config().model)
+  model = Transformer(cfg)
+  init = lambda k: sharding.unbox(model.init(jax.random.key(k), jnp.zeros((1, 8), jnp.int32))["params"])
+  policy, ref = init(1), init(2)
+  policy["reward_head"] = heads.init_scalar_head(cfg.d_model, jax.random.key(3))
+  rng = np.random.default_rng(0)
+  ids = lambda lo, hi: rng.integers(1, cfg.vocab_size, rng.integers(lo, hi)).tolist()
+  triples = [(ids(1, 20), ids(1, 12), ids(1, 12)) for _ in range(5)]
+  rows = np.array([3, -1, 0, 4, 1, 2])
+  batch = jax.tree.map(jnp.asarray, pairs.make_batch(pairs.pair_set(triples, 0), rows))
+  logps = jax.jit(lambda p: objectives.pair_logps(p, batch, model))
+  got = {k: np.asarray(logps(p)[0]) for k, p in (("pol", policy), ("ref", ref))}
+  n = np.asarray(logps(policy)[1])
+  rewards = np.asarray(jax.jit(objectives.pair_rewards, static_argnums=2)(policy, batch, model))
+
+  # The reference: every prompt + completion as its own right-padded row of the plain model.
+  seqs = [(i, j, prompt, completion) for i, r in enumerate(rows) if r >= 0
+          for prompt, *completions in [triples[r]] for j, completion in enumerate(completions)]
+  T = max(len(p) + len(c) for _, _, p, c in seqs)
+  tokens = np.array([p + c + [0] * (T - len(p) - len(c)) for _, _, p, c in seqs])  # [n, T]
+  segments = np.array([[int(t < len(p) + len(c)) for t in range(T)] for _, _, p, c in seqs])
+  apply = jax.jit(lambda p: model.apply({"params": p}, tokens, None, segments, return_hidden=True))
+  want = {k: np.zeros((len(rows), 2)) for k in ("pol", "ref")}
+  for k, params in (("pol", policy), ("ref", ref)):
+    logits, hidden = apply(params)
+    logp = jax.nn.log_softmax(np.asarray(logits, np.float64), -1)  # [n, T, V]
+    for s, (i, j, prompt, completion) in enumerate(seqs):
+      end = len(prompt) + len(completion)
+      want[k][i, j] = sum(logp[s, t - 1, tokens[s, t]] for t in range(len(prompt), end))
+      if k == "pol":
+        assert n[i, j] == len(completion)
+        np.testing.assert_allclose(rewards[i, j], heads.scalar_head(policy["reward_head"], hidden[s, end - 1]),
+                                   atol=1e-5)
+  for k in got:
+    np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-4)
+  assert not n[1].any() and not got["pol"][1].any()   # the padding pair
+
+  c = dpo_tiny.get_config()
+  num, den, _ = jax.jit(lambda p, r: objectives.dpo_loss(p, batch, model, objectives.Context(c, r)))(policy, ref)
+  delta = (want["pol"][:, 0] - want["ref"][:, 0]) - (want["pol"][:, 1] - want["ref"][:, 1])
+  losses = np.log1p(np.exp(-c.dpo.beta * delta))   # -log sigma(beta * Delta), float64
+  np.testing.assert_allclose(float(num) / float(den), losses[rows >= 0].mean(), rtol=1e-5)
 
 
 FAST_LOSSES = ("sigmoid", "ipo")  # the rest train in `make test-all` (each loss's formula is tested fast)

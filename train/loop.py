@@ -194,9 +194,10 @@ def train(config, workdir: str) -> dict:
     log.write(f"kiln: {config.objective} | {n_params / 1e6:.2f}M params, {n_train / 1e6:.3f}M trainable "
               f"| mesh {mesh_shape} | {jax.device_count()} {jax.default_backend()} devices x {pcount} "
               f"processes | {st.source}" + "".join(f" | {n}" for n in (ref_note, _describe(train_iter)) if n))
-    # Pairs: chosen and rejected rows per example, and a reference forward (1/3 of a train step).
-    tokens_per_step = config.batch_size * config.seq_len * (1 if objective.packed else 2)
-    flops_per_token = model_cfg.train_flops_per_token(config.seq_len) * (4 / 3 if ref is not None else 1)
+    # Pairs: one row [prompt | chosen | rejected] each, and a reference forward (1/3 of a train step).
+    row_len = config.seq_len if objective.packed else train_iter.row_len
+    tokens_per_step = config.batch_size * row_len
+    flops_per_token = model_cfg.train_flops_per_token(row_len) * (4 / 3 if ref is not None else 1)
     peak = peak_flops(config)
 
     def save(step):

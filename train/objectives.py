@@ -55,31 +55,24 @@ def next_token_loss(params, batch, model, ctx=None):
 # ----------------------------------------------------------------------------- pairs
 
 
-def _flat(x):
-  """[b, 2, T] -> [2b, T]: chosen and rejected rows of pair i are rows 2i and 2i + 1."""
-  return x.reshape((-1,) + x.shape[2:])
-
-
 def pair_logps(params, batch, model):
   """Summed completion log-probs and completion lengths, each [b, 2] (0 = chosen, 1 = rejected).
 
-  Token t is predicted from tokens < t: logits [:, :-1] score tokens [:, 1:] under loss_mask [:, 1:].
-  """
-  b = batch["tokens"].shape[0]
-  tokens = _flat(batch["tokens"])  # [2b, T]
-  logits = model.apply({"params": params}, tokens, _flat(batch["positions"]), _flat(batch["segment_ids"]))
-  logps, n = dpo.sequence_logps(logits[:, :-1], tokens[:, 1:], _flat(batch["loss_mask"])[:, 1:])  # [2b]
-  return logps.reshape(b, 2), n.reshape(b, 2)
+  One row [prompt | chosen | rejected] per pair (train/pairs.py); the lm head runs only at the
+  logit_slots [b, K] that predict the completion tokens."""
+  logits = model.apply({"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"],
+                       branch_ids=batch["branch_ids"], logit_slots=batch["logit_slots"])  # [b, K, V]
+  logps = dpo.token_logps(logits, batch["targets"])  # [b, K]
+  masks = (batch["target_branch"][..., None] == jnp.array([1, 2])).astype(jnp.float32)  # [b, K, 2]
+  return jnp.einsum("bk,bkj->bj", logps, masks), jnp.sum(masks, 1)
 
 
 def pair_rewards(params, batch, model):
-  """Reward-head score of the last real token of each sequence. -> [b, 2]."""
-  b = batch["tokens"].shape[0]
-  segments = _flat(batch["segment_ids"])  # [2b, T]
-  _, hidden = model.apply({"params": params}, _flat(batch["tokens"]), _flat(batch["positions"]),
-                          segments, return_hidden=True, head=False)  # [2b, T, d]
-  last = rm.gather_last(hidden, segments)  # [2b, d]
-  return heads.scalar_head(params["reward_head"], last).reshape(b, 2)
+  """Reward-head score of the last token of the chosen and of the rejected completion. -> [b, 2]."""
+  _, hidden = model.apply({"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"],
+                          return_hidden=True, head=False, branch_ids=batch["branch_ids"])  # [b, L, d]
+  last = jnp.take_along_axis(hidden, batch["ends"][..., None], 1)  # [b, 2, d]
+  return heads.scalar_head(params["reward_head"], last)
 
 
 def _weighted(weight, losses, metrics):

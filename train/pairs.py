@@ -11,13 +11,21 @@ Records (`config.data.source`):
   number, or the right number without its <answer> tag.
 
 A prompt is rendered with `data.chat_template` and the generation prompt; a completion ends with the
-template's end token. A pair is stored as tokens [2, T] (row 0 chosen, row 1 rejected: prompt then
-completion, right-padded), lengths [2] and prompt_lengths [2]. Too long: the prompt is cut from the
-left, then the completion from the right. Prepared once, cached in `data.cache_dir/pairs/<key>.npz`.
+template's end token. Each of prompt + chosen and prompt + rejected is fitted to `seq_len` (too long:
+the prompt is cut from the left, then the completion from the right); the pair then shares the
+shorter of the two prompts (a suffix of the other), so both completions see the same x. A pair is
+stored as ONE row [prompt | chosen | rejected] (right-padded to the set's longest row, rounded up to
+a multiple of 8): tokens [L], prompt_length, lengths [2] (completion tokens). Prepared once, cached in
+`data.cache_dir/pairs/<key>.npz`.
 
-Batches (not packed): tokens, positions, segment_ids (1 real, 0 pad) int32 [b, 2, T]; loss_mask
-float32 [b, 2, T], 1 ONLY on completion tokens (aligned with tokens: token t is predicted from
-tokens < t); weight [b] (0 = padding pair); plus any extra per-pair columns (e.g. ref_logps [b, 2]).
+Batches (not packed; model inputs for model/transformer.py with branch_ids, see `make_batch`):
+tokens, positions, segment_ids (1 real, 0 pad), branch_ids (0 prompt, 1 chosen, 2 rejected) int32
+[b, L]; the rejected branch attends to the prompt but not to the chosen tokens and its positions
+restart after the prompt, so each completion is scored exactly as in its own row. Completion tokens
+(at most K, the set's longest chosen + rejected rounded up to 8): targets, logit_slots (the slot whose
+logits predict the target), target_branch (1 chosen, 2 rejected, 0 none) int32 [b, K]; ends [b, 2]
+(slot of the last chosen / rejected token); weight [b] (0 = padding pair); plus any extra per-pair
+columns (e.g. ref_logps [b, 2]).
 Global batch s is pairs [s*B, (s+1)*B) of an endless per-epoch shuffle (seed config.seed); process p
 of P gets [s*B + p*b, s*B + (p+1)*b), b = B // P, as in train/data.py. Iterator state = {"step": s}.
 """
@@ -34,13 +42,13 @@ from model import tokenizer as tokenizer_lib
 from train import corpus, sources
 from train.reward_model import ranking_to_pairs
 
-PAIRS_VERSION = 1   # bump when the arrays change for the same records (it is in every cache key)
+PAIRS_VERSION = 2   # bump when the arrays change for the same records (it is in every cache key)
 PAIRS_SEED = 7      # which rejected completion each built-in problem gets
 
 
 @dataclasses.dataclass(frozen=True)
 class PairSet:
-  columns: dict     # tokens [N, 2, T] int32, lengths / prompt_lengths [N, 2] int32, extras [N, ...]
+  columns: dict     # tokens [N, L], prompt_lengths [N], lengths [N, 2] int32, extras [N, ...]
   pad_id: int
   key: str = ""     # cache identity of the arrays
   truncated: int = 0  # pairs cut to fit seq_len
@@ -188,33 +196,45 @@ def fit(ids: list[int], prompt_len: int, seq_len: int) -> tuple[list[int], int]:
   return ids[cut:cut + seq_len], prompt_len - cut
 
 
+def _round_up(n: int, multiple: int = 8) -> int:
+  return -(-n // multiple) * multiple
+
+
 def encode_pair(tok, messages, chosen, rejected, seq_len: int, template: str):
-  """tokens [2, T] int32 (pad_id), lengths [2], prompt_lengths [2], whether cut to fit."""
-  tokens = np.full((2, seq_len), tok.pad_id, np.int32)
-  lengths, prompt_lengths, cut = np.zeros(2, np.int32), np.zeros(2, np.int32), False
-  for j, completion in enumerate((chosen, rejected)):
+  """(prompt, chosen, rejected) id lists of a pair and whether it was cut to fit: each of prompt +
+  completion fits in seq_len, and the two share the shorter of their two fitted prompts."""
+  fitted, cut = [], False
+  for completion in (chosen, rejected):
     ids, n_prompt = encode(tok, messages, completion, template)
     cut |= len(ids) > seq_len
-    ids, n_prompt = fit(ids, n_prompt, seq_len)
-    tokens[j, :len(ids)], lengths[j], prompt_lengths[j] = ids, len(ids), n_prompt
-  return tokens, lengths, prompt_lengths, cut
+    fitted.append(fit(ids, n_prompt, seq_len))
+  n_prompt = min(n for _, n in fitted)  # cut from the left: the shorter prompt ends the longer one
+  ids, n = fitted[0]
+  return ids[n - n_prompt:n], ids[n:], fitted[1][0][fitted[1][1]:], cut
+
+
+def pair_set(triples, pad_id: int, key: str = "", truncated: int = 0) -> PairSet:
+  """[(prompt, chosen, rejected) id lists] -> PairSet of rows [prompt | chosen | rejected]."""
+  if not triples:
+    raise ValueError("no preference pairs")
+  rows = [list(p) + list(c) + list(r) for p, c, r in triples]
+  tokens = np.full((len(rows), _round_up(max(map(len, rows)))), pad_id, np.int32)  # [N, L]
+  for i, row in enumerate(rows):
+    tokens[i, :len(row)] = row
+  cols = {"tokens": tokens, "prompt_lengths": np.array([len(p) for p, _, _ in triples], np.int32),
+          "lengths": np.array([[len(c), len(r)] for _, c, r in triples], np.int32)}
+  return PairSet(cols, pad_id, key, truncated)
 
 
 def encode_records(tok, recs, seq_len: int, template: str, key: str = "") -> PairSet:
   """[(where, (messages, chosen, rejected))] -> PairSet; a template error names `where`."""
-  cols = {"tokens": [], "lengths": [], "prompt_lengths": []}
-  truncated = 0
+  encoded = []
   for where, (messages, chosen, rejected) in recs:
     try:
-      t, n, pn, cut = encode_pair(tok, messages, chosen, rejected, seq_len, template)
+      encoded.append(encode_pair(tok, messages, chosen, rejected, seq_len, template))
     except ValueError as e:
       raise _bad(where, str(e)) from None
-    for k, v in zip(cols, (t, n, pn)):
-      cols[k].append(v)
-    truncated += cut
-  if not cols["tokens"]:
-    raise ValueError("no preference pairs")
-  return PairSet({k: np.stack(v) for k, v in cols.items()}, tok.pad_id, key, truncated)
+  return pair_set([e[:3] for e in encoded], tok.pad_id, key, sum(e[3] for e in encoded))
 
 
 def load(config, tok, split: str) -> PairSet:
@@ -246,24 +266,36 @@ def load_file(path: str, tok, seq_len: int, template: str) -> PairSet:
 
 
 def make_batch(ps: PairSet, rows: np.ndarray) -> dict:
-  """Batch of pairs `rows` [b] (-1 = padding pair) as model inputs, masks and weights."""
+  """Batch of pairs `rows` [b] (-1 = padding pair) as model inputs, completion targets and weights."""
   real_row = rows >= 0
   idx = np.where(real_row, rows, 0)
   c = ps.columns
-  T = c["tokens"].shape[-1]
-  lengths = np.where(real_row[:, None], c["lengths"][idx], 0)  # [b, 2]
-  t = np.arange(T, dtype=np.int32)
-  real = t < lengths[..., None]  # [b, 2, T]
+  L = c["tokens"].shape[-1]
+  K = _round_up(int(c["lengths"].sum(-1).max()))  # completion tokens of the longest pair
+  p = np.where(real_row, c["prompt_lengths"][idx], 0)[:, None]            # [b, 1]
+  n_c, n_r = np.split(np.where(real_row[:, None], c["lengths"][idx], 0), 2, -1)  # [b, 1] each
+  t = np.arange(L, dtype=np.int32)                                         # slots
+  real = t < p + n_c + n_r                                                 # [b, L]
+  tokens = np.where(real, c["tokens"][idx], ps.pad_id).astype(np.int32)
+  k = np.arange(K, dtype=np.int32)        # completion token k sits at slot p + k (chosen, then rejected)
+  is_target = k < n_c + n_r                                                # [b, K]
+  target_slots = np.where(is_target, p + k, 0)
+  # Token at slot s is predicted from slot s - 1, except the first rejected one: from the prompt's last.
+  logit_slots = np.where(is_target, np.where(k == n_c, p - 1, p + k - 1), 0)
   batch = {
-      "tokens": np.where(real, c["tokens"][idx], ps.pad_id).astype(np.int32),
-      "positions": np.where(real, t, 0).astype(np.int32),
+      "tokens": tokens,
+      "positions": np.where(real, np.where(t < p + n_c, t, t - n_c), 0).astype(np.int32),
       "segment_ids": real.astype(np.int32),
-      "loss_mask": (real & (t >= c["prompt_lengths"][idx][..., None])).astype(np.float32),
+      "branch_ids": np.where(real, (t >= p).astype(np.int32) + (t >= p + n_c), 0).astype(np.int32),
+      "targets": np.take_along_axis(tokens, target_slots, 1),
+      "logit_slots": logit_slots.astype(np.int32),
+      "target_branch": np.where(is_target, 1 + (k >= n_c), 0).astype(np.int32),
+      "ends": np.maximum(np.concatenate([p + n_c, p + n_c + n_r], 1) - 1, 0).astype(np.int32),  # [b, 2]
       "weight": real_row.astype(np.float32),
   }
-  for k, v in c.items():
-    if k not in ("tokens", "lengths", "prompt_lengths"):
-      batch[k] = np.where(real_row.reshape((-1,) + (1,) * (v.ndim - 1)), v[idx], 0).astype(np.float32)
+  for key, v in c.items():
+    if key not in ("tokens", "lengths", "prompt_lengths"):
+      batch[key] = np.where(real_row.reshape((-1,) + (1,) * (v.ndim - 1)), v[idx], 0).astype(np.float32)
   return batch
 
 
@@ -280,6 +312,7 @@ class PairIterator:
 
   def __init__(self, ps: PairSet, batch_size: int, seed: int, process_index=0, process_count=1):
     self.ps, self.B, self.seed = ps, batch_size, seed
+    self.row_len = ps.columns["tokens"].shape[-1]  # L: tokens per pair row
     self.p, self.P = process_index, process_count
     self._perms = {}
     self.set_state({"step": 0})
