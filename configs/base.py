@@ -44,6 +44,7 @@ def base_config() -> ml_collections.ConfigDict:
       label_smoothing=0.0,             # eps of sigmoid / cdpo / robust
       gamma=0.5,                       # simpo target margin
       orpo_lambda=0.1,                 # orpo weight of the odds-ratio term
+      rpo_alpha=0.0,                   # + rpo_alpha * average NLL of the chosen answer (RPO)
       precompute_reference=False,      # reference log-probs once before training (cached in workdir)
   ))
   c.data = data.default_data_config()

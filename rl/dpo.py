@@ -55,7 +55,7 @@ def _smoothed_sigmoid(logits, eps):
 def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
                     ref_rejected_logps, chosen_lengths, rejected_lengths, *,
                     loss_type="sigmoid", beta=0.1, label_smoothing=0.0, gamma=0.5,
-                    orpo_lambda=0.1):
+                    orpo_lambda=0.1, rpo_alpha=0.0):
     """One preference loss. All array args are [B]; returns (loss scalar, metrics dict).
 
     policy_*/ref_*_logps: summed log-probs; *_lengths: completion token counts.
@@ -65,6 +65,9 @@ def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps
     two, as in TRL; eps = 0 is plain DPO). gamma: SimPO target margin.
     orpo_lambda: weight of the odds-ratio term. For simpo/orpo the logged "rewards" are
     beta * average log-probs of the policy (there is no reference).
+    rpo_alpha: adds rpo_alpha * (the chosen completion's average NLL, -policy_chosen_logps /
+    chosen_length) to every pair's loss (RPO; TRL's rpo_alpha, which averages over all chosen
+    tokens of the batch instead): it keeps the chosen answers likely while the margin grows.
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
@@ -74,9 +77,11 @@ def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps
         raise ValueError("robust DPO needs 0 <= label_smoothing < 0.5")
     f32 = lambda x: None if x is None else jnp.asarray(x, jnp.float32)
     pc, pr = f32(policy_chosen_logps), f32(policy_rejected_logps)  # [B]
-    if loss_type in ("ipo", "simpo", "orpo"):
+    if rpo_alpha and loss_type == "orpo":
+        raise ValueError("rpo_alpha: orpo already has the chosen NLL term (orpo_lambda weighs the other)")
+    if loss_type in ("ipo", "simpo", "orpo") or rpo_alpha:
         if chosen_lengths is None or rejected_lengths is None:
-            raise ValueError(f"loss_type {loss_type!r} needs chosen/rejected lengths")
+            raise ValueError(f"loss_type {loss_type!r} (or rpo_alpha) needs chosen/rejected lengths")
         len_c = jnp.maximum(f32(chosen_lengths), 1.0)  # [B]
         len_r = jnp.maximum(f32(rejected_lengths), 1.0)  # [B]
 
@@ -106,6 +111,11 @@ def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps
         losses = nll - orpo_lambda * odds_term
         metrics.update({"nll": jnp.mean(nll), "log_odds": jnp.mean(log_odds),
                         "log_odds_ratio": jnp.mean(odds_term)})
+
+    if rpo_alpha:
+        nll = -pc / len_c  # [B]
+        losses = losses + rpo_alpha * nll
+        metrics["nll"] = jnp.mean(nll)
 
     metrics.update({
         "rewards/chosen": jnp.mean(beta * h_w),

@@ -25,7 +25,7 @@ def _batch(seed=0, b=6):
     return pc, pr, rc, rr, len_c, len_r
 
 
-def _numpy_loss(kind, pc, pr, rc, rr, lc, lr, beta, eps, gamma, lam):
+def _numpy_loss(kind, pc, pr, rc, rr, lc, lr, beta, eps, gamma, lam, alpha=0.0):
     pc, pr, rc, rr, lc, lr = (np.asarray(x, np.float64) for x in (pc, pr, rc, rr, lc, lr))
     hw, hl = pc - rc, pr - rr
     d = hw - hl
@@ -41,7 +41,7 @@ def _numpy_loss(kind, pc, pr, rc, rr, lc, lr, beta, eps, gamma, lam):
         aw, al = pc / lc, pr / lr
         log_odds = (aw - al) - (np.log(1 - np.exp(aw)) - np.log(1 - np.exp(al)))
         losses = -aw - lam * _logsig(log_odds)
-    return losses.mean()
+    return (losses + alpha * (-pc / lc)).mean()
 
 
 @pytest.mark.parametrize("kind,eps", [("sigmoid", 0.0), ("cdpo", 0.1), ("robust", 0.2),
@@ -67,6 +67,24 @@ def test_losses_match_numpy(kind, eps):
         np.testing.assert_allclose(m["nll"], -hw.mean(), rtol=RTOL)
         lo = (hw - hl) - (np.log1p(-np.exp(hw)) - np.log1p(-np.exp(hl)))
         np.testing.assert_allclose(m["log_odds"], lo.mean(), rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("kind", ["sigmoid", "ipo", "simpo"])
+def test_rpo_alpha_adds_the_chosen_average_nll(kind):
+    pc, pr, rc, rr, lc, lr = _batch(11 + len(kind))
+    ref_free = kind == "simpo"
+    loss, m = dpo.preference_loss(pc, pr, None if ref_free else rc, None if ref_free else rr, lc, lr,
+                                  loss_type=kind, beta=0.3, gamma=0.7, rpo_alpha=0.8)
+    want = _numpy_loss(kind, pc, pr, rc, rr, lc, lr, 0.3, 0.0, 0.7, 0.0, alpha=0.8)
+    np.testing.assert_allclose(loss, want, rtol=RTOL)
+    np.testing.assert_allclose(m["nll"], (-np.asarray(pc, np.float64) / lc).mean(), rtol=RTOL)
+    # its gradient pulls every chosen log-prob up by alpha / length more than the plain loss does
+    grad = lambda a: jax.grad(lambda x: dpo.preference_loss(
+        x, pr, None if ref_free else rc, None if ref_free else rr, lc, lr, loss_type=kind, beta=0.3,
+        gamma=0.7, rpo_alpha=a)[0])(jnp.asarray(pc))
+    np.testing.assert_allclose(grad(0.8) - grad(0.0), -0.8 / lc / len(pc), rtol=1e-4, atol=1e-7)
+    with pytest.raises(ValueError, match="rpo_alpha"):
+        dpo.preference_loss(pc, pr, None, None, lc, lr, loss_type="orpo", rpo_alpha=0.5)
 
 
 @pytest.mark.parametrize("kind", ["sigmoid", "cdpo", "robust"])

@@ -230,6 +230,8 @@ def test_config_errors_name_the_key(make):
   cases = [("dpo", {"dpo.loss": "kto"}, "config.dpo.loss"), ("dpo", {"dpo.beta": 0.0}, "config.dpo.beta"),
            ("dpo", {"dpo.loss": "ipo", "dpo.label_smoothing": 0.1}, "config.dpo.label_smoothing"),
            ("dpo", {"dpo.loss": "robust", "dpo.label_smoothing": 0.5}, "config.dpo.label_smoothing"),
+           ("dpo", {"dpo.loss": "orpo", "dpo.rpo_alpha": 1.0}, "config.dpo.rpo_alpha"),
+           ("dpo", {"dpo.rpo_alpha": -1.0}, "config.dpo.rpo_alpha"),
            ("dpo", {"init_from": ""}, "config.init_from"), ("dpo", {"data.source": "text"}, "config.data.source"),
            ("reward_model", {"reward.loss": "hinge"}, "config.reward.loss"),
            ("reward_model", {"lora.rank": 4}, "config.lora.rank")]

@@ -111,7 +111,7 @@ def dpo_loss(params, batch, model, ctx):
     r = lambda x: None if x is None else x[None]
     return dpo.preference_loss(pc[None], pr[None], r(rc), r(rr), nc[None], nr[None], loss_type=c.loss,
                                beta=c.beta, label_smoothing=c.label_smoothing, gamma=c.gamma,
-                               orpo_lambda=c.orpo_lambda)
+                               orpo_lambda=c.orpo_lambda, rpo_alpha=c.rpo_alpha)
   rc, rr = (None, None) if ref is None else (ref[:, 0], ref[:, 1])
   losses, metrics = jax.vmap(one)(logps[:, 0], logps[:, 1], rc, rr, n[:, 0], n[:, 1])  # [b]
   if ref is not None:  # mean over the chosen completion's tokens of log pi - log pi_ref
@@ -144,6 +144,8 @@ def _check_dpo(config):
     raise ValueError(f"config.dpo.label_smoothing={c.label_smoothing} is not used by config.dpo.loss={c.loss!r}")
   if not 0 <= c.label_smoothing < 0.5:
     raise ValueError(f"config.dpo.label_smoothing={c.label_smoothing} must be in [0, 0.5)")
+  if c.rpo_alpha < 0 or (c.rpo_alpha and c.loss == "orpo"):
+    raise ValueError(f"config.dpo.rpo_alpha={c.rpo_alpha} must be >= 0, and 0 with orpo (it has the NLL term)")
   if needs_dpo_reference(config) and not config.init_from:
     raise ValueError(f"config.dpo.loss={c.loss!r} needs a reference model: set config.init_from "
                      f"(the SFT run, which is also the starting point)")
