@@ -4,12 +4,23 @@ Layout of one step: `params` and `opt_state` (sharded arrays) and `meta` (JSON: 
 iterator state). `init_from` reads only `params` of another run, so any stage can start from any
 earlier stage whatever optimizer it used.
 """
+import logging
 import os
 
 import jax
 import orbax.checkpoint as ocp
 
 HF_PREFIX = "hf:"  # init_from="hf:/path/to/dir": a Hugging Face checkpoint directory (model/convert.py)
+
+
+class _QuietReadOnly(logging.Filter):
+  """Drops orbax's warning for every read-only manager (each restore of another run opens one)."""
+
+  def filter(self, record):
+    return not record.getMessage().startswith("Given directory is read only")
+
+
+logging.getLogger("absl").addFilter(_QuietReadOnly())
 
 
 def absolute(path: str) -> str:
