@@ -4,6 +4,7 @@
   python -m eval.bench_peer --which train --preset small
   python -m eval.bench_peer --which generate --preset small
   python -m eval.bench_peer --which dpo --preset small
+  python -m eval.bench_peer --which trl_dpo --preset small   # needs pip install -e '.[peer]'
 
 `make bench` runs these next to Kiln's own benchmarks (when torch is installed) so the ratio in its
 table comes from the same machine, not from figures measured elsewhere. Train: one AdamW step on
@@ -12,6 +13,9 @@ Generate: `model.generate` with the KV cache, top-p 0.9, EOS off, median of `rep
 DPO: the same sigmoid-DPO step Kiln's eval/bench_dpo.py times (policy forward + backward on
 chosen and rejected, a frozen reference forward, AdamW), written directly in PyTorch: a lower
 bound on TRL's DPOTrainer step, which adds its own bookkeeping on top.
+TRL DPO (`pip install -e '.[peer]'`: trl 1.16): TRL's DPOTrainer itself on the same shapes, fp32
+and without gradient checkpointing (DPOConfig defaults to bf16 and checkpointing: ~15 s/step on
+an AVX2 CPU), median step time after two warm-up steps.
 """
 import argparse
 import json
@@ -117,9 +121,59 @@ def bench_dpo(preset="small", batch=8, prompt_len=64, completion_len=64, beta=0.
               batch=batch, step_s=round(dt, 4))
 
 
+def _word_tokenizer(vocab: int):
+  """A transformers tokenizer whose words "t0".."t{vocab-4}" are one id each (+ pad, eos, unk)."""
+  import tokenizers
+  import transformers
+  words = {f"t{i}": i for i in range(vocab - 3)}
+  words.update({"<pad>": vocab - 3, "<eos>": vocab - 2, "<unk>": vocab - 1})
+  tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(words, unk_token="<unk>"))
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+  return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>",
+                                              unk_token="<unk>")
+
+
+def bench_trl_dpo(preset="small", batch=8, prompt_len=64, completion_len=64, beta=0.1, steps=6) -> dict:
+  """TRL's DPOTrainer step: prompt_len + completion_len tokens per row (TRL appends EOS to the
+  completion_len - 1 random words), reference model on, sigmoid loss."""
+  import copy
+  import random
+  import tempfile
+  import torch
+  import transformers
+  import trl
+  from datasets import Dataset
+  model = hf_llama(preset)
+  vocab = model.config.vocab_size
+  rng = random.Random(0)
+  words = lambda n: " ".join(f"t{rng.randrange(vocab - 3)}" for _ in range(n))
+  rows = [dict(prompt=words(prompt_len), chosen=" " + words(completion_len - 1),
+               rejected=" " + words(completion_len - 1)) for _ in range(batch * (steps + 2))]
+  times = []
+
+  class StepTimer(transformers.TrainerCallback):
+    def on_step_begin(self, *args, **kwargs):
+      self.t = time.perf_counter()
+
+    def on_step_end(self, *args, **kwargs):
+      times.append(time.perf_counter() - self.t)
+
+  with tempfile.TemporaryDirectory() as out:
+    args = trl.DPOConfig(output_dir=out, per_device_train_batch_size=batch, beta=beta, max_steps=steps + 2,
+                         learning_rate=1e-6, logging_steps=10_000, save_strategy="no", report_to="none",
+                         use_cpu=True, dataloader_num_workers=0, max_length=None, bf16=False,
+                         gradient_checkpointing=False, disable_tqdm=True, seed=0)
+    trainer = trl.DPOTrainer(model=model, ref_model=copy.deepcopy(model).eval(), args=args,
+                             train_dataset=Dataset.from_list(rows), processing_class=_word_tokenizer(vocab),
+                             callbacks=[StepTimer()])
+    trainer.train()
+  return dict(peer=f"TRL {trl.__version__} DPOTrainer (fp32)", torch=torch.__version__, preset=preset,
+              batch=batch, step_s=round(statistics.median(times[2:]), 4))
+
+
 if __name__ == "__main__":
   p = argparse.ArgumentParser()
-  p.add_argument("--which", choices=["train", "generate", "dpo"], default="train")
+  p.add_argument("--which", choices=["train", "generate", "dpo", "trl_dpo"], default="train")
   p.add_argument("--preset", default="small")
   a = p.parse_args()
   if a.which == "train":
@@ -127,5 +181,7 @@ if __name__ == "__main__":
     print(json.dumps(bench_train(a.preset, seq, batch, steps=10 if a.preset == "small" else 5)))
   elif a.which == "dpo":
     print(json.dumps(bench_dpo(a.preset)))
+  elif a.which == "trl_dpo":
+    print(json.dumps(bench_trl_dpo(a.preset)))
   else:
     print(json.dumps(bench_generate(a.preset)))
