@@ -32,12 +32,13 @@ BENCHES = {
 }
 
 # name: python expressions (module eval.bench_peer) that measure the peer here; the first that runs
-# is used (TRL's DPOTrainer needs `pip install -e '.[peer]'`, the others torch + transformers)
+# is used (TRL's trainers need `pip install -e '.[peer]'`, the others torch + transformers)
 PEERS = {
     "train_small": "bench_peer.bench_train('small', 256, 8)",
     "train_medium": "bench_peer.bench_train('medium', 512, 4, steps=5)",
     "decode_small": "bench_peer.bench_generate('small', 8, 32, 128, 0.9)",
     "dpo_small": ("bench_peer.bench_trl_dpo('small', 8, 64, 64)", "bench_peer.bench_dpo('small', 8, 64, 64)"),
+    "grpo_small": "bench_peer.bench_trl_grpo('small', 2, 8, 32, 64)",
 }
 
 CHILD = """

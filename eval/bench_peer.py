@@ -5,6 +5,7 @@
   python -m eval.bench_peer --which generate --preset small
   python -m eval.bench_peer --which dpo --preset small
   python -m eval.bench_peer --which trl_dpo --preset small   # needs pip install -e '.[peer]'
+  python -m eval.bench_peer --which trl_grpo --preset small  # likewise
 
 `make bench` runs these next to Kiln's own benchmarks (when torch is installed) so the ratio in its
 table comes from the same machine, not from figures measured elsewhere. Train: one AdamW step on
@@ -16,6 +17,9 @@ bound on TRL's DPOTrainer step, which adds its own bookkeeping on top.
 TRL DPO (`pip install -e '.[peer]'`: trl 1.16): TRL's DPOTrainer itself on the same shapes, fp32
 and without gradient checkpointing (DPOConfig defaults to bf16 and checkpointing: ~15 s/step on
 an AVX2 CPU), median step time after two warm-up steps.
+TRL GRPO (same extra): TRL's GRPOTrainer, 2 prompts x 8 generations, prompt 32, up to 64 new
+tokens (sampling stops at EOS, Kiln's bench never stops early), beta 0.04 with its reference
+model, fp32 without checkpointing, median step after two warm-up steps.
 """
 import argparse
 import json
@@ -171,9 +175,50 @@ def bench_trl_dpo(preset="small", batch=8, prompt_len=64, completion_len=64, bet
               batch=batch, step_s=round(statistics.median(times[2:]), 4))
 
 
+def bench_trl_grpo(preset="small", prompts=2, g=8, prompt_len=32, new_tokens=64, beta=0.04, steps=6) -> dict:
+  """TRL's GRPOTrainer step (sampling with transformers generate + scoring + one update)."""
+  import random
+  import tempfile
+  import torch
+  import transformers
+  import trl
+  from datasets import Dataset
+  model = hf_llama(preset)
+  vocab = model.config.vocab_size
+  rng = random.Random(0)
+  rows = [dict(prompt=" ".join(f"t{rng.randrange(vocab - 3)}" for _ in range(prompt_len)))
+          for _ in range(prompts * (steps + 2))]
+  times = []
+
+  class StepTimer(transformers.TrainerCallback):
+    def on_step_begin(self, *args, **kwargs):
+      self.t = time.perf_counter()
+
+    def on_step_end(self, *args, **kwargs):
+      times.append(time.perf_counter() - self.t)
+
+  def reward(completions, **kwargs):  # cheap, like Kiln's bench
+    return [float(len(c) % 7) for c in completions]
+
+  with tempfile.TemporaryDirectory() as out:
+    model.save_pretrained(out + "/model")  # GRPOTrainer loads its reference model from the policy's path
+    args = trl.GRPOConfig(output_dir=out, per_device_train_batch_size=prompts * g, num_generations=g,
+                          max_completion_length=new_tokens, beta=beta, temperature=1.0, top_p=1.0,
+                          learning_rate=1e-6, max_steps=steps + 2, logging_steps=10_000, save_strategy="no",
+                          report_to="none", use_cpu=True, bf16=False, gradient_checkpointing=False,
+                          dataloader_num_workers=0, disable_tqdm=True, seed=0,
+                          model_init_kwargs={"dtype": torch.float32})
+    trainer = trl.GRPOTrainer(model=out + "/model", reward_funcs=reward, args=args,
+                              train_dataset=Dataset.from_list(rows), processing_class=_word_tokenizer(vocab),
+                              callbacks=[StepTimer()])
+    trainer.train()
+  return dict(peer=f"TRL {trl.__version__} GRPOTrainer (fp32)", torch=torch.__version__, preset=preset,
+              prompts=prompts, g=g, step_s=round(statistics.median(times[2:]), 4))
+
+
 if __name__ == "__main__":
   p = argparse.ArgumentParser()
-  p.add_argument("--which", choices=["train", "generate", "dpo", "trl_dpo"], default="train")
+  p.add_argument("--which", choices=["train", "generate", "dpo", "trl_dpo", "trl_grpo"], default="train")
   p.add_argument("--preset", default="small")
   a = p.parse_args()
   if a.which == "train":
@@ -183,5 +228,7 @@ if __name__ == "__main__":
     print(json.dumps(bench_dpo(a.preset)))
   elif a.which == "trl_dpo":
     print(json.dumps(bench_trl_dpo(a.preset)))
+  elif a.which == "trl_grpo":
+    print(json.dumps(bench_trl_grpo(a.preset)))
   else:
     print(json.dumps(bench_generate(a.preset)))
