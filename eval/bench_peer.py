@@ -137,6 +137,20 @@ def _word_tokenizer(vocab: int):
                                               unk_token="<unk>")
 
 
+def _step_timer(times: list):
+  """A transformers TrainerCallback appending each optimizer step's wall time to `times`."""
+  import transformers
+
+  class StepTimer(transformers.TrainerCallback):
+    def on_step_begin(self, *args, **kwargs):
+      self.t = time.perf_counter()
+
+    def on_step_end(self, *args, **kwargs):
+      times.append(time.perf_counter() - self.t)
+
+  return StepTimer()
+
+
 def bench_trl_dpo(preset="small", batch=8, prompt_len=64, completion_len=64, beta=0.1, steps=6) -> dict:
   """TRL's DPOTrainer step: prompt_len + completion_len tokens per row (TRL appends EOS to the
   completion_len - 1 random words), reference model on, sigmoid loss."""
@@ -144,7 +158,6 @@ def bench_trl_dpo(preset="small", batch=8, prompt_len=64, completion_len=64, bet
   import random
   import tempfile
   import torch
-  import transformers
   import trl
   from datasets import Dataset
   model = hf_llama(preset)
@@ -155,13 +168,6 @@ def bench_trl_dpo(preset="small", batch=8, prompt_len=64, completion_len=64, bet
                rejected=" " + words(completion_len - 1)) for _ in range(batch * (steps + 2))]
   times = []
 
-  class StepTimer(transformers.TrainerCallback):
-    def on_step_begin(self, *args, **kwargs):
-      self.t = time.perf_counter()
-
-    def on_step_end(self, *args, **kwargs):
-      times.append(time.perf_counter() - self.t)
-
   with tempfile.TemporaryDirectory() as out:
     args = trl.DPOConfig(output_dir=out, per_device_train_batch_size=batch, beta=beta, max_steps=steps + 2,
                          learning_rate=1e-6, logging_steps=10_000, save_strategy="no", report_to="none",
@@ -169,7 +175,7 @@ def bench_trl_dpo(preset="small", batch=8, prompt_len=64, completion_len=64, bet
                          gradient_checkpointing=False, disable_tqdm=True, seed=0)
     trainer = trl.DPOTrainer(model=model, ref_model=copy.deepcopy(model).eval(), args=args,
                              train_dataset=Dataset.from_list(rows), processing_class=_word_tokenizer(vocab),
-                             callbacks=[StepTimer()])
+                             callbacks=[_step_timer(times)])
     trainer.train()
   return dict(peer=f"TRL {trl.__version__} DPOTrainer (fp32)", torch=torch.__version__, preset=preset,
               batch=batch, step_s=round(statistics.median(times[2:]), 4))
@@ -180,7 +186,6 @@ def bench_trl_grpo(preset="small", prompts=2, g=8, prompt_len=32, new_tokens=64,
   import random
   import tempfile
   import torch
-  import transformers
   import trl
   from datasets import Dataset
   model = hf_llama(preset)
@@ -189,13 +194,6 @@ def bench_trl_grpo(preset="small", prompts=2, g=8, prompt_len=32, new_tokens=64,
   rows = [dict(prompt=" ".join(f"t{rng.randrange(vocab - 3)}" for _ in range(prompt_len)))
           for _ in range(prompts * (steps + 2))]
   times = []
-
-  class StepTimer(transformers.TrainerCallback):
-    def on_step_begin(self, *args, **kwargs):
-      self.t = time.perf_counter()
-
-    def on_step_end(self, *args, **kwargs):
-      times.append(time.perf_counter() - self.t)
 
   def reward(completions, **kwargs):  # cheap, like Kiln's bench
     return [float(len(c) % 7) for c in completions]
@@ -210,7 +208,7 @@ def bench_trl_grpo(preset="small", prompts=2, g=8, prompt_len=32, new_tokens=64,
                           model_init_kwargs={"dtype": torch.float32})
     trainer = trl.GRPOTrainer(model=out + "/model", reward_funcs=reward, args=args,
                               train_dataset=Dataset.from_list(rows), processing_class=_word_tokenizer(vocab),
-                              callbacks=[StepTimer()])
+                              callbacks=[_step_timer(times)])
     trainer.train()
   return dict(peer=f"TRL {trl.__version__} GRPOTrainer (fp32)", torch=torch.__version__, preset=preset,
               prompts=prompts, g=g, step_s=round(statistics.median(times[2:]), 4))
