@@ -13,13 +13,13 @@
 """
 import os
 
-import jax
-
-from model import heap
-
 _FLAG = "--xla_cpu_experimental_ynn_fusion_type="
 if os.environ.get("KILN_YNNPACK") != "1" and "ynn_fusion_type" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
+
+import jax  # noqa: E402  (after XLA_FLAGS: nothing of XLA may read them earlier)
+
+from model import heap  # noqa: E402
 
 if os.environ.get("KILN_MALLOC") != "system" and heap.keep_freed_memory():
   jax.config.update("jax_cpu_enable_async_dispatch", False)
