@@ -27,7 +27,7 @@ def _base(**kw) -> ml_collections.ConfigDict:
       param_dtype="float32",  # storage dtype of the weights
       scan_layers=False,      # nn.scan over layers: faster compiles for deep models
       remat="none",           # none | full | dots (save matmul outputs)
-      attention="xla",        # xla (einsum, any backend) | cudnn (jax.nn.dot_product_attention)
+      attention="auto",       # auto (cudnn on NVIDIA GPUs in bf16, else xla) | xla (einsum) | cudnn
       init_std=0.02,
   )
   cfg.update(kw)

@@ -22,7 +22,6 @@ def get_config(arg=None):
   c.model.dtype = "bfloat16"
   c.model.scan_layers = True
   c.model.remat = "full"
-  c.model.attention = "xla"         # "cudnn" on H100s: fused flash attention
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
   c.steps = 250_000
   c.batch_size = 4 * devices        # 512 on 128 devices: divisible by data * fsdp

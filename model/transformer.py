@@ -32,7 +32,7 @@ class ModelConfig:
   param_dtype: Any = jnp.float32
   scan_layers: bool = False
   remat: str = "none"
-  attention: str = "xla"
+  attention: str = "auto"  # model/attention.py attention_impl
   init_std: float = 0.02
 
   @classmethod

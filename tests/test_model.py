@@ -185,3 +185,14 @@ def test_parameter_count_matches_tree():
     cfg = ModelConfig.from_config(models.get(name))
     shapes = jax.eval_shape(Transformer(cfg).init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
     assert sum(x.size for x in jax.tree.leaves(nn.meta.unbox(shapes))) == cfg.num_params()
+
+
+def test_attention_auto_picks_cudnn_only_on_gpu_in_half_precision(monkeypatch):
+  from model import attention
+  assert attention.attention_impl("auto", jnp.bfloat16, 64) == "xla"  # the CPU backend here
+  monkeypatch.setattr(attention.jax, "default_backend", lambda: "gpu")
+  assert attention.attention_impl("auto", jnp.bfloat16, 128) == "cudnn"
+  assert attention.attention_impl("auto", jnp.float16, 64) == "cudnn"
+  assert attention.attention_impl("auto", jnp.float32, 64) == "xla"    # cuDNN has no fp32 kernel
+  assert attention.attention_impl("auto", jnp.bfloat16, 256) == "xla"  # head_dim over 128
+  assert attention.attention_impl("xla", jnp.bfloat16, 64) == "xla"    # an explicit choice stays

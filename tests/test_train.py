@@ -92,6 +92,8 @@ def test_config_errors_name_the_key(tiny_config):
       (dict(batch_size=12), "config.batch_size"),
       (dict(**{"model.n_kv_heads": 3}), "config.model.n_kv_heads"),
       (dict(**{"optim.grad_accum": 3}), "config.optim.grad_accum"),
+      (dict(**{"model.attention": "flash"}), "config.model.attention"),
+      (dict(**{"model.attention": "cudnn"}), "config.model.dtype"),  # tiny is fp32
   ]
   for overrides, key in cases:
     c = tiny_config()

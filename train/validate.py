@@ -32,8 +32,11 @@ def validate(config, num_devices: int, num_processes: int = 1) -> dict:
     raise ValueError(f"config.model.head_dim={head_dim} must be even for rotary embeddings")
   if m.remat not in ("none", "full", "dots"):
     raise ValueError(f"config.model.remat={m.remat!r}: use none | full | dots")
-  if m.attention not in ("xla", "cudnn"):
-    raise ValueError(f"config.model.attention={m.attention!r}: use xla | cudnn")
+  if m.attention not in ("auto", "xla", "cudnn"):
+    raise ValueError(f"config.model.attention={m.attention!r}: use auto | xla | cudnn")
+  if m.attention == "cudnn" and m.dtype not in ("bfloat16", "float16"):
+    raise ValueError(f"config.model.attention='cudnn' needs config.model.dtype bfloat16 or float16, "
+                     f"not {m.dtype!r} (or use attention=auto)")
   for key in ("steps", "batch_size", "seq_len", "log_every", "checkpoint_every", "keep_checkpoints"):
     if config[key] <= 0:
       raise ValueError(f"config.{key}={config[key]} must be positive")
