@@ -189,7 +189,8 @@ def test_parameter_count_matches_tree():
 
 def test_attention_auto_picks_cudnn_only_on_gpu_in_half_precision(monkeypatch):
   from model import attention
-  assert attention.attention_impl("auto", jnp.bfloat16, 64) == "xla"  # the CPU backend here
+  monkeypatch.setattr(attention.jax, "default_backend", lambda: "cpu")
+  assert attention.attention_impl("auto", jnp.bfloat16, 64) == "xla"
   monkeypatch.setattr(attention.jax, "default_backend", lambda: "gpu")
   assert attention.attention_impl("auto", jnp.bfloat16, 128) == "cudnn"
   assert attention.attention_impl("auto", jnp.float16, 64) == "cudnn"
