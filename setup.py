@@ -32,7 +32,8 @@ setup(
         "gpu": ["jax[cuda12]>=0.10.2,<0.13"],
         "tpu": ["jax[tpu]>=0.10.2,<0.13"],
         "hf": ["torch==2.13.0", "transformers>=5.0,<6", "safetensors>=0.4", "tokenizers>=0.20"],
-        # eval/bench_peer.py --which trl_dpo / trl_grpo: TRL's own trainers as peers in `make bench`
-        "peer": ["torch==2.13.0", "transformers>=5.0,<6", "tokenizers>=0.20", "trl==1.16.*"],
+        # eval/bench_peer.py --which trl_dpo / trl_grpo / trl_ppo: TRL's own trainers as peers in
+        # `make bench`; 1.12 is TRL's last release with a PPOTrainer
+        "peer": ["torch==2.13.0", "transformers>=5.0,<6", "tokenizers>=0.20", "trl==1.12.*"],
     },
 )

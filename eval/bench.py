@@ -39,6 +39,7 @@ PEERS = {
     "decode_small": "bench_peer.bench_generate('small', 8, 32, 128, 0.9)",
     "dpo_small": ("bench_peer.bench_trl_dpo('small', 8, 64, 64)", "bench_peer.bench_dpo('small', 8, 64, 64)"),
     "grpo_small": "bench_peer.bench_trl_grpo('small', 2, 8, 32, 64)",
+    "ppo_small": "bench_peer.bench_trl_ppo('small', 8, 32, 64, 4)",
 }
 
 CHILD = """

@@ -6,6 +6,7 @@
   python -m eval.bench_peer --which dpo --preset small
   python -m eval.bench_peer --which trl_dpo --preset small   # needs pip install -e '.[peer]'
   python -m eval.bench_peer --which trl_grpo --preset small  # likewise
+  python -m eval.bench_peer --which trl_ppo --preset small   # likewise
 
 `make bench` runs these next to Kiln's own benchmarks (when torch is installed) so the ratio in its
 table comes from the same machine, not from figures measured elsewhere. Train: one AdamW step on
@@ -14,12 +15,15 @@ Generate: `model.generate` with the KV cache, top-p 0.9, EOS off, median of `rep
 DPO: the same sigmoid-DPO step Kiln's eval/bench_dpo.py times (policy forward + backward on
 chosen and rejected, a frozen reference forward, AdamW), written directly in PyTorch: a lower
 bound on TRL's DPOTrainer step, which adds its own bookkeeping on top.
-TRL DPO (`pip install -e '.[peer]'`: trl 1.16): TRL's DPOTrainer itself on the same shapes, fp32
+TRL DPO (`pip install -e '.[peer]'`: trl 1.12, the last release with PPOTrainer): TRL's DPOTrainer itself on the same shapes, fp32
 and without gradient checkpointing (DPOConfig defaults to bf16 and checkpointing: ~15 s/step on
 an AVX2 CPU), median step time after two warm-up steps.
 TRL GRPO (same extra): TRL's GRPOTrainer, 2 prompts x 8 generations, prompt 32, up to 64 new
 tokens (sampling stops at EOS, Kiln's bench never stops early), beta 0.04 with its reference
 model, fp32 without checkpointing, median step after two warm-up steps.
+TRL PPO (same extra): trl.experimental.ppo.PPOTrainer, batch 8, prompt 32, 64 new tokens (no stop
+token), 4 PPO epochs of one minibatch, reference, reward model and a separate critic, fp32; it
+calls back only at step ends, so a step is the time between two, median after two warm-up steps.
 """
 import argparse
 import json
@@ -214,9 +218,53 @@ def bench_trl_grpo(preset="small", prompts=2, g=8, prompt_len=32, new_tokens=64,
               prompts=prompts, g=g, step_s=round(statistics.median(times[2:]), 4))
 
 
+def bench_trl_ppo(preset="small", batch=8, prompt_len=32, new_tokens=64, epochs=4, steps=5) -> dict:
+  """TRL's PPOTrainer step (trl 1.12, its last release with PPO): sample new_tokens (no stop token),
+  score with a reward model, reference and critic forward passes, then `epochs` passes over one
+  minibatch updating policy and critic (a separate value model), fp32."""
+  import copy
+  import random
+  import tempfile
+  import torch
+  import transformers
+  from datasets import Dataset
+  import trl
+  from trl.experimental.ppo import PPOConfig, PPOTrainer
+  policy = hf_llama(preset)
+  vocab = policy.config.vocab_size
+  rng = random.Random(0)
+  rows = [dict(input_ids=[rng.randrange(vocab - 3) for _ in range(prompt_len)]) for _ in range(batch * (steps + 2))]
+
+  def scalar_model():  # reward model and critic: the same trunk with a one-output score head
+    torch.manual_seed(1)
+    return transformers.LlamaForSequenceClassification(
+        transformers.LlamaConfig(**{**policy.config.to_dict(), "num_labels": 1, "pad_token_id": vocab - 3})).float()
+
+  ends = []
+
+  class StepEnds(transformers.TrainerCallback):  # PPOTrainer calls on_step_end only
+    def on_step_end(self, *args, **kwargs):
+      ends.append(time.perf_counter())
+
+  with tempfile.TemporaryDirectory() as out:
+    args = PPOConfig(output_dir=out, per_device_train_batch_size=batch, local_rollout_forward_batch_size=batch,
+                     num_mini_batches=1, num_ppo_epochs=epochs, response_length=new_tokens, stop_token=None,
+                     total_episodes=batch * (steps + 2), num_sample_generations=0, temperature=1.0,
+                     kl_coef=0.05, learning_rate=1e-6, report_to="none", use_cpu=True, bf16=False,
+                     gradient_checkpointing=False, save_strategy="no", logging_steps=10_000,
+                     disable_tqdm=True, dataloader_num_workers=0, seed=0)
+    trainer = PPOTrainer(args=args, processing_class=_word_tokenizer(vocab), model=policy,
+                         ref_model=copy.deepcopy(policy).eval(), reward_model=scalar_model().eval(),
+                         value_model=scalar_model(), train_dataset=Dataset.from_list(rows), callbacks=[StepEnds()])
+    trainer.train()
+  times = [b - a for a, b in zip(ends, ends[1:])][1:]  # step k = end k - end k-1; skip the 2nd (warm)
+  return dict(peer=f"TRL {trl.__version__} PPOTrainer (fp32)", torch=torch.__version__, preset=preset,
+              batch=batch, epochs=epochs, step_s=round(statistics.median(times), 4))
+
+
 if __name__ == "__main__":
   p = argparse.ArgumentParser()
-  p.add_argument("--which", choices=["train", "generate", "dpo", "trl_dpo", "trl_grpo"], default="train")
+  p.add_argument("--which", choices=["train", "generate", "dpo", "trl_dpo", "trl_grpo", "trl_ppo"], default="train")
   p.add_argument("--preset", default="small")
   a = p.parse_args()
   if a.which == "train":
@@ -228,5 +276,7 @@ if __name__ == "__main__":
     print(json.dumps(bench_trl_dpo(a.preset)))
   elif a.which == "trl_grpo":
     print(json.dumps(bench_trl_grpo(a.preset)))
+  elif a.which == "trl_ppo":
+    print(json.dumps(bench_trl_ppo(a.preset)))
   else:
     print(json.dumps(bench_generate(a.preset)))
