@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from model import sharding
+from model import lm_head, sharding
 from model.attention import Attention, matmul
 
 
@@ -184,13 +184,10 @@ class Transformer(nn.Module):
     logits = None
     if head:
       h = hidden if logit_slots is None else jnp.take_along_axis(hidden, logit_slots[..., None], 1)  # [b, k, d]
-      if cfg.tie_embeddings:
-        logits = jnp.einsum("btd,vd->btv", h, embedding.astype(cfg.dtype))
-      else:
-        lm_head = self.param(
-            "lm_head", nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), ("embed", "vocab")),
-            (cfg.d_model, cfg.vocab_size), cfg.param_dtype)
-        logits = jnp.einsum("btd,dv->btv", h, lm_head.astype(cfg.dtype))
+      kernel = embedding if cfg.tie_embeddings else self.param(
+          "lm_head", nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), ("embed", "vocab")),
+          (cfg.d_model, cfg.vocab_size), cfg.param_dtype)
+      logits = lm_head.logits(h, kernel.astype(cfg.dtype), cfg.tie_embeddings)
       logits = sharding.constrain(logits.astype(jnp.float32), ("batch", "length", "act_vocab"))
     if cache is not None:
       new_cache = dict(layers=layer_caches if not cfg.scan_layers else layer_caches,

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model import decode, sharding
+from model import decode, lm_head, sharding
 from model.transformer import RMSNorm, Transformer, init_cache
 
 LENGTH_BUCKET = 16  # completion arrays are cut to a multiple of this (fewer compiled shapes)
@@ -101,10 +101,8 @@ def _is_final_norm(module, method_name):
 
 def lm_logits(params, cfg, hidden):
   """The model's LM head on chosen final hidden states [R, W, d] -> fp32 logits [R, W, V]."""
-  if cfg.tie_embeddings:
-    logits = jnp.einsum("btd,vd->btv", hidden, params["embedding"].astype(cfg.dtype))
-  else:
-    logits = jnp.einsum("btd,dv->btv", hidden, params["lm_head"].astype(cfg.dtype))
+  kernel = params["embedding"] if cfg.tie_embeddings else params["lm_head"]
+  logits = lm_head.logits(hidden, kernel.astype(cfg.dtype), cfg.tie_embeddings)
   return sharding.constrain(logits.astype(jnp.float32), ("batch", "length", "act_vocab"))
 
 

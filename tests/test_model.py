@@ -197,3 +197,22 @@ def test_attention_auto_picks_cudnn_only_on_gpu_in_half_precision(monkeypatch):
   assert attention.attention_impl("auto", jnp.float32, 64) == "xla"    # cuDNN has no fp32 kernel
   assert attention.attention_impl("auto", jnp.bfloat16, 256) == "xla"  # head_dim over 128
   assert attention.attention_impl("xla", jnp.bfloat16, 64) == "xla"    # an explicit choice stays
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_blocked_lm_head_matches_float64_values_and_gradients(tied):
+  from model import lm_head
+  rng = np.random.default_rng(3)
+  b, t, d, v = 2, 150, 24, 2500  # 300 rows (blocked path); 2500 = 1024 + 1024 + 452 columns
+  h = rng.normal(size=(b, t, d))
+  kernel = rng.normal(size=(v, d) if tied else (d, v))
+  g = rng.normal(size=(b, t, v))
+  f = lambda h, k: jnp.sum(lm_head.logits(h, k, tied) * g)
+  out = lm_head.logits(jnp.asarray(h, jnp.float32), jnp.asarray(kernel, jnp.float32), tied)
+  dh, dk = jax.grad(f, argnums=(0, 1))(jnp.asarray(h, jnp.float32), jnp.asarray(kernel, jnp.float32))
+  w = kernel.T if tied else kernel                        # float64 reference: y = h @ w
+  np.testing.assert_allclose(out, h @ w, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(dh, g @ w.T, rtol=1e-4, atol=1e-4)
+  dw = np.einsum("btd,btv->dv", h, g)
+  np.testing.assert_allclose(dk, dw.T if tied else dw, rtol=1e-4, atol=1e-4)
+  assert len(lm_head._blocks(v)) == 3

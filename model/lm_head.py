@@ -1,0 +1,49 @@
+"""The LM head matmul: final hidden states [b, t, d] -> logits [b, t, vocab].
+
+On CPU it runs as column blocks of VOCAB_BLOCK vocabulary entries. XLA:CPU's Eigen dots are
+markedly slower when the output is very wide: on the 2-core development box, [2048, 256] x
+[256, 4096] ran at 81 GFLOP/s as one dot and 132 as four 1024-wide dots; the weight gradient
+(h^T @ dlogits) 72 -> 101 GFLOP/s; for `medium`'s [2048, 512] x [512, 8192], 82 -> 131 and 77 ->
+109. The input gradient (dlogits @ W^T, a narrow output) stays one dot. Other backends get the plain
+dot, which their compilers tile themselves, and so do few rows (decoding: [8, 256] x [256, 4096]
+is 2x slower in blocks).
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+
+VOCAB_BLOCK = 1024
+MIN_ROWS = 256  # fewer rows than this: one dot
+
+
+def _blocks(n: int):
+  return [(a, min(a + VOCAB_BLOCK, n)) for a in range(0, n, VOCAB_BLOCK)]
+
+
+@jax.custom_vjp
+def blocked_matmul(x, w):
+  """x [m, k] @ w [k, n] -> [m, n], computed as n / VOCAB_BLOCK column blocks."""
+  return jnp.concatenate([x @ w[:, a:e] for a, e in _blocks(w.shape[1])], axis=1)
+
+
+def _fwd(x, w):
+  return blocked_matmul(x, w), (x, w)
+
+
+def _bwd(res, g):
+  x, w = res
+  dw = jnp.concatenate([x.T @ g[:, a:e] for a, e in _blocks(w.shape[1])], axis=1)  # [k, n]
+  return (g @ w.T).astype(x.dtype), dw.astype(w.dtype)
+
+
+blocked_matmul.defvjp(_fwd, _bwd)
+
+
+def logits(h, kernel, tied: bool):
+  """h [b, t, d] -> [b, t, vocab]; kernel is lm_head [d, vocab], or the embedding [vocab, d] if tied."""
+  w = kernel.T if tied else kernel  # [d, vocab]
+  b, t, d = h.shape
+  if jax.default_backend() != "cpu" or w.shape[1] <= VOCAB_BLOCK or b * t < MIN_ROWS:
+    return jnp.einsum("btd,dv->btv", h, w)
+  return blocked_matmul(h.reshape(b * t, d), w).reshape(b, t, -1)
