@@ -1,15 +1,14 @@
 """The LM head matmul: final hidden states [b, t, d] -> logits [b, t, vocab].
 
-On CPU it runs as column blocks of VOCAB_BLOCK vocabulary entries. XLA:CPU's Eigen dots are
-markedly slower when the output is very wide: on the 2-core development box, [2048, 256] x
-[256, 4096] ran at 81 GFLOP/s as one dot and 132 as four 1024-wide dots; the weight gradient
-(h^T @ dlogits) 72 -> 101 GFLOP/s; for `medium`'s [2048, 512] x [512, 8192], 82 -> 131 and 77 ->
-109. The input gradient (dlogits @ W^T, a narrow output) stays one dot. Other backends get the plain
-dot, which their compilers tile themselves, and so do few rows (decoding: [8, 256] x [256, 4096]
-is 2x slower in blocks).
+On CPU it runs as column blocks of VOCAB_BLOCK vocabulary entries. XLA:CPU's Eigen dots slow down
+when the output's rows are a power-of-two size apart, as vocabularies of 4096 or 8192 entries
+make them: on the 2-core development box [2048, 256] x [256, N] ran at 74-77 GFLOP/s for N = 4096
+and 125-136 for N = 4000. In 1024-wide blocks, [2048, 256] x [256, 4096] went from 81 to 132
+GFLOP/s and its weight gradient (h^T @ dlogits) from 72 to 101; `medium`'s [2048, 512] x
+[512, 8192] from 82 to 131 and 77 to 109. The input gradient (dlogits @ W^T, a narrow output)
+stays one dot. Other backends get the plain dot, which their compilers tile themselves, and so do
+few rows (decoding: [8, 256] x [256, 4096] is 2x slower in blocks).
 """
-import functools
-
 import jax
 import jax.numpy as jnp
 
