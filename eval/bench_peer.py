@@ -15,15 +15,15 @@ Generate: `model.generate` with the KV cache, top-p 0.9, EOS off, median of `rep
 DPO: the same sigmoid-DPO step Kiln's eval/bench_dpo.py times (policy forward + backward on
 chosen and rejected, a frozen reference forward, AdamW), written directly in PyTorch: a lower
 bound on TRL's DPOTrainer step, which adds its own bookkeeping on top.
-TRL DPO (`pip install -e '.[peer]'`: trl 1.12, the last release with PPOTrainer): TRL's DPOTrainer itself on the same shapes, fp32
-and without gradient checkpointing (DPOConfig defaults to bf16 and checkpointing: ~15 s/step on
-an AVX2 CPU), median step time after two warm-up steps.
+TRL DPO (`pip install -e '.[peer]'`: trl 1.12, the last release with PPOTrainer): TRL's
+DPOTrainer itself on the same shapes, fp32 and without gradient checkpointing (DPOConfig defaults
+to bf16 and checkpointing: ~15 s/step on an AVX2 CPU), median step time after two warm-up steps.
 TRL GRPO (same extra): TRL's GRPOTrainer, 2 prompts x 8 generations, prompt 32, up to 64 new
 tokens (sampling stops at EOS, Kiln's bench never stops early), beta 0.04 with its reference
 model, fp32 without checkpointing, median step after two warm-up steps.
 TRL PPO (same extra): trl.experimental.ppo.PPOTrainer, batch 8, prompt 32, 64 new tokens (no stop
 token), 4 PPO epochs of one minibatch, reference, reward model and a separate critic, fp32; it
-calls back only at step ends, so a step is the time between two, median after two warm-up steps.
+calls back only at step ends, so a step is the time between two; median after two warm-up steps.
 """
 import argparse
 import json
@@ -142,15 +142,22 @@ def _word_tokenizer(vocab: int):
 
 
 def _step_timer(times: list):
-  """A transformers TrainerCallback appending each optimizer step's wall time to `times`."""
+  """A transformers TrainerCallback appending each optimizer step's wall time to `times`: from the
+  step's begin, or from the previous step's end for trainers that call back only at step ends
+  (TRL's PPOTrainer)."""
   import transformers
 
   class StepTimer(transformers.TrainerCallback):
+    def on_train_begin(self, *args, **kwargs):
+      self.t = time.perf_counter()
+
     def on_step_begin(self, *args, **kwargs):
       self.t = time.perf_counter()
 
     def on_step_end(self, *args, **kwargs):
-      times.append(time.perf_counter() - self.t)
+      now = time.perf_counter()
+      times.append(now - self.t)
+      self.t = now
 
   return StepTimer()
 
@@ -240,11 +247,7 @@ def bench_trl_ppo(preset="small", batch=8, prompt_len=32, new_tokens=64, epochs=
     return transformers.LlamaForSequenceClassification(
         transformers.LlamaConfig(**{**policy.config.to_dict(), "num_labels": 1, "pad_token_id": vocab - 3})).float()
 
-  ends = []
-
-  class StepEnds(transformers.TrainerCallback):  # PPOTrainer calls on_step_end only
-    def on_step_end(self, *args, **kwargs):
-      ends.append(time.perf_counter())
+  times = []
 
   with tempfile.TemporaryDirectory() as out:
     args = PPOConfig(output_dir=out, per_device_train_batch_size=batch, local_rollout_forward_batch_size=batch,
@@ -255,11 +258,11 @@ def bench_trl_ppo(preset="small", batch=8, prompt_len=32, new_tokens=64, epochs=
                      disable_tqdm=True, dataloader_num_workers=0, seed=0)
     trainer = PPOTrainer(args=args, processing_class=_word_tokenizer(vocab), model=policy,
                          ref_model=copy.deepcopy(policy).eval(), reward_model=scalar_model().eval(),
-                         value_model=scalar_model(), train_dataset=Dataset.from_list(rows), callbacks=[StepEnds()])
+                         value_model=scalar_model(), train_dataset=Dataset.from_list(rows),
+                         callbacks=[_step_timer(times)])
     trainer.train()
-  times = [b - a for a, b in zip(ends, ends[1:])][1:]  # step k = end k - end k-1; skip the 2nd (warm)
   return dict(peer=f"TRL {trl.__version__} PPOTrainer (fp32)", torch=torch.__version__, preset=preset,
-              batch=batch, epochs=epochs, step_s=round(statistics.median(times), 4))
+              batch=batch, epochs=epochs, step_s=round(statistics.median(times[2:]), 4))
 
 
 if __name__ == "__main__":
