@@ -44,3 +44,18 @@ def tiny_config(data_cache):
       target[last] = value
     return c
   return make
+
+
+def pytest_configure(config):
+  config.addinivalue_line("markers", "eight_devices: builds a mesh of 8 devices (the 8 fake CPU ones)")
+
+
+def pytest_collection_modifyitems(config, items):
+  """On an accelerator with fewer than 8 devices (JAX_PLATFORMS=cuda on one GPU) the 8-device
+  tests are skipped; on CPU they always run, since the flag above gives 8 devices there."""
+  if jax.default_backend() == "cpu" or jax.device_count() >= 8:
+    return
+  skip = pytest.mark.skip(reason=f"needs 8 devices, {jax.default_backend()} has {jax.device_count()}")
+  for item in items:
+    if "eight_devices" in item.keywords:
+      item.add_marker(skip)

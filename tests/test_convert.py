@@ -70,6 +70,7 @@ def family_dir(request, tmp_path_factory):
   return request.param, make_hf(request.param, d, seed=len(request.param))
 
 
+@pytest.mark.eight_devices
 def test_families_match_transformers_logits_and_greedy_generation(family_dir, mesh):
   family, d = family_dir
   assert len(json.load(open(os.path.join(d, convert.INDEX)))["weight_map"]) > 0
@@ -110,6 +111,7 @@ def assert_same_tensors(a: dict, b: dict):
     assert a[k].tobytes() == b[k].tobytes(), k
 
 
+@pytest.mark.eight_devices
 def test_round_trip_is_bitwise(family_dir, mesh, tmp_path):
   family, d = family_dir
   cfg, params = kiln_load(d, mesh)
@@ -134,6 +136,7 @@ def test_cli_round_trip_through_a_kiln_run_dir_is_bitwise(family_dir, tmp_path):
   assert_same_tensors(everything(d), everything(str(tmp_path / "out")))
 
 
+@pytest.mark.eight_devices
 def test_lora_merged_export_loads_in_transformers_and_matches_kiln(tmp_path, mesh):
   """A LoRA run over init_from="hf:DIR" (adapters written by hand) -> `--to hf` -> transformers."""
   import logging
@@ -286,6 +289,7 @@ def test_sft_runs_two_steps_from_an_hf_directory(tiny_config, tmp_path):
 # ------------------------------------------------------------------------------------ bad input
 
 
+@pytest.mark.eight_devices
 def test_bad_directories_name_the_file_and_key(tmp_path, mesh):
   with pytest.raises(FileNotFoundError, match=r"empty/config.json"):
     hf_config.read(str(tmp_path / "empty"))

@@ -297,6 +297,7 @@ def test_beam_search_on_the_model_scores_its_beams(tiny):
 # ----------------------------------------------------------------------------- mesh and text
 
 
+@pytest.mark.eight_devices
 def test_sharded_generation_matches_single_device(tiny):
   cfg, model, params = tiny
   mesh = sharding.make_mesh(dict(data=2, fsdp=1, tensor=4))  # the 8 test devices

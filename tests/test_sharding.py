@@ -35,6 +35,7 @@ def setup():
   return model, params, batch, loss
 
 
+@pytest.mark.eight_devices
 @pytest.mark.parametrize("axes", [dict(data=8, fsdp=1, tensor=1), dict(data=1, fsdp=8, tensor=1),
                                   dict(data=2, fsdp=2, tensor=2)])
 def test_mesh_gives_single_device_loss_and_grads(axes):
