@@ -10,14 +10,13 @@ A prompt is rendered with `data.chat_template` and its generation prompt, then l
 `rl.max_prompt_len` (cut from the left if longer, so the generation prompt survives).
 """
 import dataclasses
-import json
 from typing import Optional
 
 import numpy as np
 
 from model import tokenizer as tokenizer_lib
 from model.decode import left_pad
-from train import corpus
+from train import corpus, sources
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,19 +59,11 @@ def parse_record(rec, where: str) -> Prompt:
 def read_jsonl(path: str, need_answer: bool = False) -> list:
   """Every Prompt of a JSONL file (blank lines skipped)."""
   out = []
-  with open(path, encoding="utf-8") as f:
-    for n, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      where = f"{path}:{n}"
-      try:
-        rec = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-      p = parse_record(rec, where)
-      if need_answer and p.answer is None:
-        raise ValueError(f"{where}: needs an 'answer' (a reward function compares against it)")
-      out.append(p)
+  for where, rec in sources.jsonl_records(path):
+    p = parse_record(rec, where)
+    if need_answer and p.answer is None:
+      raise ValueError(f"{where}: needs an 'answer' (a reward function compares against it)")
+    out.append(p)
   if not out:
     raise ValueError(f"{path}: no prompts")
   return out

@@ -32,7 +32,6 @@ of P gets [s*B + p*b, s*B + (p+1)*b), b = B // P, as in train/data.py. Iterator 
 import dataclasses
 import glob
 import hashlib
-import json
 import os
 import tempfile
 
@@ -102,16 +101,8 @@ def parse_record(rec, where: str) -> list[tuple[list, str, str]]:
 
 def read_jsonl(path: str):
   """Yields (where, [(messages, chosen, rejected)]) per non-empty line of a JSONL file."""
-  with open(path, encoding="utf-8") as f:
-    for n, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      where = f"{path}:{n}"
-      try:
-        rec = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise _bad(where, f"invalid JSON ({e.msg} at column {e.colno})") from None
-      yield where, parse_record(rec, where)
+  for where, rec in sources.jsonl_records(path):
+    yield where, parse_record(rec, where)
 
 
 def wrong_answer(p: corpus.Problem, rng: np.random.Generator) -> str:

@@ -112,21 +112,29 @@ def _files(pattern: str, key: str) -> list[str]:
   return files
 
 
+def jsonl_records(path: str):
+  """Yields ("path:line", parsed object) for every non-empty line of a JSONL file; a line that
+  is not JSON raises ValueError naming the file, line and column. Every JSONL reader uses it."""
+  with open(path, encoding="utf-8") as f:
+    for n, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        rec = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{n}: invalid JSON ({e.msg} at column {e.colno})") from None
+      yield f"{path}:{n}", rec
+
+
 def _file_records(path: str, text_key: str, jsonl: bool):
   """Yields (where, normalized record): the lines of a JSONL file or the paragraphs of a text file."""
+  if jsonl:
+    for where, rec in jsonl_records(path):
+      yield where, _normalize(rec, text_key, where)
+    return
   with open(path, encoding="utf-8") as f:
-    if jsonl:
-      for n, line in enumerate(f, 1):
-        if not line.strip():
-          continue
-        try:
-          rec = json.loads(line)
-        except json.JSONDecodeError as e:
-          raise ValueError(f"{path}:{n}: invalid JSON ({e.msg} at column {e.colno})") from None
-        yield f"{path}:{n}", _normalize(rec, text_key, f"{path}:{n}")
-    else:
-      for i, para in enumerate(_paragraphs(f)):
-        yield f"{path}:paragraph {i}", {"text": para, "messages": None}
+    for i, para in enumerate(_paragraphs(f)):
+      yield f"{path}:paragraph {i}", {"text": para, "messages": None}
 
 
 def _paragraphs(lines):
