@@ -31,9 +31,9 @@ from model.tokenizer import stop_id
 from model.transformer import ModelConfig, Transformer
 from rl import config as rl_config, grpo, kl, prompts, rollout, steps, value
 from rl.rewards import combined_reward
-from train import checkpoint, data, init_source, optim
+from train import checkpoint, optim
 from train import state as state_lib
-from train.loop import StopFlag
+from train.loop import StopFlag, start_run
 from train.metrics import MetricsLogger
 from train.validate import validate
 
@@ -135,20 +135,13 @@ def setup_models(config, workdir, model, tx, mesh, mngr) -> Models:
 
 def train(config, workdir: str) -> dict:
   """Runs (or resumes) a grpo / ppo stage in `workdir`; returns the last metrics."""
-  config = init_source.resolve(config, workdir)  # init_from="hf:DIR": model shape from config.json
-  mesh_shape = check_config(config)
+  run = start_run(config, workdir, check_config)
+  config, mesh_shape, mesh, tok, model_cfg, model, mngr = (
+      run.config, run.mesh_shape, run.mesh, run.tokenizer, run.model_cfg, run.model, run.mngr)
   r = config.rl
   is_main = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
-  if is_main:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json(indent=2))
-  mesh = sharding.make_mesh(config.mesh)
-  tok = data.load_or_train_tokenizer(config)
   template = config.data.chat_template
   stops = (stop_id(tok, template), tok.eos_id)
-  model_cfg = ModelConfig.from_config(config.model)
-  model = Transformer(model_cfg)
   g, n_prompts = r.num_generations, rl_config.num_prompts(config)
   updates_per_iter = r.num_iterations * r.num_minibatches
   tx, lr_fn = optim.make_optimizer(config.optim, config.steps * updates_per_iter)
@@ -156,7 +149,6 @@ def train(config, workdir: str) -> dict:
   weights = rl_config.reward_weights(config)
   use_ref = rl_config.needs_reference(config)
 
-  mngr = checkpoint.manager(workdir, config.keep_checkpoints, config.async_checkpoints)
   with sharding.use_mesh(mesh):
     ms = setup_models(config, workdir, model, tx, mesh, mngr)
     trainable, opt_state, frozen, start, meta = ms.trainable, ms.opt_state, ms.frozen, ms.start, ms.meta

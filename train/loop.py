@@ -5,13 +5,14 @@ with it the batches (packed rows of train/data.py, or preference pairs of train/
 params (a reward head) and a frozen reference model (DPO; rl/reference.py).
 State is two pytrees (params, opt_state) sharded by the logical rules of model/sharding.py.
 """
+import dataclasses
 import functools
 import math
 import os
 import signal
 import time
+from typing import Any, Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -145,28 +146,51 @@ def _describe(batches) -> str:
   return batches.describe() if hasattr(batches, "describe") else ""
 
 
-def train(config, workdir: str) -> dict:
-  """Runs (or resumes) the stage described by `config` in `workdir`; returns the last metrics."""
-  config = init_source.resolve(config, workdir)  # init_from="hf:DIR": model shape from config.json
-  mesh_shape = validate(config, jax.device_count(), jax.process_count())
-  objective = objectives.get(config.objective)
-  objective.check(config)
-  is_main = jax.process_index() == 0
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """What every stage (this loop and rl/loop.py) sets up before its state."""
+  config: Any                  # resolved (init_from="hf:DIR" fills in the model shape)
+  mesh_shape: dict             # {"data": ..., "fsdp": ..., "tensor": ...}
+  mesh: jax.sharding.Mesh
+  tokenizer: Any
+  model_cfg: ModelConfig
+  model: Transformer
+  mngr: Any                    # the orbax CheckpointManager of DIR/checkpoints
+
+
+def start_run(config, workdir: str, check: Callable) -> Run:
+  """Resolves and checks the config (`check(config)` -> mesh shape, raising on a bad key), writes
+  DIR/config.json, and builds the mesh, tokenizer (its ids must fit the model's vocabulary),
+  model and checkpoint manager."""
+  config = init_source.resolve(config, workdir)
+  mesh_shape = check(config)
   os.makedirs(workdir, exist_ok=True)
-  if is_main:
+  if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json(indent=2))
-
-  mesh = sharding.make_mesh(config.mesh)
   tokenizer = data.load_or_train_tokenizer(config)
   if tokenizer.vocab_size > config.model.vocab_size:
     raise ValueError(f"config.model.vocab_size={config.model.vocab_size} is smaller than the "
                      f"tokenizer's {tokenizer.vocab_size} ids")
   model_cfg = ModelConfig.from_config(config.model)
-  model = Transformer(model_cfg)
-  tx, lr_fn = optim.make_optimizer(config.optim, config.steps)
+  return Run(config, mesh_shape, sharding.make_mesh(config.mesh), tokenizer, model_cfg, Transformer(model_cfg),
+             checkpoint.manager(workdir, config.keep_checkpoints, config.async_checkpoints))
 
-  mngr = checkpoint.manager(workdir, config.keep_checkpoints, config.async_checkpoints)
+
+def _check(config) -> dict:
+  mesh_shape = validate(config, jax.device_count(), jax.process_count())
+  objectives.get(config.objective).check(config)
+  return mesh_shape
+
+
+def train(config, workdir: str) -> dict:
+  """Runs (or resumes) the stage described by `config` in `workdir`; returns the last metrics."""
+  run = start_run(config, workdir, _check)
+  config, mesh_shape, mesh, tokenizer, model_cfg, model, mngr = (
+      run.config, run.mesh_shape, run.mesh, run.tokenizer, run.model_cfg, run.model, run.mngr)
+  objective = objectives.get(config.objective)
+  is_main = jax.process_index() == 0
+  tx, lr_fn = optim.make_optimizer(config.optim, config.steps)
   lora_cfg = config.lora if state_lib.lora_enabled(config) else None
   with sharding.use_mesh(mesh):
     st = state_lib.setup(config, model, tx, mesh, mngr, objective.extra_params)
