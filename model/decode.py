@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from model import sharding
-from model.attention import NEG_INF, rope_frequencies
+from model.attention import NEG_INF, rope_cos_sin, rope_frequencies
 from model.tokenizer import Tokenizer, apply_chat_template, stop_id
 from model.transformer import Mlp, ModelConfig, RMSNorm, Transformer, init_cache
 
@@ -171,8 +171,7 @@ def one_token_step(cfg: ModelConfig, params, tokens, positions, segment_ids, cac
   row = lambda x, axes: sharding.constrain(x, ("batch",) + axes)
   x = row(jnp.take(params["embedding"], tokens[:, 0], axis=0).astype(cfg.dtype), ("act_embed",))  # [b, d]
   inv = rope_frequencies(hd, cfg.rope_theta, dict(cfg.rope_scaling) if cfg.rope_scaling else None)
-  angles = positions[:, :1].astype(jnp.float32) * inv                       # [b, hd / 2]
-  cos, sin = jnp.cos(angles)[:, None, None], jnp.sin(angles)[:, None, None]   # [b, 1, 1, hd / 2]
+  cos, sin = (a[:, :, None] for a in rope_cos_sin(positions[:, :1], inv))  # [b, 1, 1, hd / 2]
   index = cache["index"]
   segments = jax.lax.dynamic_update_slice(cache["segments"], segment_ids, (0, index))  # [b, T]
   slots = jnp.arange(segments.shape[1])
