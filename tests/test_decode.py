@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from configs import models
-from model import decode, sharding
+from model import decode, sampling, sharding
 from model.transformer import ModelConfig, Transformer, init_cache
 
 # ----------------------------------------------------------------------------- helpers
@@ -169,11 +169,11 @@ def test_stop_on_a_real_model_row(tiny):
 def test_top_p_worked_example_keeps_only_lot():
   # "thanks a" -> lot 0.89, bunch 0.05, ton 0.03, million 0.02, few 0.01
   probs = jnp.array([0.05, 0.89, 0.03, 0.02, 0.01])
-  np.testing.assert_array_equal(decode.top_p_mask(probs, 0.88), [0, 1, 0, 0, 0])
-  logits = decode.filter_logits(jnp.log(probs), top_p=0.88)
+  np.testing.assert_array_equal(sampling.top_p_mask(probs, 0.88), [0, 1, 0, 0, 0])
+  logits = sampling.filter_logits(jnp.log(probs), top_p=0.88)
   assert np.isfinite(np.asarray(logits)).tolist() == [False, True, False, False, False]
-  assert decode.top_p_mask(probs, 0.90).sum() == 2
-  assert decode.top_p_mask(jnp.full(4, 0.25), 0.5).all()  # tied probabilities are kept together
+  assert sampling.top_p_mask(probs, 0.90).sum() == 2
+  assert sampling.top_p_mask(jnp.full(4, 0.25), 0.5).all()  # tied probabilities are kept together
   with pytest.raises(ValueError, match="top_p"):
     decode.generate({}, None, np.ones((1, 2)), max_new_tokens=2, top_p=0.0)
 
@@ -186,11 +186,11 @@ def test_top_k_keeps_exactly_k(shape):
             "random": jax.random.normal(jax.random.key(0), (v,))}[shape]
   batch = jnp.broadcast_to(logits, (2, 3, v))
   for k in (1, 3, 10):
-    mask = decode.top_k_mask(batch, k)
+    mask = sampling.top_k_mask(batch, k)
     np.testing.assert_array_equal(mask.sum(-1), k)
     kept = np.asarray(logits)[np.asarray(mask[0, 0])]
     assert kept.min() >= np.sort(np.asarray(logits))[-k]  # they are k of the largest
-  assert np.isfinite(np.asarray(decode.filter_logits(logits, top_k=3))).sum() == 3
+  assert np.isfinite(np.asarray(sampling.filter_logits(logits, top_k=3))).sum() == 3
 
 
 def test_sort_free_top_p_equals_sorted_reference():
@@ -198,7 +198,7 @@ def test_sort_free_top_p_equals_sorted_reference():
   logits = rng.standard_normal((64, 300)) * rng.uniform(0.2, 5.0, (64, 1))
   for p in (0.1, 0.5, 0.9, 0.99):
     probs = jax.nn.softmax(jnp.asarray(logits, jnp.float32), -1)
-    got = np.asarray(decode.top_p_mask(probs, p))
+    got = np.asarray(sampling.top_p_mask(probs, p))
     want = np.stack([ref_filter(row, top_p=p) > 0 for row in logits])
     assert (got != want).sum() == 0, p
 
@@ -210,8 +210,8 @@ def test_sampled_frequencies_match_the_filtered_distribution(temperature, top_k,
   logits = jnp.asarray(np.log(probs)[::-1].copy(), jnp.float32)   # best token last: order matters
   want = ref_filter(logits, temperature, top_k, top_p)
   n = 4000
-  tok, lp, slp = decode.sample(jax.random.key(42), jnp.broadcast_to(logits, (n, 10)),
-                               decode.Sampling(temperature, top_k, top_p))
+  tok, lp, slp = sampling.sample(jax.random.key(42), jnp.broadcast_to(logits, (n, 10)),
+                               sampling.Sampling(temperature, top_k, top_p))
   counts = np.bincount(np.asarray(tok), minlength=10)
   assert counts[want == 0].sum() == 0
   kept = want > 0
@@ -224,7 +224,7 @@ def test_sampled_frequencies_match_the_filtered_distribution(temperature, top_k,
 def test_inverse_cdf_never_picks_a_zero_weight_token():
   w = jnp.zeros((5, 130)).at[:, 3].set(1.0).at[:, 129].set(2.0)
   u = jnp.array([0.0, 0.3, 0.34, 0.9, 0.99999994])
-  np.testing.assert_array_equal(decode.inverse_cdf(w, u), [3, 3, 129, 129, 129])
+  np.testing.assert_array_equal(sampling.inverse_cdf(w, u), [3, 3, 129, 129, 129])
 
 
 # ----------------------------------------------------------------------------- beam search
