@@ -5,10 +5,8 @@ Everything is created directly in its sharded layout: shapes come from `jax.eval
 init / restore write each shard straight to its device, so no host ever holds the whole model.
 """
 import dataclasses
-import os
 from typing import Any, Optional
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
