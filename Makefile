@@ -1,5 +1,7 @@
 # Every target bootstraps .venv by itself (python3 -m venv + pip install -e .[test]).
 PY := .venv/bin/python
+# make bench ROUNDS=3: Kiln and its peer alternated 3 times per bench (eval/bench.py)
+ROUNDS ?= 1
 STAMP := .venv/.installed-$(shell cksum setup.py | cut -d' ' -f1)
 
 .PHONY: demo test test-all bench clean
@@ -20,7 +22,7 @@ test-all: $(STAMP)
 	$(PY) -m pytest -q tests
 
 bench: $(STAMP)
-	$(PY) -m eval.bench --out bench/results.json
+	$(PY) -m eval.bench --rounds $(ROUNDS) --out bench/results.json
 
 clean:
 	rm -rf runs .pytest_cache

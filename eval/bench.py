@@ -6,12 +6,18 @@ each other far more than 2x), and reports its own peak memory. Where the PyTorch
 after Kiln's figure (eval/bench_peer.py) and the ratio uses that; otherwise the ratio uses the
 figure ../shared/PERF-NOTES.md gives for its machine (an AVX-512 box: not this one, necessarily).
 
-  python -m eval.bench [--only train_small,decode] [--out bench/results.json]
+On a shared machine the speed of both sides drifts by 20% or more within minutes, so one Kiln
+figure and one peer figure taken a minute apart can disagree by that much. `--rounds N` alternates
+the two N times (Kiln, peer, Kiln, peer, ...) and reports the median of each side and the median
+of the N paired ratios, with their range: each ratio compares two runs that saw the same machine.
+
+  python -m eval.bench [--only train_small,decode] [--rounds 3] [--out bench/results.json]
 """
 import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -67,6 +73,42 @@ def run_one(expr: str) -> dict:
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def speedup(name: str, kiln: dict, peer: dict):
+  """Kiln over peer on `name`'s metric (> 1: Kiln is faster), or None without both figures."""
+  _, metric, unit, _, _ = BENCHES[name]
+  if metric not in kiln or metric not in peer:
+    return None
+  return kiln[metric] / peer[metric] if unit == "tok/s" else peer[metric] / kiln[metric]
+
+
+def measure(name: str, rounds: int) -> dict:
+  """Kiln's result for `name` (the median round's), with "peer" and "rounds" when a peer ran.
+
+  Each round times Kiln, then the first peer expression that runs. The result is Kiln's median
+  round (of an even number, the slower middle one), "rounds" lists every round's metric, and with a
+  peer "ratios" holds each round's paired Kiln / peer speedup and "peer" the peer's median round."""
+  _, metric, unit, _, _ = BENCHES[name]
+  slowest_first = lambda r: r[metric] if unit == "tok/s" else -r[metric]
+  kilns, peers = [], []
+  for _ in range(rounds):
+    kiln = run_one(BENCHES[name][0])
+    if "skipped" in kiln or "error" in kiln:
+      return kiln
+    kilns.append(kiln)
+    exprs = PEERS.get(name, ())
+    for expr in exprs if isinstance(exprs, tuple) else (exprs,):
+      peer = run_one(expr)
+      if "skipped" not in peer and "error" not in peer:
+        peers.append(peer)
+        break
+  res = dict(sorted(kilns, key=slowest_first)[(len(kilns) - 1) // 2])
+  if len(peers) == len(kilns):
+    res["peer"] = sorted(peers, key=slowest_first)[len(peers) // 2]
+    res["ratios"] = [speedup(name, k, p) for k, p in zip(kilns, peers)]
+  res["rounds"] = [r[metric] for r in kilns]
+  return res
+
+
 def row(name: str, res: dict) -> str:
   _, metric, unit, peer, peer_what = BENCHES[name]
   if "skipped" in res or "error" in res:
@@ -79,31 +121,29 @@ def row(name: str, res: dict) -> str:
     peer_what += " (PERF-NOTES machine)"
   value = res[metric]
   ratio = value / peer if unit == "tok/s" else peer / value   # > 1 means faster than the peer
+  ratio = f"{ratio:.2f}x"
+  if len(res.get("ratios", [])) > 1:
+    ratios = res["ratios"]
+    ratio = f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}, {len(ratios)} rounds)"
   mfu = f"{100 * res['mfu']:.1f}%" if "mfu" in res else "-"
   compile_s = res.get("compile_s", res.get("first_call_s"))
   return (f"| {name} | {value:,.2f} {unit} | {mfu} | {compile_s:.1f} s | {res['peak_rss_mb']:,.0f} MB | "
-          f"{ratio:.2f}x | {peer_what} |" if compile_s is not None else
-          f"| {name} | {value:,.2f} {unit} | {mfu} | - | {res['peak_rss_mb']:,.0f} MB | {ratio:.2f}x | {peer_what} |")
+          f"{ratio} | {peer_what} |" if compile_s is not None else
+          f"| {name} | {value:,.2f} {unit} | {mfu} | - | {res['peak_rss_mb']:,.0f} MB | {ratio} | {peer_what} |")
 
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--only", default="", help="comma-separated subset of " + ",".join(BENCHES))
   ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results.json"))
+  ap.add_argument("--rounds", type=int, default=1, help="Kiln / peer pairs per bench (alternated)")
   args = ap.parse_args()
   names = [n for n in args.only.split(",") if n] or list(BENCHES)
   results = {}
   print("| bench | result | MFU | compile | peak memory | vs peer | peer |\n|---|---|---|---|---|---|---|",
         flush=True)
   for name in names:
-    results[name] = run_one(BENCHES[name][0])
-    if name in PEERS and "error" not in results[name]:
-      exprs = PEERS[name] if isinstance(PEERS[name], tuple) else (PEERS[name],)
-      for expr in exprs:
-        peer = run_one(expr)
-        if "skipped" not in peer and "error" not in peer:
-          results[name]["peer"] = peer
-          break
+    results[name] = measure(name, max(1, args.rounds))
     print(row(name, results[name]), flush=True)
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   with open(args.out, "w") as f:
