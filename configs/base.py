@@ -24,6 +24,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.async_checkpoints = True
   c.peak_flops_per_device = 0.0      # for MFU; 0 = a default for the detected device
+  c.profile = ml_collections.ConfigDict(dict(  # a jax.profiler trace of a few steps (train/profile.py)
+      start_step=0,                    # first step recorded, as logged (step 1 compiles); 0 = off
+      num_steps=3,
+  ))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.optim = ml_collections.ConfigDict(dict(
       name="adamw", lr=3e-3, warmup_steps=100, schedule="cosine", end_lr_frac=0.1,

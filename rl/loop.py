@@ -31,7 +31,7 @@ from model.tokenizer import stop_id
 from model.transformer import ModelConfig, Transformer
 from rl import config as rl_config, grpo, kl, prompts, rollout, steps, value
 from rl.rewards import combined_reward
-from train import checkpoint, optim
+from train import checkpoint, optim, profile
 from train import state as state_lib
 from train.loop import StopFlag, start_run
 from train.metrics import MetricsLogger
@@ -205,8 +205,10 @@ def train(config, workdir: str) -> dict:
     if start == 0 and r.eval_at_start and config.steps > 0:
       last.update(evaluate(0))
     step = start
+    prof = profile.StepProfiler(config, workdir, log.write)
     with StopFlag() as stop:
       while step < config.steps:
+        prof.before(step)
         t0 = time.perf_counter()
         batch_prompts = source.next()
         key, k_sample, k_shuffle = jax.random.split(key, 3)
@@ -254,6 +256,7 @@ def train(config, workdir: str) -> dict:
         metrics = jax.device_get(metrics)
         t_update = time.perf_counter() - t0 - t_gen - t_score
         step += 1
+        prof.after(step, (trainable, critic))
 
         m = {f"train/{k}": float(np.mean([x[k] for x in metrics])) for k in metrics[0]}
         if not np.isfinite(m["train/loss"]):
@@ -301,6 +304,7 @@ def train(config, workdir: str) -> dict:
         if stopping:
           log.write(f"stop requested: saved iteration {step}; rerun the same command to resume")
           break
+    prof.close()
     for mg in (mngr, cmngr):
       if mg is not None:
         mg.wait_until_finished()

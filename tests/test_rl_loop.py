@@ -1,5 +1,6 @@
 """The online RL loop (rl/loop.py): rollout masks, the shared-prompt forward, KL = 0 at the start,
 GRPO and PPO iterations through the real loop, exact resume, config errors; slow: learning."""
+import glob
 import json
 import os
 import signal
@@ -262,13 +263,17 @@ def test_grpo_iterations_train_and_resume_exactly(init_run, data_cache, tmp_path
 def test_ppo_iteration_lora_policy_reward_model_and_critic(init_run, reward_run, data_cache, tmp_path,
                                                           digits_reward, capsys):
   """PPO with LoRA adapters (the reference is their frozen base), a reward model, and a separate
-  critic started from the reward model (trunk + reward head as the value head), as in TRL."""
+  critic started from the reward model (trunk + reward head as the value head), as in TRL; its one
+  iteration is also profiled (config.profile)."""
   workdir = str(tmp_path / "ppo")
-  c = make_config("ppo", init_run, data_cache, **{"lora.rank": 4, "rl.reward_model": reward_run})
+  c = make_config("ppo", init_run, data_cache, **{"lora.rank": 4, "rl.reward_model": reward_run,
+                                                   "profile.start_step": 1})
   out = loop.train(c, workdir)
   assert out["step"] == 1
   log = capsys.readouterr().out
   assert f"critic initialised from {reward_run}" in log and "reference: the frozen LoRA base" in log
+  assert "profile of steps 1-1 written under" in log  # the run ended inside the 3 profiled steps
+  assert len(glob.glob(os.path.join(workdir, "profile", "plugins", "profile", "*", "*.xplane.pb"))) == 1
   m = [r for r in rows(workdir) if "train/loss" in r][0]
   for k in ("train/value_loss", "train/policy_loss", "train/explained_variance", "train/approx_kl",
             "train/clip_fraction", "train/kl_per_completion", "train/entropy", "train/non_score_reward",

@@ -21,7 +21,7 @@ import optax
 from model import sharding
 from model.transformer import ModelConfig, Transformer
 from rl import reference
-from train import checkpoint, data, init_source, objectives, optim
+from train import checkpoint, data, init_source, objectives, optim, profile
 from train import state as state_lib
 from train.metrics import MetricsLogger
 from train.validate import validate
@@ -234,11 +234,14 @@ def train(config, workdir: str) -> dict:
     last, window, times, pending = {}, [], [], None
     t_last = None
     step = start
+    prof = profile.StepProfiler(config, workdir, log.write)
     with StopFlag() as stop:
       while step < config.steps:
         batch = sharding.put_batch(next(train_iter), mesh)
+        prof.before(step)
         params, opt_state, metrics = train_step(params, opt_state, batch, jnp.int32(step), frozen, step_ref)
         step += 1
+        prof.after(step, metrics)
         done = [pending] if pending else []
         pending = (step, metrics)
         must_save = step % config.checkpoint_every == 0 or step == config.steps
@@ -281,6 +284,7 @@ def train(config, workdir: str) -> dict:
         if stopping:
           log.write(f"stop requested: saved step {step}; rerun the same command to resume")
           break
+    prof.close()
     mngr.wait_until_finished()
     mngr.close()
     log.close()

@@ -40,6 +40,8 @@ def validate(config, num_devices: int, num_processes: int = 1) -> dict:
   for key in ("steps", "batch_size", "seq_len", "log_every", "checkpoint_every", "keep_checkpoints"):
     if config[key] <= 0:
       raise ValueError(f"config.{key}={config[key]} must be positive")
+  from train import profile
+  profile.check(config)
   mesh = sharding.mesh_shape(config.mesh, num_devices)
   data_ways = mesh["data"] * mesh["fsdp"]
   if config.batch_size % data_ways:
