@@ -73,12 +73,9 @@ def run_one(expr: str) -> dict:
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def speedup(name: str, kiln: dict, peer: dict):
-  """Kiln over peer on `name`'s metric (> 1: Kiln is faster), or None without both figures."""
-  _, metric, unit, _, _ = BENCHES[name]
-  if metric not in kiln or metric not in peer:
-    return None
-  return kiln[metric] / peer[metric] if unit == "tok/s" else peer[metric] / kiln[metric]
+def speedup(unit: str, kiln: float, peer: float) -> float:
+  """Kiln over peer (> 1: Kiln is faster): a throughput ratio, or a time ratio turned around."""
+  return kiln / peer if unit == "tok/s" else peer / kiln
 
 
 def measure(name: str, rounds: int) -> dict:
@@ -104,7 +101,7 @@ def measure(name: str, rounds: int) -> dict:
   res = dict(sorted(kilns, key=slowest_first)[(len(kilns) - 1) // 2])
   if len(peers) == len(kilns):
     res["peer"] = sorted(peers, key=slowest_first)[len(peers) // 2]
-    res["ratios"] = [speedup(name, k, p) for k, p in zip(kilns, peers)]
+    res["ratios"] = [speedup(unit, k[metric], p[metric]) for k, p in zip(kilns, peers)]
   res["rounds"] = [r[metric] for r in kilns]
   return res
 
@@ -120,8 +117,7 @@ def row(name: str, res: dict) -> str:
   else:
     peer_what += " (PERF-NOTES machine)"
   value = res[metric]
-  ratio = value / peer if unit == "tok/s" else peer / value   # > 1 means faster than the peer
-  ratio = f"{ratio:.2f}x"
+  ratio = f"{speedup(unit, value, peer):.2f}x"
   if len(res.get("ratios", [])) > 1:
     ratios = res["ratios"]
     ratio = f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}, {len(ratios)} rounds)"

@@ -3,6 +3,7 @@ import ml_collections
 
 from configs import base
 from model import sharding
+from train import profile
 
 
 def _unknown_keys(cfg, schema, prefix="config"):
@@ -40,7 +41,6 @@ def validate(config, num_devices: int, num_processes: int = 1) -> dict:
   for key in ("steps", "batch_size", "seq_len", "log_every", "checkpoint_every", "keep_checkpoints"):
     if config[key] <= 0:
       raise ValueError(f"config.{key}={config[key]} must be positive")
-  from train import profile
   profile.check(config)
   mesh = sharding.mesh_shape(config.mesh, num_devices)
   data_ways = mesh["data"] * mesh["fsdp"]
