@@ -37,16 +37,19 @@ BENCHES = {
     "ppo_small": ("bench_rl.bench_ppo()", "step_s", "s/step", 2.7, "TRL PPOTrainer 1.12, 2.59-2.79 s/step"),
 }
 
-# name: python expressions (module eval.bench_peer) that measure the peer here; the first that runs
-# is used (TRL's trainers need `pip install -e '.[peer]'`, the others torch + transformers)
+# name: python expressions (module eval.bench_peer) that measure the peer here, on the torch device
+# matching the backend Kiln's run reported; the first that runs is used (TRL's trainers need
+# `pip install -e '.[peer]'`, the others torch + transformers)
 PEERS = {
-    "train_small": "bench_peer.bench_train('small', 256, 8)",
-    "train_medium": "bench_peer.bench_train('medium', 512, 4, steps=5)",
-    "decode_small": "bench_peer.bench_generate('small', 8, 32, 128, 0.9)",
-    "dpo_small": ("bench_peer.bench_trl_dpo('small', 8, 64, 64)", "bench_peer.bench_dpo('small', 8, 64, 64)"),
-    "grpo_small": "bench_peer.bench_trl_grpo('small', 2, 8, 32, 64)",
-    "ppo_small": "bench_peer.bench_trl_ppo('small', 8, 32, 64, 4)",
+    "train_small": "bench_peer.bench_train('small', 256, 8, device={device!r})",
+    "train_medium": "bench_peer.bench_train('medium', 512, 4, steps=5, device={device!r})",
+    "decode_small": "bench_peer.bench_generate('small', 8, 32, 128, 0.9, device={device!r})",
+    "dpo_small": ("bench_peer.bench_trl_dpo('small', 8, 64, 64, device={device!r})",
+                  "bench_peer.bench_dpo('small', 8, 64, 64, device={device!r})"),
+    "grpo_small": "bench_peer.bench_trl_grpo('small', 2, 8, 32, 64, device={device!r})",
+    "ppo_small": "bench_peer.bench_trl_ppo('small', 8, 32, 64, 4, device={device!r})",
 }
+TORCH_DEVICE = {"cpu": "cpu", "gpu": "cuda"}  # jax.default_backend() -> torch device; no TPU peer
 
 CHILD = """
 import json, resource, sys, time
@@ -92,9 +95,10 @@ def measure(name: str, rounds: int) -> dict:
     if "skipped" in kiln or "error" in kiln:
       return kiln
     kilns.append(kiln)
-    exprs = PEERS.get(name, ())
+    device = TORCH_DEVICE.get(kiln.get("backend", "cpu"))
+    exprs = PEERS.get(name, ()) if device else ()
     for expr in exprs if isinstance(exprs, tuple) else (exprs,):
-      peer = run_one(expr)
+      peer = run_one(expr.format(device=device))
       if "skipped" not in peer and "error" not in peer:
         peers.append(peer)
         break
@@ -111,13 +115,17 @@ def row(name: str, res: dict) -> str:
   if "skipped" in res or "error" in res:
     return f"| {name} | - | - | - | - | - | {res.get('skipped') or res.get('error')} |"
   measured = res.get("peer", {})
+  value = res[metric]
   if metric in measured:
     peer = measured[metric]
-    peer_what = f"{measured['peer']} {measured.get('torch', '')}, measured here: {peer:,.1f} {unit}"
+    peer_what = (f"{measured['peer']} {measured.get('torch', '')} on {measured.get('device', 'cpu')}, "
+                 f"measured here: {peer:,.1f} {unit}")
+  elif res.get("backend", "cpu") != "cpu":
+    peer = None
+    peer_what = f"no peer measured on {res['backend']} (the PERF-NOTES figures are a CPU's)"
   else:
     peer_what += " (PERF-NOTES machine)"
-  value = res[metric]
-  ratio = f"{speedup(unit, value, peer):.2f}x"
+  ratio = f"{speedup(unit, value, peer):.2f}x" if peer else "-"
   if len(res.get("ratios", [])) > 1:
     ratios = res["ratios"]
     ratio = f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}, {len(ratios)} rounds)"

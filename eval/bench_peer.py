@@ -24,6 +24,9 @@ model, fp32 without checkpointing, median step after two warm-up steps.
 TRL PPO (same extra): trl.experimental.ppo.PPOTrainer, batch 8, prompt 32, 64 new tokens (no stop
 token), 4 PPO epochs of one minibatch, reference, reward model and a separate critic, fp32; it
 calls back only at step ends, so a step is the time between two; median after two warm-up steps.
+Every function takes `device` ("cpu" or "cuda"): `make bench` runs the peer where Kiln's own
+benchmark ran, so on a GPU box both sides use the GPU. On CUDA the peer's fp32 matmuls may use TF32,
+as JAX's default precision does there.
 """
 import argparse
 import json
@@ -45,7 +48,7 @@ def median_seconds(fn, warmup: int, repeats: int) -> float:
   return statistics.median(times)
 
 
-def hf_llama(preset: str):
+def hf_llama(preset: str, device: str = "cpu"):
   """A randomly initialised transformers LlamaForCausalLM with the shape of Kiln's `preset`."""
   import torch
   import transformers
@@ -56,14 +59,16 @@ def hf_llama(preset: str):
       rms_norm_eps=m.norm_eps, rope_theta=m.rope_theta, tie_word_embeddings=m.tie_embeddings,
       max_position_embeddings=4096, attn_implementation="sdpa")
   torch.manual_seed(0)
-  return transformers.LlamaForCausalLM(cfg).float()
+  if device == "cuda":
+    torch.backends.cuda.matmul.allow_tf32 = True  # JAX's default fp32 matmul precision on GPU
+  return transformers.LlamaForCausalLM(cfg).float().to(device)
 
 
-def bench_train(preset="small", seq_len=256, batch=8, steps=10) -> dict:
+def bench_train(preset="small", seq_len=256, batch=8, steps=10, device="cpu") -> dict:
   import torch
-  model = hf_llama(preset).train()
+  model = hf_llama(preset, device).train()
   opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
-  tokens = torch.randint(0, model.config.vocab_size, (batch, seq_len))
+  tokens = torch.randint(0, model.config.vocab_size, (batch, seq_len), device=device)
 
   def step():
     loss = model(input_ids=tokens, labels=tokens).loss
@@ -71,40 +76,43 @@ def bench_train(preset="small", seq_len=256, batch=8, steps=10) -> dict:
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return float(loss)
+    return float(loss)  # waits for the device
 
   dt = median_seconds(step, 2, steps)
   return dict(peer="torch eager HF Llama", torch=torch.__version__, threads=torch.get_num_threads(),
-              preset=preset, seq_len=seq_len, batch=batch, step_s=round(dt, 4),
+              device=device, preset=preset, seq_len=seq_len, batch=batch, step_s=round(dt, 4),
               tokens_per_sec=round(batch * seq_len / dt, 1))
 
 
-def bench_generate(preset="small", batch=8, prompt_len=32, new_tokens=128, top_p=0.9, repeats=3) -> dict:
+def bench_generate(preset="small", batch=8, prompt_len=32, new_tokens=128, top_p=0.9, repeats=3,
+                   device="cpu") -> dict:
   import torch
-  model = hf_llama(preset).eval()
-  tokens = torch.randint(0, model.config.vocab_size, (batch, prompt_len))
+  model = hf_llama(preset, device).eval()
+  tokens = torch.randint(0, model.config.vocab_size, (batch, prompt_len), device=device)
   kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=top_p < 1.0, top_p=top_p,
             top_k=0, temperature=1.0, use_cache=True, eos_token_id=None, pad_token_id=0)
   with torch.inference_mode():
     out = model.generate(tokens, attention_mask=torch.ones_like(tokens), **kw)
-    dt = median_seconds(lambda: model.generate(tokens, attention_mask=torch.ones_like(tokens), **kw), 0, repeats)
+    dt = median_seconds(lambda: model.generate(tokens, attention_mask=torch.ones_like(tokens), **kw).cpu(),
+                        0, repeats)
   assert out.shape[1] == prompt_len + new_tokens, out.shape
-  return dict(peer="HF generate", torch=torch.__version__, preset=preset, batch=batch,
+  return dict(peer="HF generate", torch=torch.__version__, device=device, preset=preset, batch=batch,
               new_tokens=new_tokens, top_p=top_p, seconds=round(dt, 4),
               tokens_per_sec=round(batch * new_tokens / dt, 1))
 
 
-def bench_dpo(preset="small", batch=8, prompt_len=64, completion_len=64, beta=0.1, steps=5) -> dict:
+def bench_dpo(preset="small", batch=8, prompt_len=64, completion_len=64, beta=0.1, steps=5,
+              device="cpu") -> dict:
   import torch
   import torch.nn.functional as F
-  policy, ref = hf_llama(preset).train(), hf_llama(preset).eval()
+  policy, ref = hf_llama(preset, device).train(), hf_llama(preset, device).eval()
   for p in ref.parameters():
     p.requires_grad_(False)
   opt = torch.optim.AdamW(policy.parameters(), lr=1e-6)
   t = prompt_len + completion_len
-  tokens = torch.randint(0, policy.config.vocab_size, (2 * batch, t))   # rows 2i / 2i + 1: chosen / rejected
-  tokens[1::2, :prompt_len] = tokens[0::2, :prompt_len]
-  mask = torch.zeros(2 * batch, t - 1)
+  tokens = torch.randint(0, policy.config.vocab_size, (2 * batch, t), device=device)  # rows 2i / 2i + 1:
+  tokens[1::2, :prompt_len] = tokens[0::2, :prompt_len]                               # chosen / rejected
+  mask = torch.zeros(2 * batch, t - 1, device=device)
   mask[:, prompt_len - 1:] = 1.0
 
   def logps(model):
@@ -125,7 +133,8 @@ def bench_dpo(preset="small", batch=8, prompt_len=64, completion_len=64, beta=0.
     return float(loss)
 
   dt = median_seconds(step, 1, steps)
-  return dict(peer="torch eager DPO step (HF Llama, no TRL)", torch=torch.__version__, preset=preset,
+  return dict(peer="torch eager DPO step (HF Llama, no TRL)", torch=torch.__version__, device=device,
+              preset=preset,
               batch=batch, step_s=round(dt, 4))
 
 
@@ -141,10 +150,11 @@ def _word_tokenizer(vocab: int):
                                               unk_token="<unk>")
 
 
-def _step_timer(times: list):
+def _step_timer(times: list, device: str):
   """A transformers TrainerCallback appending each optimizer step's wall time to `times`: from the
   step's begin, or from the previous step's end for trainers that call back only at step ends
-  (TRL's PPOTrainer)."""
+  (TRL's PPOTrainer). On CUDA a step ends when the GPU has finished its work."""
+  import torch
   import transformers
 
   class StepTimer(transformers.TrainerCallback):
@@ -155,6 +165,8 @@ def _step_timer(times: list):
       self.t = time.perf_counter()
 
     def on_step_end(self, *args, **kwargs):
+      if device == "cuda":
+        torch.cuda.synchronize()
       now = time.perf_counter()
       times.append(now - self.t)
       self.t = now
@@ -162,7 +174,8 @@ def _step_timer(times: list):
   return StepTimer()
 
 
-def bench_trl_dpo(preset="small", batch=8, prompt_len=64, completion_len=64, beta=0.1, steps=6) -> dict:
+def bench_trl_dpo(preset="small", batch=8, prompt_len=64, completion_len=64, beta=0.1, steps=6,
+                  device="cpu") -> dict:
   """TRL's DPOTrainer step: prompt_len + completion_len tokens per row (TRL appends EOS to the
   completion_len - 1 random words), reference model on, sigmoid loss."""
   import copy
@@ -171,7 +184,7 @@ def bench_trl_dpo(preset="small", batch=8, prompt_len=64, completion_len=64, bet
   import torch
   import trl
   from datasets import Dataset
-  model = hf_llama(preset)
+  model = hf_llama(preset, device)
   vocab = model.config.vocab_size
   rng = random.Random(0)
   words = lambda n: " ".join(f"t{rng.randrange(vocab - 3)}" for _ in range(n))
@@ -182,24 +195,26 @@ def bench_trl_dpo(preset="small", batch=8, prompt_len=64, completion_len=64, bet
   with tempfile.TemporaryDirectory() as out:
     args = trl.DPOConfig(output_dir=out, per_device_train_batch_size=batch, beta=beta, max_steps=steps + 2,
                          learning_rate=1e-6, logging_steps=10_000, save_strategy="no", report_to="none",
-                         use_cpu=True, dataloader_num_workers=0, max_length=None, bf16=False,
+                         use_cpu=device == "cpu", dataloader_num_workers=0, max_length=None, bf16=False,
                          gradient_checkpointing=False, disable_tqdm=True, seed=0)
     trainer = trl.DPOTrainer(model=model, ref_model=copy.deepcopy(model).eval(), args=args,
                              train_dataset=Dataset.from_list(rows), processing_class=_word_tokenizer(vocab),
-                             callbacks=[_step_timer(times)])
+                             callbacks=[_step_timer(times, device)])
     trainer.train()
-  return dict(peer=f"TRL {trl.__version__} DPOTrainer (fp32)", torch=torch.__version__, preset=preset,
+  return dict(peer=f"TRL {trl.__version__} DPOTrainer (fp32)", torch=torch.__version__, device=device,
+              preset=preset,
               batch=batch, step_s=round(statistics.median(times[2:]), 4))
 
 
-def bench_trl_grpo(preset="small", prompts=2, g=8, prompt_len=32, new_tokens=64, beta=0.04, steps=6) -> dict:
+def bench_trl_grpo(preset="small", prompts=2, g=8, prompt_len=32, new_tokens=64, beta=0.04, steps=6,
+                   device="cpu") -> dict:
   """TRL's GRPOTrainer step (sampling with transformers generate + scoring + one update)."""
   import random
   import tempfile
   import torch
   import trl
   from datasets import Dataset
-  model = hf_llama(preset)
+  model = hf_llama(preset, device)
   vocab = model.config.vocab_size
   rng = random.Random(0)
   rows = [dict(prompt=" ".join(f"t{rng.randrange(vocab - 3)}" for _ in range(prompt_len)))
@@ -214,18 +229,20 @@ def bench_trl_grpo(preset="small", prompts=2, g=8, prompt_len=32, new_tokens=64,
     args = trl.GRPOConfig(output_dir=out, per_device_train_batch_size=prompts * g, num_generations=g,
                           max_completion_length=new_tokens, beta=beta, temperature=1.0, top_p=1.0,
                           learning_rate=1e-6, max_steps=steps + 2, logging_steps=10_000, save_strategy="no",
-                          report_to="none", use_cpu=True, bf16=False, gradient_checkpointing=False,
+                          report_to="none", use_cpu=device == "cpu", bf16=False, gradient_checkpointing=False,
                           dataloader_num_workers=0, disable_tqdm=True, seed=0,
                           model_init_kwargs={"dtype": torch.float32})
     trainer = trl.GRPOTrainer(model=out + "/model", reward_funcs=reward, args=args,
                               train_dataset=Dataset.from_list(rows), processing_class=_word_tokenizer(vocab),
-                              callbacks=[_step_timer(times)])
+                              callbacks=[_step_timer(times, device)])
     trainer.train()
-  return dict(peer=f"TRL {trl.__version__} GRPOTrainer (fp32)", torch=torch.__version__, preset=preset,
+  return dict(peer=f"TRL {trl.__version__} GRPOTrainer (fp32)", torch=torch.__version__, device=device,
+              preset=preset,
               prompts=prompts, g=g, step_s=round(statistics.median(times[2:]), 4))
 
 
-def bench_trl_ppo(preset="small", batch=8, prompt_len=32, new_tokens=64, epochs=4, steps=5) -> dict:
+def bench_trl_ppo(preset="small", batch=8, prompt_len=32, new_tokens=64, epochs=4, steps=5,
+                  device="cpu") -> dict:
   """TRL's PPOTrainer step (trl 1.12, its last release with PPO): sample new_tokens (no stop token),
   score with a reward model, reference and critic forward passes, then `epochs` passes over one
   minibatch updating policy and critic (a separate value model), fp32."""
@@ -237,7 +254,7 @@ def bench_trl_ppo(preset="small", batch=8, prompt_len=32, new_tokens=64, epochs=
   from datasets import Dataset
   import trl
   from trl.experimental.ppo import PPOConfig, PPOTrainer
-  policy = hf_llama(preset)
+  policy = hf_llama(preset, device)
   vocab = policy.config.vocab_size
   rng = random.Random(0)
   rows = [dict(input_ids=[rng.randrange(vocab - 3) for _ in range(prompt_len)]) for _ in range(batch * (steps + 2))]
@@ -245,7 +262,8 @@ def bench_trl_ppo(preset="small", batch=8, prompt_len=32, new_tokens=64, epochs=
   def scalar_model():  # reward model and critic: the same trunk with a one-output score head
     torch.manual_seed(1)
     return transformers.LlamaForSequenceClassification(
-        transformers.LlamaConfig(**{**policy.config.to_dict(), "num_labels": 1, "pad_token_id": vocab - 3})).float()
+        transformers.LlamaConfig(**{**policy.config.to_dict(), "num_labels": 1, "pad_token_id": vocab - 3})
+    ).float().to(device)
 
   times = []
 
@@ -253,15 +271,16 @@ def bench_trl_ppo(preset="small", batch=8, prompt_len=32, new_tokens=64, epochs=
     args = PPOConfig(output_dir=out, per_device_train_batch_size=batch, local_rollout_forward_batch_size=batch,
                      num_mini_batches=1, num_ppo_epochs=epochs, response_length=new_tokens, stop_token=None,
                      total_episodes=batch * (steps + 2), num_sample_generations=0, temperature=1.0,
-                     kl_coef=0.05, learning_rate=1e-6, report_to="none", use_cpu=True, bf16=False,
+                     kl_coef=0.05, learning_rate=1e-6, report_to="none", use_cpu=device == "cpu", bf16=False,
                      gradient_checkpointing=False, save_strategy="no", logging_steps=10_000,
                      disable_tqdm=True, dataloader_num_workers=0, seed=0)
     trainer = PPOTrainer(args=args, processing_class=_word_tokenizer(vocab), model=policy,
                          ref_model=copy.deepcopy(policy).eval(), reward_model=scalar_model().eval(),
                          value_model=scalar_model(), train_dataset=Dataset.from_list(rows),
-                         callbacks=[_step_timer(times)])
+                         callbacks=[_step_timer(times, device)])
     trainer.train()
-  return dict(peer=f"TRL {trl.__version__} PPOTrainer (fp32)", torch=torch.__version__, preset=preset,
+  return dict(peer=f"TRL {trl.__version__} PPOTrainer (fp32)", torch=torch.__version__, device=device,
+              preset=preset,
               batch=batch, epochs=epochs, step_s=round(statistics.median(times[2:]), 4))
 
 
@@ -269,17 +288,12 @@ if __name__ == "__main__":
   p = argparse.ArgumentParser()
   p.add_argument("--which", choices=["train", "generate", "dpo", "trl_dpo", "trl_grpo", "trl_ppo"], default="train")
   p.add_argument("--preset", default="small")
+  p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
   a = p.parse_args()
   if a.which == "train":
     seq, batch = (256, 8) if a.preset == "small" else (512, 4)
-    print(json.dumps(bench_train(a.preset, seq, batch, steps=10 if a.preset == "small" else 5)))
-  elif a.which == "dpo":
-    print(json.dumps(bench_dpo(a.preset)))
-  elif a.which == "trl_dpo":
-    print(json.dumps(bench_trl_dpo(a.preset)))
-  elif a.which == "trl_grpo":
-    print(json.dumps(bench_trl_grpo(a.preset)))
-  elif a.which == "trl_ppo":
-    print(json.dumps(bench_trl_ppo(a.preset)))
+    print(json.dumps(bench_train(a.preset, seq, batch, steps=10 if a.preset == "small" else 5, device=a.device)))
   else:
-    print(json.dumps(bench_generate(a.preset)))
+    fn = {"generate": bench_generate, "dpo": bench_dpo, "trl_dpo": bench_trl_dpo, "trl_grpo": bench_trl_grpo,
+          "trl_ppo": bench_trl_ppo}[a.which]
+    print(json.dumps(fn(a.preset, device=a.device)))

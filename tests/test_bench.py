@@ -6,14 +6,16 @@ import pytest
 from eval import bench
 
 
-def _fake_runs(monkeypatch, kiln_values, peer_values, metric="tokens_per_sec"):
+def _fake_runs(monkeypatch, kiln_values, peer_values, metric="tokens_per_sec", backend="cpu", exprs=None):
   kiln, peer = iter(kiln_values), iter(peer_values)
   calls = []
 
   def run_one(expr):
     calls.append("peer" if expr.startswith("bench_peer") else "kiln")
+    if exprs is not None:
+      exprs.append(expr)
     if calls[-1] == "kiln":
-      return {metric: next(kiln), "peak_rss_mb": 1.0, "compile_s": 2.0}
+      return {metric: next(kiln), "peak_rss_mb": 1.0, "compile_s": 2.0, "backend": backend}
     value = next(peer)
     return {"skipped": "no torch"} if value is None else {metric: value, "peer": "stub"}
 
@@ -43,3 +45,23 @@ def test_missing_peer_falls_back_to_reference_figure(monkeypatch):
   res = bench.measure("train_small", 1)
   assert "peer" not in res and "ratios" not in res
   assert "(PERF-NOTES machine)" in bench.row("train_small", res)
+
+
+def test_peer_runs_on_the_device_kiln_ran_on(monkeypatch):
+  exprs = []
+  _fake_runs(monkeypatch, [2000.0], [500.0], backend="gpu", exprs=exprs)
+  res = bench.measure("decode_small", 1)
+  assert exprs[1] == "bench_peer.bench_generate('small', 8, 32, 128, 0.9, device='cuda')"
+  assert res["ratios"] == [4.0]
+  exprs.clear()
+  _fake_runs(monkeypatch, [2000.0], [500.0], backend="cpu", exprs=exprs)
+  bench.measure("decode_small", 1)
+  assert exprs[1].endswith("device='cpu')")
+
+
+def test_no_cpu_figure_stands_in_for_an_accelerator_peer(monkeypatch):
+  calls = _fake_runs(monkeypatch, [90000.0], itertools.repeat(500.0), backend="tpu")
+  res = bench.measure("train_small", 1)
+  assert calls == ["kiln"] and "peer" not in res  # no torch device for a TPU: no peer run
+  line = bench.row("train_small", res)
+  assert "no peer measured on tpu" in line and "| - |" in line and "PERF-NOTES machine" not in line
