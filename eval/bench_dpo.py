@@ -60,7 +60,7 @@ def bench_dpo(preset="small", batch=8, prompt_len=64, completion_len=64, loss="s
     times.append(time.perf_counter() - t)
   dt = statistics.median(times)
   return dict(preset=preset, batch=batch, prompt_len=prompt_len, completion_len=completion_len, loss=loss,
-              beta=beta, step_s=round(dt, 4), step_min_s=round(min(times), 4), compile_s=round(compile_s, 2),
+              beta=beta, step_s=round(dt, 6), step_min_s=round(min(times), 6), compile_s=round(compile_s, 2),
               tokens_per_sec=round(batch * 2 * (prompt_len + completion_len) / dt, 1),
               trl_s=TRL_SECONDS, speedup_vs_trl=round(TRL_SECONDS / dt, 2),
               train_loss=float(m["train/loss"]), backend=jax.default_backend())

@@ -80,7 +80,7 @@ def bench_train(preset="small", seq_len=256, batch=8, steps=10, device="cpu") ->
 
   dt = median_seconds(step, 2, steps)
   return dict(peer="torch eager HF Llama", torch=torch.__version__, threads=torch.get_num_threads(),
-              device=device, preset=preset, seq_len=seq_len, batch=batch, step_s=round(dt, 4),
+              device=device, preset=preset, seq_len=seq_len, batch=batch, step_s=round(dt, 6),
               tokens_per_sec=round(batch * seq_len / dt, 1))
 
 
@@ -97,7 +97,7 @@ def bench_generate(preset="small", batch=8, prompt_len=32, new_tokens=128, top_p
                         0, repeats)
   assert out.shape[1] == prompt_len + new_tokens, out.shape
   return dict(peer="HF generate", torch=torch.__version__, device=device, preset=preset, batch=batch,
-              new_tokens=new_tokens, top_p=top_p, seconds=round(dt, 4),
+              new_tokens=new_tokens, top_p=top_p, seconds=round(dt, 6),
               tokens_per_sec=round(batch * new_tokens / dt, 1))
 
 
@@ -135,7 +135,7 @@ def bench_dpo(preset="small", batch=8, prompt_len=64, completion_len=64, beta=0.
   dt = median_seconds(step, 1, steps)
   return dict(peer="torch eager DPO step (HF Llama, no TRL)", torch=torch.__version__, device=device,
               preset=preset,
-              batch=batch, step_s=round(dt, 4))
+              batch=batch, step_s=round(dt, 6))
 
 
 def _word_tokenizer(vocab: int):
@@ -203,7 +203,7 @@ def bench_trl_dpo(preset="small", batch=8, prompt_len=64, completion_len=64, bet
     trainer.train()
   return dict(peer=f"TRL {trl.__version__} DPOTrainer (fp32)", torch=torch.__version__, device=device,
               preset=preset,
-              batch=batch, step_s=round(statistics.median(times[2:]), 4))
+              batch=batch, step_s=round(statistics.median(times[2:]), 6))
 
 
 def bench_trl_grpo(preset="small", prompts=2, g=8, prompt_len=32, new_tokens=64, beta=0.04, steps=6,
@@ -238,7 +238,7 @@ def bench_trl_grpo(preset="small", prompts=2, g=8, prompt_len=32, new_tokens=64,
     trainer.train()
   return dict(peer=f"TRL {trl.__version__} GRPOTrainer (fp32)", torch=torch.__version__, device=device,
               preset=preset,
-              prompts=prompts, g=g, step_s=round(statistics.median(times[2:]), 4))
+              prompts=prompts, g=g, step_s=round(statistics.median(times[2:]), 6))
 
 
 def bench_trl_ppo(preset="small", batch=8, prompt_len=32, new_tokens=64, epochs=4, steps=5,
@@ -281,7 +281,7 @@ def bench_trl_ppo(preset="small", batch=8, prompt_len=32, new_tokens=64, epochs=
     trainer.train()
   return dict(peer=f"TRL {trl.__version__} PPOTrainer (fp32)", torch=torch.__version__, device=device,
               preset=preset,
-              batch=batch, epochs=epochs, step_s=round(statistics.median(times[2:]), 4))
+              batch=batch, epochs=epochs, step_s=round(statistics.median(times[2:]), 6))
 
 
 if __name__ == "__main__":
