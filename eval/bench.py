@@ -35,6 +35,9 @@ BENCHES = {
     "dpo_small": ("bench_dpo.bench_dpo()", "step_s", "s/step", 1.15, "TRL DPOTrainer, 1.10-1.21 s/step"),
     "grpo_small": ("bench_rl.bench_grpo()", "step_s", "s/step", 1.68, "TRL GRPOTrainer, 1.64-1.72 s/step"),
     "ppo_small": ("bench_rl.bench_ppo()", "step_s", "s/step", 2.7, "TRL PPOTrainer 1.12, 2.59-2.79 s/step"),
+    # a real model size, on GPUs / TPUs only: bf16 compute, fp32 weights, seq 2048
+    "train_llama3_1b": ("bench_train.bench_train_on_accelerator('llama3_1b', 2048, 4, dtype='bfloat16')",
+                        "tokens_per_sec", "tok/s", None, "PyTorch eager HF Llama, bf16 autocast"),
 }
 
 # name: python expressions (module eval.bench_peer) that measure the peer here, on the torch device
@@ -48,6 +51,7 @@ PEERS = {
                   "bench_peer.bench_dpo('small', 8, 64, 64, device={device!r})"),
     "grpo_small": "bench_peer.bench_trl_grpo('small', 2, 8, 32, 64, device={device!r})",
     "ppo_small": "bench_peer.bench_trl_ppo('small', 8, 32, 64, 4, device={device!r})",
+    "train_llama3_1b": "bench_peer.bench_train('llama3_1b', 2048, 4, steps=5, device={device!r}, dtype='bfloat16')",
 }
 TORCH_DEVICE = {"cpu": "cpu", "gpu": "cuda"}  # jax.default_backend() -> torch device; no TPU peer
 

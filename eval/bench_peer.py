@@ -64,14 +64,20 @@ def hf_llama(preset: str, device: str = "cpu"):
   return transformers.LlamaForCausalLM(cfg).float().to(device)
 
 
-def bench_train(preset="small", seq_len=256, batch=8, steps=10, device="cpu") -> dict:
+def bench_train(preset="small", seq_len=256, batch=8, steps=10, device="cpu", dtype="float32") -> dict:
+  """One AdamW step; dtype bfloat16: fp32 weights, bf16 compute under torch.autocast (as Kiln's
+  model.dtype=bfloat16 with fp32 param_dtype)."""
+  import contextlib
   import torch
   model = hf_llama(preset, device).train()
+  compute = (torch.autocast(device_type=device, dtype=torch.bfloat16) if dtype == "bfloat16" else
+             contextlib.nullcontext())
   opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
   tokens = torch.randint(0, model.config.vocab_size, (batch, seq_len), device=device)
 
   def step():
-    loss = model(input_ids=tokens, labels=tokens).loss
+    with compute:
+      loss = model(input_ids=tokens, labels=tokens).loss
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
@@ -80,7 +86,7 @@ def bench_train(preset="small", seq_len=256, batch=8, steps=10, device="cpu") ->
 
   dt = median_seconds(step, 2, steps)
   return dict(peer="torch eager HF Llama", torch=torch.__version__, threads=torch.get_num_threads(),
-              device=device, preset=preset, seq_len=seq_len, batch=batch, step_s=round(dt, 6),
+              device=device, dtype=dtype, preset=preset, seq_len=seq_len, batch=batch, step_s=round(dt, 6),
               tokens_per_sec=round(batch * seq_len / dt, 1))
 
 

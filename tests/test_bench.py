@@ -65,3 +65,10 @@ def test_no_cpu_figure_stands_in_for_an_accelerator_peer(monkeypatch):
   assert calls == ["kiln"] and "peer" not in res  # no torch device for a TPU: no peer run
   line = bench.row("train_small", res)
   assert "no peer measured on tpu" in line and "| - |" in line and "PERF-NOTES machine" not in line
+
+
+def test_real_size_bench_is_skipped_on_cpu():
+  from eval import bench_train
+  res = bench_train.bench_train_on_accelerator("llama3_1b", 2048, 4, dtype="bfloat16")
+  assert "accelerator only" in res["skipped"]
+  assert "accelerator only" in bench.row("train_llama3_1b", res)
