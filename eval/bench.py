@@ -35,10 +35,13 @@ BENCHES = {
     "dpo_small": ("bench_dpo.bench_dpo()", "step_s", "s/step", 1.15, "TRL DPOTrainer, 1.10-1.21 s/step"),
     "grpo_small": ("bench_rl.bench_grpo()", "step_s", "s/step", 1.68, "TRL GRPOTrainer, 1.64-1.72 s/step"),
     "ppo_small": ("bench_rl.bench_ppo()", "step_s", "s/step", 2.7, "TRL PPOTrainer 1.12, 2.59-2.79 s/step"),
-    # a real model size, on GPUs / TPUs only: bf16 compute, fp32 weights, seq 2048
-    "train_llama3_1b": ("bench_train.bench_train_on_accelerator('llama3_1b', 2048, 4, dtype='bfloat16')",
+    # real model sizes, on GPUs / TPUs only (ACCELERATOR_ONLY): no PERF-NOTES figure
+    "train_llama3_1b": ("bench_train.bench_train('llama3_1b', 2048, 4, steps=5, dtype='bfloat16')",
                         "tokens_per_sec", "tok/s", None, "PyTorch eager HF Llama, bf16 autocast"),
+    "decode_llama3_1b": ("bench_decode.bench_decode('llama3_1b', 8, 32, 128, 0.9, dtype='bfloat16', "
+                         "param_dtype='bfloat16')", "tokens_per_sec", "tok/s", None, "HF generate, bf16"),
 }
+ACCELERATOR_ONLY = {"train_llama3_1b", "decode_llama3_1b"}  # minutes per step on a CPU
 
 # name: python expressions (module eval.bench_peer) that measure the peer here, on the torch device
 # matching the backend Kiln's run reported; the first that runs is used (TRL's trainers need
@@ -52,6 +55,7 @@ PEERS = {
     "grpo_small": "bench_peer.bench_trl_grpo('small', 2, 8, 32, 64, device={device!r})",
     "ppo_small": "bench_peer.bench_trl_ppo('small', 8, 32, 64, 4, device={device!r})",
     "train_llama3_1b": "bench_peer.bench_train('llama3_1b', 2048, 4, steps=5, device={device!r}, dtype='bfloat16')",
+    "decode_llama3_1b": "bench_peer.bench_generate('llama3_1b', 8, 32, 128, 0.9, device={device!r}, dtype='bfloat16')",
 }
 TORCH_DEVICE = {"cpu": "cpu", "gpu": "cuda"}  # jax.default_backend() -> torch device; no TPU peer
 
@@ -63,6 +67,10 @@ try:
   mod = __import__("eval." + module, fromlist=[module])
 except ImportError as e:
   print(json.dumps({{"skipped": f"eval/{{module}}.py not available: {{e}}"}})); sys.exit(0)
+if {accelerator_only!r}:
+  import jax
+  if jax.default_backend() == "cpu":
+    print(json.dumps({{"skipped": "benched on an accelerator only (JAX has the CPU here)"}})); sys.exit(0)
 t0 = time.perf_counter()
 out = eval({expr!r}, {{module: mod}})
 out["wall_s"] = time.perf_counter() - t0
@@ -71,9 +79,9 @@ print(json.dumps(out))
 """
 
 
-def run_one(expr: str) -> dict:
+def run_one(expr: str, accelerator_only: bool = False) -> dict:
   module = expr.split(".")[0]
-  code = CHILD.format(root=ROOT, module=module, expr=expr)
+  code = CHILD.format(root=ROOT, module=module, expr=expr, accelerator_only=accelerator_only)
   proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
   if proc.returncode != 0:
     return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
@@ -95,7 +103,7 @@ def measure(name: str, rounds: int) -> dict:
   slowest_first = lambda r: r[metric] if unit == "tok/s" else -r[metric]
   kilns, peers = [], []
   for _ in range(rounds):
-    kiln = run_one(BENCHES[name][0])
+    kiln = run_one(BENCHES[name][0], accelerator_only=name in ACCELERATOR_ONLY)
     if "skipped" in kiln or "error" in kiln:
       return kiln
     kilns.append(kiln)

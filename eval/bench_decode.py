@@ -25,9 +25,11 @@ HF_GENERATE_TOK_S = 723.0  # middle of the 661-785 tok/s measured for HF generat
 
 def bench_decode(preset: str = "small", batch: int = 8, prompt_len: int = 32, new_tokens: int = 128,
                  top_p: float = 0.9, temperature: float = 1.0, top_k: int = 0, repeats: int = 3,
-                 phases: int = decode.PHASES, seed: int = 0) -> dict:
+                 phases: int = decode.PHASES, seed: int = 0, **model_overrides) -> dict:
   """{tokens_per_sec, ms_per_step, ...} of sampling new_tokens for batch prompts of prompt_len."""
-  cfg = ModelConfig.from_config(models.get(preset))
+  model_cfg = models.get(preset)
+  model_cfg.update(model_overrides)
+  cfg = ModelConfig.from_config(model_cfg)
   dummy = jnp.zeros((1, 4), jnp.int32)
   params = jax.jit(lambda k: nn.meta.unbox(Transformer(cfg).init(k, dummy))["params"])(jax.random.key(seed))
   tokens = jax.random.randint(jax.random.key(seed + 1), (batch, prompt_len), 0, cfg.vocab_size)

@@ -91,9 +91,9 @@ def bench_train(preset="small", seq_len=256, batch=8, steps=10, device="cpu", dt
 
 
 def bench_generate(preset="small", batch=8, prompt_len=32, new_tokens=128, top_p=0.9, repeats=3,
-                   device="cpu") -> dict:
+                   device="cpu", dtype="float32") -> dict:
   import torch
-  model = hf_llama(preset, device).eval()
+  model = hf_llama(preset, device).to(getattr(torch, dtype)).eval()
   tokens = torch.randint(0, model.config.vocab_size, (batch, prompt_len), device=device)
   kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=top_p < 1.0, top_p=top_p,
             top_k=0, temperature=1.0, use_cache=True, eos_token_id=None, pad_token_id=0)
@@ -102,7 +102,7 @@ def bench_generate(preset="small", batch=8, prompt_len=32, new_tokens=128, top_p
     dt = median_seconds(lambda: model.generate(tokens, attention_mask=torch.ones_like(tokens), **kw).cpu(),
                         0, repeats)
   assert out.shape[1] == prompt_len + new_tokens, out.shape
-  return dict(peer="HF generate", torch=torch.__version__, device=device, preset=preset, batch=batch,
+  return dict(peer="HF generate", torch=torch.__version__, device=device, dtype=dtype, preset=preset, batch=batch,
               new_tokens=new_tokens, top_p=top_p, seconds=round(dt, 6),
               tokens_per_sec=round(batch * new_tokens / dt, 1))
 

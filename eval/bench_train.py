@@ -52,13 +52,6 @@ def bench_train(preset="small", seq_len=256, batch=8, steps=10, **model_override
               backend=jax.default_backend())
 
 
-def bench_train_on_accelerator(preset, seq_len, batch, steps=5, **model_overrides) -> dict:
-  """bench_train, or {"skipped": ...} where JAX has only the CPU (a real-size model: minutes a step)."""
-  if jax.default_backend() == "cpu":
-    return {"skipped": f"{preset} is benched on an accelerator only (JAX has the CPU here)"}
-  return bench_train(preset, seq_len, batch, steps, **model_overrides)
-
-
 if __name__ == "__main__":
   p = argparse.ArgumentParser()
   p.add_argument("--preset", default="small")
