@@ -102,8 +102,8 @@ def bench_generate(preset="small", batch=8, prompt_len=32, new_tokens=128, top_p
     dt = median_seconds(lambda: model.generate(tokens, attention_mask=torch.ones_like(tokens), **kw).cpu(),
                         0, repeats)
   assert out.shape[1] == prompt_len + new_tokens, out.shape
-  return dict(peer="HF generate", torch=torch.__version__, device=device, dtype=dtype, preset=preset, batch=batch,
-              new_tokens=new_tokens, top_p=top_p, seconds=round(dt, 6),
+  return dict(peer="HF generate", torch=torch.__version__, device=device, dtype=dtype, preset=preset,
+              batch=batch, new_tokens=new_tokens, top_p=top_p, seconds=round(dt, 6),
               tokens_per_sec=round(batch * new_tokens / dt, 1))
 
 
@@ -140,8 +140,7 @@ def bench_dpo(preset="small", batch=8, prompt_len=64, completion_len=64, beta=0.
 
   dt = median_seconds(step, 1, steps)
   return dict(peer="torch eager DPO step (HF Llama, no TRL)", torch=torch.__version__, device=device,
-              preset=preset,
-              batch=batch, step_s=round(dt, 6))
+              preset=preset, batch=batch, step_s=round(dt, 6))
 
 
 def _word_tokenizer(vocab: int):
