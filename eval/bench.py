@@ -54,8 +54,10 @@ PEERS = {
                   "bench_peer.bench_dpo('small', 8, 64, 64, device={device!r})"),
     "grpo_small": "bench_peer.bench_trl_grpo('small', 2, 8, 32, 64, device={device!r})",
     "ppo_small": "bench_peer.bench_trl_ppo('small', 8, 32, 64, 4, device={device!r})",
-    "train_llama3_1b": "bench_peer.bench_train('llama3_1b', 2048, 4, steps=5, device={device!r}, dtype='bfloat16')",
-    "decode_llama3_1b": "bench_peer.bench_generate('llama3_1b', 8, 32, 128, 0.9, device={device!r}, dtype='bfloat16')",
+    "train_llama3_1b": ("bench_peer.bench_train('llama3_1b', 2048, 4, steps=5, device={device!r}, "
+                        "dtype='bfloat16')"),
+    "decode_llama3_1b": ("bench_peer.bench_generate('llama3_1b', 8, 32, 128, 0.9, device={device!r}, "
+                         "dtype='bfloat16')"),
 }
 TORCH_DEVICE = {"cpu": "cpu", "gpu": "cuda"}  # jax.default_backend() -> torch device; no TPU peer
 
