@@ -76,6 +76,8 @@ if {accelerator_only!r}:
 t0 = time.perf_counter()
 out = eval({expr!r}, {{module: mod}})
 out["wall_s"] = time.perf_counter() - t0
+if "jax" in sys.modules:  # Kiln's runs: which chip ("NVIDIA H100 80GB HBM3", "cpu", ...)
+  out["device_kind"] = sys.modules["jax"].devices()[0].device_kind
 out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print(json.dumps(out))
 """
