@@ -47,8 +47,7 @@ def bench_train(preset="small", seq_len=256, batch=8, steps=10, **model_override
   tps = batch * seq_len / dt
   flops = cfg.train_flops_per_token(seq_len) * tps
   return dict(preset=preset, seq_len=seq_len, batch=batch, step_s=dt, tokens_per_sec=tps,
-              tflops=flops / 1e12, mfu=flops / loop.PEAK_FLOPS["cpu"] if jax.default_backend() == "cpu"
-              else flops / loop.peak_flops(c), compile_s=compile_s, loss=float(m["train/loss"]),
+              tflops=flops / 1e12, mfu=flops / loop.peak_flops(c), compile_s=compile_s, loss=float(m["train/loss"]),
               backend=jax.default_backend())
 
 
