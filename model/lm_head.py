@@ -7,10 +7,13 @@ and 125-136 for N = 4000. In 1024-wide blocks, [2048, 256] x [256, 4096] went fr
 GFLOP/s and its weight gradient (h^T @ dlogits) from 72 to 101; `medium`'s [2048, 512] x
 [512, 8192] from 82 to 131 and 77 to 109. The input gradient (dlogits @ W^T, a narrow output)
 stays one dot. Other backends get the plain dot, which their compilers tile themselves, and so do
-few rows (decoding: [8, 256] x [256, 4096] is 2x slower in blocks).
+few rows (decoding: [8, 256] x [256, 4096] is 2x slower in blocks), and so does a vocabulary
+split over a `tensor` mesh axis (blocks would cut across its shards and move them between devices).
 """
 import jax
 import jax.numpy as jnp
+
+from model import sharding
 
 VOCAB_BLOCK = 1024
 MIN_ROWS = 256  # fewer rows than this: one dot
@@ -43,6 +46,7 @@ def logits(h, kernel, tied: bool):
   """h [b, t, d] -> [b, t, vocab]; kernel is lm_head [d, vocab], or the embedding [vocab, d] if tied."""
   w = kernel.T if tied else kernel  # [d, vocab]
   b, t, d = h.shape
-  if jax.default_backend() != "cpu" or w.shape[1] <= VOCAB_BLOCK or b * t < MIN_ROWS:
+  if (jax.default_backend() != "cpu" or w.shape[1] <= VOCAB_BLOCK or b * t < MIN_ROWS
+      or sharding.mesh_axis_size("tensor") > 1):
     return jnp.einsum("btd,dv->btv", h, w)
   return blocked_matmul(h.reshape(b * t, d), w).reshape(b, t, -1)

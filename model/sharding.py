@@ -86,6 +86,12 @@ def use_mesh(mesh: Mesh):
     yield
 
 
+def mesh_axis_size(name: str) -> int:
+  """Size of axis `name` of the mesh active while tracing (`use_mesh`); 1 outside one."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return 1 if mesh.empty else dict(mesh.shape).get(name, 1)
+
+
 def constrain(x, logical_axes):
   """Sharding constraint by logical names; a no-op outside `use_mesh`."""
   return nn.with_logical_constraint(x, logical_axes)

@@ -1,4 +1,7 @@
 """On 8 fake CPU devices, every mesh gives the loss and gradients of one device."""
+import math
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -75,3 +78,84 @@ def test_gradient_accumulation_is_exact():
   np.testing.assert_allclose(m4["train/grad_norm"], m1["train/grad_norm"], rtol=1e-4)
   for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p4)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+def _collectives(compiled_text: str) -> list[tuple[str, str]]:
+  """(op, result shape) of every cross-device op in an optimized HLO module."""
+  return re.findall(r"= (\S+) (all-gather|all-to-all|collective-permute|all-reduce)(?:-start)?\(",
+                    compiled_text)
+
+
+def _dims(hlo_shape: str) -> tuple:
+  """'f32[4,32,2]{1,0,2}' -> (4, 32, 2); a tuple shape -> ()."""
+  m = re.match(r"\w+\[([\d,]*)\]", hlo_shape)
+  return tuple(int(d) for d in m.group(1).split(",") if d) if m else ()
+
+
+@pytest.mark.eight_devices
+def test_tensor_parallel_weights_are_never_gathered():
+  """On a (data 4, tensor 2) mesh the train step multiplies every weight shard by shard: apart from
+  all-reduces (of row-parallel outputs, input gradients and the data-parallel gradients) it moves
+  at most one number per token and shard (partial results of a reduction over the split
+  vocabulary), never a weight or an activation. The MLP's
+  [embed, 2, mlp] kernel used to be all-gathered whole in the forward pass and its activation
+  gradient in the backward (model/attention.py `matmul`), and the CPU-blocked LM head moved
+  vocabulary slices between devices (model/lm_head.py)."""
+  model, params, batch, _ = setup()
+  c = base.base_config()
+  tx, lr = optim.make_optimizer(c.optim, 10)
+  mesh = sharding.make_mesh(dict(data=4, fsdp=1, tensor=2))
+  boxed = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32), jnp.int32))["params"]
+  p = jax.device_put(params, sharding.tree_shardings(boxed, mesh))
+  assert p["layer_0"]["mlp"]["gate_up"].addressable_shards[0].data.shape[-1] == models.tiny().mlp_dim // 2
+  b = sharding.put_batch(batch, mesh)
+  step = jax.jit(loop.make_train_step(model, objectives.get("pretrain"), tx, lr, 1))
+  with sharding.use_mesh(mesh):
+    text = step.lower(p, tx.init(p), b, jnp.int32(0)).compile().as_text()
+  ops = _collectives(text)
+  assert any(op == "all-reduce" for _, op in ops), "expected the tensor-parallel all-reduces"
+  per_token = (len(batch["inputs"]) // 4) * batch["inputs"].shape[1] * 2  # rows per data shard x length x tensor
+  moved = [(s, op) for s, op in ops if op != "all-reduce" and math.prod(_dims(s)) > per_token]
+  assert not moved, f"train step moves arrays between devices: {moved}"
+
+
+@pytest.mark.eight_devices
+def test_tensor_parallel_decoding_never_gathers_a_weight():
+  """Decoding on a tensor-parallel mesh keeps every weight split: no all-gather or permute in the
+  compiled generate has a parameter's full shape (the sampler gathers a few [batch, k] numbers
+  of the vocabulary-split logits)."""
+  from model import decode
+  from model.sampling import Sampling
+  model, params, _, _ = setup()
+  cfg = model.cfg
+  mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=2), jax.devices()[:2])
+  boxed = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32), jnp.int32))["params"]
+  p = jax.device_put(params, sharding.tree_shardings(boxed, mesh))
+  tokens = jnp.ones((2, 8), jnp.int32)
+  with sharding.use_mesh(mesh):
+    t = jax.device_put(tokens, sharding.batch_sharding(mesh))
+    text = decode._generate.lower(p, t, jnp.ones_like(t), jax.random.key(0), decode._stop_array(()),
+                                  cfg=cfg, apply_fn=decode.transformer_apply, max_new_tokens=16,
+                                  sampling=Sampling(1.0, 0, 0.9), pad_id=0, phases=1).compile().as_text()
+  weight_shapes = {tuple(x.shape) for x in jax.tree.leaves(params)}
+  moved = [(s, op) for s, op in _collectives(text) if op != "all-reduce" and _dims(s) in weight_shapes]
+  assert not moved, f"decoding gathers whole weights: {moved}"
+
+
+@pytest.mark.eight_devices
+def test_lm_head_on_a_split_vocabulary_moves_no_activation():
+  """The CPU-blocked LM head (1024-wide vocabulary blocks) would cut across the shards of a
+  vocabulary split over `tensor`; under such a mesh it is one dot, and its gradient needs only
+  the all-reduce of the input gradient."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from model import lm_head
+  mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=2), jax.devices()[:2])
+  rng = np.random.default_rng(0)
+  h = jax.device_put(rng.standard_normal((4, 128, 32)).astype(np.float32), NamedSharding(mesh, P()))
+  w = jax.device_put(rng.standard_normal((32, 4 * lm_head.VOCAB_BLOCK)).astype(np.float32),
+                     NamedSharding(mesh, P(None, "tensor")))
+  loss = lambda h, w: jnp.sum(jnp.sin(lm_head.logits(h, w, tied=False)))
+  with sharding.use_mesh(mesh):
+    text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(h, w).compile().as_text()
+  moved = [(s, op) for s, op in _collectives(text) if op != "all-reduce"]
+  assert not moved, f"the LM head moves arrays between devices: {moved}"
