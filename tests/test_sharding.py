@@ -80,16 +80,12 @@ def test_gradient_accumulation_is_exact():
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 
 
-def _collectives(compiled_text: str) -> list[tuple[str, str]]:
-  """(op, result shape) of every cross-device op in an optimized HLO module."""
-  return re.findall(r"= (\S+) (all-gather|all-to-all|collective-permute|all-reduce)(?:-start)?\(",
-                    compiled_text)
-
-
-def _dims(hlo_shape: str) -> tuple:
-  """'f32[4,32,2]{1,0,2}' -> (4, 32, 2); a tuple shape -> ()."""
-  m = re.match(r"\w+\[([\d,]*)\]", hlo_shape)
-  return tuple(int(d) for d in m.group(1).split(",") if d) if m else ()
+def _collectives(compiled_text: str) -> list[tuple[tuple, str]]:
+  """(dims, op) of every array a cross-device op of an optimized HLO module produces; combined
+  (tuple-shaped) and async ops give one entry per array."""
+  ops = re.findall(r"= (.*?) (all-gather|all-to-all|collective-permute|all-reduce)(?:-start)?\(", compiled_text)
+  return [(tuple(int(d) for d in dims.split(",") if d), op)
+          for shape, op in ops for dims in re.findall(r"\w+\[([\d,]*)\]", shape)]
 
 
 @pytest.mark.eight_devices
@@ -97,10 +93,9 @@ def test_tensor_parallel_weights_are_never_gathered():
   """On a (data 4, tensor 2) mesh the train step multiplies every weight shard by shard: apart from
   all-reduces (of row-parallel outputs, input gradients and the data-parallel gradients) it moves
   at most one number per token and shard (partial results of a reduction over the split
-  vocabulary), never a weight or an activation. The MLP's
-  [embed, 2, mlp] kernel used to be all-gathered whole in the forward pass and its activation
-  gradient in the backward (model/attention.py `matmul`), and the CPU-blocked LM head moved
-  vocabulary slices between devices (model/lm_head.py)."""
+  vocabulary), never a weight or an activation. The MLP's [embed, 2, mlp] kernel used to be
+  all-gathered whole in the forward pass and its activation gradient in the backward
+  (model/attention.py `matmul`)."""
   model, params, batch, _ = setup()
   c = base.base_config()
   tx, lr = optim.make_optimizer(c.optim, 10)
@@ -115,7 +110,7 @@ def test_tensor_parallel_weights_are_never_gathered():
   ops = _collectives(text)
   assert any(op == "all-reduce" for _, op in ops), "expected the tensor-parallel all-reduces"
   per_token = (len(batch["inputs"]) // 4) * batch["inputs"].shape[1] * 2  # rows per data shard x length x tensor
-  moved = [(s, op) for s, op in ops if op != "all-reduce" and math.prod(_dims(s)) > per_token]
+  moved = [(d, op) for d, op in ops if op != "all-reduce" and math.prod(d) > per_token]
   assert not moved, f"train step moves arrays between devices: {moved}"
 
 
@@ -138,7 +133,7 @@ def test_tensor_parallel_decoding_never_gathers_a_weight():
                                   cfg=cfg, apply_fn=decode.transformer_apply, max_new_tokens=16,
                                   sampling=Sampling(1.0, 0, 0.9), pad_id=0, phases=1).compile().as_text()
   weight_shapes = {tuple(x.shape) for x in jax.tree.leaves(params)}
-  moved = [(s, op) for s, op in _collectives(text) if op != "all-reduce" and _dims(s) in weight_shapes]
+  moved = [(d, op) for d, op in _collectives(text) if op != "all-reduce" and d in weight_shapes]
   assert not moved, f"decoding gathers whole weights: {moved}"
 
 
@@ -157,5 +152,5 @@ def test_lm_head_on_a_split_vocabulary_moves_no_activation():
   loss = lambda h, w: jnp.sum(jnp.sin(lm_head.logits(h, w, tied=False)))
   with sharding.use_mesh(mesh):
     text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(h, w).compile().as_text()
-  moved = [(s, op) for s, op in _collectives(text) if op != "all-reduce"]
+  moved = [(d, op) for d, op in _collectives(text) if op != "all-reduce"]
   assert not moved, f"the LM head moves arrays between devices: {moved}"
