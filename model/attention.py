@@ -105,14 +105,18 @@ def attention_impl(name: str, dtype, head_dim: int) -> str:
   return "cudnn" if fits and jax.default_backend() == "gpu" else "xla"
 
 
-def grouped_attention(q, k, v, mask, impl: str = "xla"):
-  """q [b, t, kv, group, hd], k/v [b, s, kv, hd], mask [b, 1, 1, t, s] -> [b, t, kv, group, hd]."""
+def grouped_attention(q, k, v, mask, impl: str = "xla", causal: bool = False):
+  """q [b, t, kv, group, hd], k/v [b, s, kv, hd], mask [b, 1, 1, t, s] -> [b, t, kv, group, hd].
+
+  causal: `mask` hides every key after its query (t == s), so cuDNN may skip those tiles
+  (is_causal with the mask: on one H100, a llama3_1b layer's attention forward + backward 2.24 ->
+  1.67 ms and its train step 155 -> 146 ms, the same loss)."""
   scale = 1.0 / math.sqrt(q.shape[-1])
   if impl == "cudnn":
     b, t, kv, g, hd = q.shape
     out = jax.nn.dot_product_attention(
         q.reshape(b, t, kv * g, hd), k, v, mask=mask.reshape(b, 1, t, -1), scale=scale,
-        implementation="cudnn")
+        is_causal=causal, implementation="cudnn")
     return out.reshape(b, t, kv, g, hd)
   # Softmax with the scale folded into q and the normalisation deferred to the output: the
   # division runs on [.., t, hd] instead of [.., t, s] (the flash-attention order; +4-5% per
@@ -139,7 +143,7 @@ def causal_attention(q, k, v, mask, impl: str = "xla"):
   t = q.shape[1]
   n = min(MAX_QUERY_BLOCKS, t // 64)
   if impl != "xla" or n < 2:
-    return grouped_attention(q, k, v, mask, impl)
+    return grouped_attention(q, k, v, mask, impl, causal=True)
   ends = [round(t * (i + 1) / n) for i in range(n)]
   starts = [0] + ends[:-1]
   return jnp.concatenate([grouped_attention(q[:, a:e], k[:, :e], v[:, :e], mask[..., a:e, :e])

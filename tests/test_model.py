@@ -216,3 +216,28 @@ def test_blocked_lm_head_matches_float64_values_and_gradients(tied):
   dw = np.einsum("btd,btv->dv", h, g)
   np.testing.assert_allclose(dk, dw.T if tied else dw, rtol=1e-4, atol=1e-4)
   assert len(lm_head._blocks(v)) == 3
+
+
+def test_cudnn_attention_is_told_the_mask_is_causal(monkeypatch):
+  """The cuDNN path passes is_causal=True with the packed / branched mask (so it can skip the tiles
+  after the diagonal). Run here through jax.nn.dot_product_attention's XLA path with the same
+  arguments: the mask and the causal flag together give the mask's own attention."""
+  calls = []
+  real = jax.nn.dot_product_attention
+
+  def recording(*args, implementation=None, **kw):
+    calls.append(kw)
+    return real(*args, implementation="xla", **kw)
+
+  monkeypatch.setattr(jax.nn, "dot_product_attention", recording)
+  rng = np.random.default_rng(3)
+  b, t, kv, g, hd = 2, 96, 2, 2, 16
+  q, k, v = (jnp.asarray(rng.standard_normal(s).astype(np.float32))
+             for s in ((b, t, kv, g, hd), (b, t, kv, hd), (b, t, kv, hd)))
+  seg = jnp.asarray(np.sort(rng.integers(1, 4, (b, t)), axis=1))
+  branches = jnp.asarray(np.where(np.arange(t) < 40, 0, np.where(np.arange(t) < 70, 1, 2))[None].repeat(b, 0))
+  slots = jnp.broadcast_to(jnp.arange(t), (b, t))
+  mask = attention_mask(seg, seg, slots, slots, branches)
+  got = causal_attention(q, k, v, mask, impl="cudnn")
+  assert calls and all(c["is_causal"] for c in calls) and all(c["mask"] is not None for c in calls)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(grouped_attention(q, k, v, mask)), rtol=2e-5, atol=2e-5)
