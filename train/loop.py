@@ -26,19 +26,41 @@ from train import state as state_lib
 from train.metrics import MetricsLogger
 from train.validate import validate
 
-# Dense peak FLOP/s per device by device kind (bf16 on accelerators, fp32 on CPU), for MFU.
+# Dense peak FLOP/s per device by device kind (bf16), for MFU. CPUs have no such table: see below.
 PEAK_FLOPS = {"h100": 989e12, "h200": 989e12, "a100": 312e12, "v5p": 459e12, "v5 lite": 197e12,
-              "v5e": 197e12, "v4": 275e12, "v6": 918e12, "cpu": 196e9}
+              "v5e": 197e12, "v4": 275e12, "v6": 918e12}
+
+
+@functools.cache
+def cpu_matmul_peak(n: int = 1024, repeats: int = 10) -> float:
+  """FLOP/s of this host's fastest fp32 matmul: the best of `repeats` [n, n] @ [n, n] (~50 ms).
+
+  A CPU's spec-sheet peak is not knowable from inside a VM (its clock boosts past what
+  /proc/cpuinfo says, its vector width differs between boxes of one name), so MFU on a CPU is
+  against what XLA's own matmul reaches here (410-440 GFLOP/s on the 2-core AVX-512 EPYC of
+  2026-12-02, where a fixed 196 from an older box gave 141% MFU). All host cores serve every
+  CPU device, so each one's share is this over the device count."""
+  x = jax.device_put(jax.random.normal(jax.random.key(0), (n, n)), jax.devices("cpu")[0])
+  mm = jax.jit(lambda a: a @ a)
+  mm(x).block_until_ready()
+  best = math.inf
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    mm(x).block_until_ready()
+    best = min(best, time.perf_counter() - t0)
+  return 2 * n ** 3 / best
 
 
 def peak_flops(config) -> float:
+  """Peak FLOP/s of one device: config.peak_flops_per_device, the table above, or on CPU the
+  measured matmul peak shared by the host's CPU devices (0: unknown, no MFU)."""
   if config.peak_flops_per_device > 0:
     return config.peak_flops_per_device
   kind = jax.devices()[0].device_kind.lower()
   for name, flops in PEAK_FLOPS.items():
     if name in kind:
       return flops
-  return PEAK_FLOPS["cpu"] if jax.default_backend() == "cpu" else 0.0
+  return cpu_matmul_peak() / jax.local_device_count() if jax.default_backend() == "cpu" else 0.0
 
 
 class StopFlag:
