@@ -40,7 +40,7 @@ def cpu_matmul_peak(n: int = 1024, repeats: int = 10) -> float:
   against what XLA's own matmul reaches here (410-440 GFLOP/s on the 2-core AVX-512 EPYC of
   2026-12-02, where a fixed 196 from an older box gave 141% MFU). All host cores serve every
   CPU device, so each one's share is this over the device count."""
-  one = jax.sharding.Mesh(jax.devices("cpu")[:1], ("host",))
+  one = jax.sharding.Mesh(jax.local_devices(backend="cpu")[:1], ("host",))
   with jax.set_mesh(one):  # one device, also when called inside a training mesh
     x = jax.random.normal(jax.random.key(0), (n, n))
     mm = jax.jit(lambda a: a @ a)
