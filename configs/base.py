@@ -23,7 +23,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 200
   c.keep_checkpoints = 3
   c.async_checkpoints = True
-  c.peak_flops_per_device = 0.0      # for MFU; 0 = a default for the detected device
+  c.peak_flops_per_device = 0.0      # for MFU; 0 = by device kind (CPU: a measured matmul rate)
   c.profile = ml_collections.ConfigDict(dict(  # a jax.profiler trace of a few steps (train/profile.py)
       start_step=0,                    # first step recorded, as logged (step 1 compiles); 0 = off
       num_steps=3,

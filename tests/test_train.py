@@ -134,4 +134,3 @@ def test_cpu_mfu_is_against_the_matmul_rate_measured_on_this_host(tiny_config):
   assert host / 20 < rate < 1.25 * host  # the same work: the peak is this host's rate, not a constant
   c.peak_flops_per_device = 5e11
   assert loop.peak_flops(c) == 5e11
-

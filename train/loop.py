@@ -37,7 +37,7 @@ def cpu_matmul_peak(n: int = 1024, repeats: int = 10) -> float:
 
   A CPU's spec-sheet peak is not knowable from inside a VM (its clock boosts past what
   /proc/cpuinfo says, its vector width differs between boxes of one name), so MFU on a CPU is
-  against what XLA's own matmul reaches here (410-440 GFLOP/s on the 2-core AVX-512 EPYC of
+  against what XLA's own matmul reaches here (410-450 GFLOP/s on the 2-core AVX-512 EPYC of
   2026-12-02, where a fixed 196 from an older box gave 141% MFU). All host cores serve every
   CPU device, so each one's share is this over the device count."""
   one = jax.sharding.Mesh(jax.local_devices(backend="cpu")[:1], ("host",))
