@@ -46,9 +46,10 @@ def bench_train(preset="small", seq_len=256, batch=8, steps=10, **model_override
   dt = float(np.median(times))
   tps = batch * seq_len / dt
   flops = cfg.train_flops_per_token(seq_len) * tps
+  peak = loop.peak_flops(c)  # on a CPU: the matmul rate measured in this process
   return dict(preset=preset, seq_len=seq_len, batch=batch, step_s=dt, tokens_per_sec=tps,
-              tflops=flops / 1e12, mfu=flops / loop.peak_flops(c), compile_s=compile_s, loss=float(m["train/loss"]),
-              backend=jax.default_backend())
+              tflops=flops / 1e12, mfu=flops / peak, peak_tflops=peak / 1e12, compile_s=compile_s,
+              loss=float(m["train/loss"]), backend=jax.default_backend())
 
 
 if __name__ == "__main__":
