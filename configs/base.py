@@ -37,12 +37,12 @@ def base_config() -> ml_collections.ConfigDict:
       alpha=16.0,                      # adapter scale is alpha / rank
       targets=list(DEFAULT_TARGETS),   # regexes over parameter paths
   ))
-  c.reward = ml_collections.ConfigDict(dict(  # objective reward_model (ALGORITHMS.md section 3)
+  c.reward = ml_collections.ConfigDict(dict(  # objective reward_model (docs/algorithms.md)
       loss="bradley_terry",            # bradley_terry | margin_ranking
       margin=0.0,                      # r_w - r_l target margin
       centering=0.0,                   # + centering * mean((r_w + r_l)^2)
   ))
-  c.dpo = ml_collections.ConfigDict(dict(  # objective dpo (ALGORITHMS.md section 4)
+  c.dpo = ml_collections.ConfigDict(dict(  # objective dpo (docs/algorithms.md)
       loss="sigmoid",                  # sigmoid | cdpo | robust | ipo | simpo | orpo
       beta=0.1,
       label_smoothing=0.0,             # eps of sigmoid / cdpo / robust

@@ -3,8 +3,9 @@
 Each benchmark runs in its own process, one at a time (two busy processes on two cores distort
 each other far more than 2x), and reports its own peak memory. Where the PyTorch peer is installed
 (`pip install -e '.[hf]'`: torch 2.13 + transformers), it is measured on the same shapes right
-after Kiln's figure (eval/bench_peer.py) and the ratio uses that; otherwise the ratio uses the
-figure ../shared/PERF-NOTES.md gives for its machine (an AVX-512 box: not this one, necessarily).
+after Kiln's figure (eval/bench_peer.py) and the ratio uses that; where it is not, the row has no
+ratio and bench/results.json says why (`no_peer`). Figures measured on other machines are in
+docs/performance.md.
 
 On a shared machine the speed of both sides drifts by 20% or more within minutes, so one Kiln
 figure and one peer figure taken a minute apart can disagree by that much. `--rounds N` alternates
@@ -24,22 +25,22 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# name: (python expression run in a child, metric, unit, PERF-NOTES peer figure, what the peer is)
+# name: (python expression run in a child, metric, unit, what the peer is)
 BENCHES = {
-    "train_small": ("bench_train.bench_train('small', 256, 8)", "tokens_per_sec", "tok/s", 3600.0,
-                    "PyTorch eager HF Llama, 3,475-3,781 tok/s"),
+    "train_small": ("bench_train.bench_train('small', 256, 8)", "tokens_per_sec", "tok/s",
+                    "PyTorch eager HF Llama"),
     "train_medium": ("bench_train.bench_train('medium', 512, 4, steps=5)", "tokens_per_sec", "tok/s",
-                     560.0, "PyTorch eager HF Llama, 536-584 tok/s"),
+                     "PyTorch eager HF Llama"),
     "decode_small": ("bench_decode.bench_decode('small', 8, 32, 128, 0.9)", "tokens_per_sec", "tok/s",
-                     720.0, "HF generate top-p 0.9, 661-785 tok/s"),
-    "dpo_small": ("bench_dpo.bench_dpo()", "step_s", "s/step", 1.15, "TRL DPOTrainer, 1.10-1.21 s/step"),
-    "grpo_small": ("bench_rl.bench_grpo()", "step_s", "s/step", 1.68, "TRL GRPOTrainer, 1.64-1.72 s/step"),
-    "ppo_small": ("bench_rl.bench_ppo()", "step_s", "s/step", 2.7, "TRL PPOTrainer 1.12, 2.59-2.79 s/step"),
-    # real model sizes, on GPUs / TPUs only (ACCELERATOR_ONLY): no PERF-NOTES figure
+                     "HF generate top-p 0.9"),
+    "dpo_small": ("bench_dpo.bench_dpo()", "step_s", "s/step", "TRL DPOTrainer"),
+    "grpo_small": ("bench_rl.bench_grpo()", "step_s", "s/step", "TRL GRPOTrainer"),
+    "ppo_small": ("bench_rl.bench_ppo()", "step_s", "s/step", "TRL PPOTrainer 1.12"),
+    # real model sizes, on GPUs / TPUs only (ACCELERATOR_ONLY)
     "train_llama3_1b": ("bench_train.bench_train('llama3_1b', 2048, 4, steps=5, dtype='bfloat16')",
-                        "tokens_per_sec", "tok/s", None, "PyTorch eager HF Llama, bf16 autocast"),
+                        "tokens_per_sec", "tok/s", "PyTorch eager HF Llama, bf16 autocast"),
     "decode_llama3_1b": ("bench_decode.bench_decode('llama3_1b', 8, 32, 128, 0.9, dtype='bfloat16', "
-                         "param_dtype='bfloat16')", "tokens_per_sec", "tok/s", None, "HF generate, bf16"),
+                         "param_dtype='bfloat16')", "tokens_per_sec", "tok/s", "HF generate, bf16"),
 }
 ACCELERATOR_ONLY = {"train_llama3_1b", "decode_llama3_1b"}  # minutes per step on a CPU
 
@@ -102,26 +103,32 @@ def measure(name: str, rounds: int) -> dict:
 
   Each round times Kiln, then the first peer expression that runs. The result is Kiln's median
   round (of an even number, the slower middle one), "rounds" lists every round's metric, and with a
-  peer "ratios" holds each round's paired Kiln / peer speedup and "peer" the peer's median round."""
-  _, metric, unit, _, _ = BENCHES[name]
+  peer "ratios" holds each round's paired Kiln / peer speedup and "peer" the peer's median round;
+  without one, "no_peer" says why (no ratio is printed then)."""
+  _, metric, unit, _ = BENCHES[name]
   slowest_first = lambda r: r[metric] if unit == "tok/s" else -r[metric]
-  kilns, peers = [], []
+  kilns, peers, no_peer = [], [], ""
   for _ in range(rounds):
     kiln = run_one(BENCHES[name][0], accelerator_only=name in ACCELERATOR_ONLY)
     if "skipped" in kiln or "error" in kiln:
       return kiln
     kilns.append(kiln)
-    device = TORCH_DEVICE.get(kiln.get("backend", "cpu"))
+    backend = kiln.get("backend", "cpu")
+    device = TORCH_DEVICE.get(backend)
     exprs = PEERS.get(name, ()) if device else ()
+    no_peer = f"no peer measured on {backend}" + ("" if device else " (PyTorch has no device for it)")
     for expr in exprs if isinstance(exprs, tuple) else (exprs,):
       peer = run_one(expr.format(device=device))
       if "skipped" not in peer and "error" not in peer:
         peers.append(peer)
         break
+      no_peer = f"no peer measured on {backend}: {peer.get('skipped') or peer.get('error')}"
   res = dict(sorted(kilns, key=slowest_first)[(len(kilns) - 1) // 2])
   if len(peers) == len(kilns):
     res["peer"] = sorted(peers, key=slowest_first)[len(peers) // 2]
     res["ratios"] = [speedup(unit, k[metric], p[metric]) for k, p in zip(kilns, peers)]
+  else:
+    res["no_peer"] = no_peer
   res["rounds"] = [r[metric] for r in kilns]
   return res
 
@@ -132,21 +139,19 @@ def figure(value: float, unit: str) -> str:
 
 
 def row(name: str, res: dict) -> str:
-  _, metric, unit, peer, peer_what = BENCHES[name]
+  _, metric, unit, peer_what = BENCHES[name]
   if "skipped" in res or "error" in res:
     return f"| {name} | - | - | - | - | - | {res.get('skipped') or res.get('error')} |"
   measured = res.get("peer", {})
   value = res[metric]
+  ratio = "-"  # without a peer measured here
   if metric in measured:
     peer = measured[metric]
     peer_what = (f"{measured['peer']} {measured.get('torch', '')} on {measured.get('device', 'cpu')}, "
                  f"measured here: {figure(peer, unit)}")
-  elif res.get("backend", "cpu") != "cpu":
-    peer = None
-    peer_what = f"no peer measured on {res['backend']} (the PERF-NOTES figures are a CPU's)"
+    ratio = f"{speedup(unit, value, peer):.2f}x"
   else:
-    peer_what += " (PERF-NOTES machine)"
-  ratio = f"{speedup(unit, value, peer):.2f}x" if peer else "-"
+    peer_what = f"{peer_what}: {res.get('no_peer') or 'no peer measured'}"
   if len(res.get("ratios", [])) > 1:
     ratios = res["ratios"]
     ratio = f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}, {len(ratios)} rounds)"

@@ -4,7 +4,7 @@
   KILN_YNNPACK=1 python -m eval.bench_decode   # XLA:CPU default dots (YNNPACK) instead of Eigen
 
 EOS is disabled, so every row generates all `new_tokens`. One warm-up call (it compiles), then
-the median of `repeats` timed calls. Reference on the 2-core CPU box (PERF-NOTES): Hugging Face
+the median of `repeats` timed calls. Reference on the 2-core CPU box of docs/performance.md: Hugging Face
 generate does 661-785 tok/s on the same shapes with top-p 0.9.
 """
 import argparse

@@ -3,7 +3,7 @@
   python -m eval.bench_dpo [--preset small --batch 8 --prompt_len 64 --completion_len 64 --loss sigmoid]
 
 Batch 8 pairs, prompt 64 + chosen 64 + rejected 64 tokens, beta 0.1, a frozen reference model
-(TRL's DPOTrainer: ~1.1-1.2 s/step on the PERF-NOTES machine). A step is exactly the jitted step
+(TRL's DPOTrainer: ~1.1-1.2 s/step on the 2-core box of docs/performance.md). A step is exactly the jitted step
 train/loop.py runs for `objective=dpo`: policy forward + backward over both completions (one row
 [prompt | chosen | rejected] per pair, train/pairs.py), the reference forward, the loss and AdamW.
 Median of `steps` timed steps after one warm-up step.
@@ -22,7 +22,7 @@ from model import sharding
 from model.transformer import ModelConfig, Transformer
 from train import loop, objectives, optim, pairs
 
-TRL_SECONDS = 1.15  # PERF-NOTES midpoint
+TRL_SECONDS = 1.15  # TRL on the 2-core AVX-512 box of docs/performance.md (midpoint)
 
 
 def random_pairs(vocab: int, batch: int, prompt_len: int, completion_len: int, seed: int = 0) -> dict:

@@ -38,7 +38,7 @@ def rl_config() -> ml_collections.ConfigDict:
       missing_eos_penalty=0.0,    # subtracted from the score of completions that never stopped
       # KL to the reference (init_from, or the LoRA base)
       beta=0.04,                  # initial KL coefficient; 0 = no reference model at all
-      kl_estimator="k3",          # k1 | k2 | k3 (ALGORITHMS.md section 5)
+      kl_estimator="k3",          # k1 | k2 | k3 (docs/algorithms.md)
       kl_placement="",            # in_loss | in_reward; '' = grpo in_loss, ppo in_reward
       kl_target=0.0,              # > 0: adaptive beta toward this KL (nats per completion)
       kl_horizon=10000,

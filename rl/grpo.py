@@ -1,6 +1,6 @@
 """GRPO and its family: group-relative advantages, clipped per-token loss, aggregation.
 
-ALGORITHMS.md section 7. Rollouts are laid out prompt-major: completion i of prompt p
+docs/algorithms.md, "GRPO family". Rollouts are laid out prompt-major: completion i of prompt p
 sits at row p * G + i, so rewards [N*G] reshape to [N, G].
 
     A_i = (r_i - mean_group r) / (std_group r + 1e-4)      std with Bessel correction
@@ -46,7 +46,7 @@ def group_advantages(rewards, num_generations, scale=None, estimator="grpo"):
     estimator 'rloo': A_i = r_i - (sum_group r - r_i) / (G - 1)  (leave-one-out baseline).
     scale: then divide by (std + 1e-4), std with Bessel correction, taken over the
     'group' or the whole 'batch'; 'none' divides by nothing (Dr. GRPO). Default (None):
-    'group' for grpo, 'none' for rloo (RLOO as written in ALGORITHMS.md is unscaled).
+    'group' for grpo, 'none' for rloo (RLOO as in docs/algorithms.md is unscaled).
     Groups whose rewards are all equal get exactly zero advantage.
     """
     if estimator not in ESTIMATORS:

@@ -1,6 +1,6 @@
 """PPO for language models: per-token rewards, GAE, whitening, clipped policy/value loss.
 
-ALGORITHMS.md section 6. All per-token arrays are [B, T] over completion tokens with a
+docs/algorithms.md, "PPO". All per-token arrays are [B, T] over completion tokens with a
 mask [B, T] (1 on real completion tokens); masked positions never enter a sum or mean.
 
     delta_t = r_t + gamma V_{t+1} - V_t;  A_t = delta_t + gamma lam A_{t+1};  R_t = A_t + V_t

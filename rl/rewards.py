@@ -1,7 +1,7 @@
 """String-level reward functions for verifiable tasks. Each returns np.float32 [N].
 
 The project's standard completion format is "step by step text <answer>N</answer>".
-ALGORITHMS.md worked examples: "What is 2+2?" any completion whose final answer is 4
+docs/algorithms.md worked examples: "What is 2+2?" any completion whose final answer is 4
 scores 1 (answer_match); a format reward for <reasoning>...</reasoning> <answer>...</answer>
 gives both 1.0, one 0.5, none 0 (format_reward); a shaped numeric reward for target 4
 gives 4 -> 1, within +-1 partial, 6 -> 0 (numeric_closeness).

@@ -40,11 +40,17 @@ def test_seconds_metric_ratio_is_peer_over_kiln(monkeypatch):
   assert res["peer"]["step_s"] == 1.0
 
 
-def test_missing_peer_falls_back_to_reference_figure(monkeypatch):
+def _ratio_column(line):
+  return line.split("|")[6].strip()  # | bench | result | MFU | compile | memory | vs peer | peer |
+
+
+def test_missing_peer_prints_no_ratio(monkeypatch):
   _fake_runs(monkeypatch, [3000.0], itertools.repeat(None))
   res = bench.measure("train_small", 1)
   assert "peer" not in res and "ratios" not in res
-  assert "(PERF-NOTES machine)" in bench.row("train_small", res)
+  assert res["no_peer"] == "no peer measured on cpu: no torch"  # results.json says why
+  line = bench.row("train_small", res)
+  assert _ratio_column(line) == "-" and "no peer measured on cpu: no torch" in line
 
 
 def test_peer_runs_on_the_device_kiln_ran_on(monkeypatch):
@@ -64,7 +70,8 @@ def test_no_cpu_figure_stands_in_for_an_accelerator_peer(monkeypatch):
   res = bench.measure("train_small", 1)
   assert calls == ["kiln"] and "peer" not in res  # no torch device for a TPU: no peer run
   line = bench.row("train_small", res)
-  assert "no peer measured on tpu" in line and "| - |" in line and "PERF-NOTES machine" not in line
+  assert "no peer measured on tpu" in res["no_peer"] and "no peer measured on tpu" in line
+  assert _ratio_column(line) == "-"
 
 
 def test_real_size_benches_are_skipped_on_cpu():

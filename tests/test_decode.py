@@ -1,5 +1,5 @@
 """Generation: cached decoding vs full forward passes, stops, left padding, sampling filters
-(worked examples of ALGORITHMS.md + a float64 NumPy reference), beam search, sharding, text."""
+(worked examples of docs/algorithms.md + a float64 NumPy reference), beam search, sharding, text."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -234,7 +234,7 @@ W = {w: i for i, w in enumerate(WORDS)}
 
 
 def toy_table():
-  """P(next | current word) of the ALGORITHMS.md example; leftover mass spread thinly."""
+  """P(next | current word) of the docs/algorithms.md example; leftover mass spread thinly."""
   rows = {"how": {"come": 0.24, "are": 0.31, "do": 0.26},
           "come": {"animals": 0.36}, "are": {"you": 0.91}, "do": {"you": 0.63},
           "you": {"<eos>": 1.0}, "animals": {"<eos>": 1.0}}

@@ -1,4 +1,4 @@
-"""rl/dpo.py against float64 NumPy references (ALGORITHMS.md section 4)."""
+"""rl/dpo.py against float64 NumPy references (docs/algorithms.md, "DPO family")."""
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -1,4 +1,4 @@
-"""rl/grpo.py against float64 NumPy references (ALGORITHMS.md section 7)."""
+"""rl/grpo.py against float64 NumPy references (docs/algorithms.md, "GRPO family")."""
 import jax
 import jax.numpy as jnp
 import numpy as np

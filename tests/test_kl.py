@@ -1,4 +1,4 @@
-"""rl/kl.py against float64 NumPy references (ALGORITHMS.md section 5)."""
+"""rl/kl.py against float64 NumPy references (docs/algorithms.md, "KL to the reference")."""
 import jax
 import jax.numpy as jnp
 import numpy as np

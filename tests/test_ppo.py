@@ -1,4 +1,4 @@
-"""rl/ppo.py against float64 NumPy references (ALGORITHMS.md section 6)."""
+"""rl/ppo.py against float64 NumPy references (docs/algorithms.md, "PPO")."""
 import jax.numpy as jnp
 import numpy as np
 import pytest

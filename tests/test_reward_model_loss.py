@@ -1,4 +1,4 @@
-"""train/reward_model.py against float64 NumPy references (ALGORITHMS.md section 3)."""
+"""train/reward_model.py against float64 NumPy references (docs/algorithms.md, "Reward model")."""
 import jax.numpy as jnp
 import numpy as np
 import pytest

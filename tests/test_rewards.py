@@ -1,4 +1,4 @@
-"""rl/rewards.py: ALGORITHMS.md worked examples and a NumPy reference for the DAPO penalty."""
+"""rl/rewards.py: docs/algorithms.md worked examples and a NumPy reference for the DAPO penalty."""
 import numpy as np
 import pytest
 
