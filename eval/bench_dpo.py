@@ -22,7 +22,7 @@ from model import sharding
 from model.transformer import ModelConfig, Transformer
 from train import loop, objectives, optim, pairs
 
-TRL_SECONDS = 1.15  # TRL on the 2-core AVX-512 box of docs/performance.md (midpoint)
+TRL_SECONDS = 1.15  # TRL s/step, docs/performance.md (midpoint)
 
 
 def random_pairs(vocab: int, batch: int, prompt_len: int, completion_len: int, seed: int = 0) -> dict:

@@ -25,7 +25,7 @@ from model.transformer import ModelConfig, Transformer
 from rl import rollout, steps, value
 from train import optim
 
-TRL_SECONDS = {"grpo": 1.68, "ppo": 2.69}  # TRL on the 2-core AVX-512 box of docs/performance.md (midpoints)
+TRL_SECONDS = {"grpo": 1.68, "ppo": 2.69}  # TRL s/step, docs/performance.md (midpoints)
 
 
 def _config(which, preset, prompts, g, new_tokens, epochs, value_model):

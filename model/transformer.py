@@ -60,7 +60,7 @@ class ModelConfig:
     return total
 
   def train_flops_per_token(self, seq_len: int) -> float:
-    """6 * non-embedding params + 6 * lm head + 12 * layers * d * seq (docs/algorithms.md, FLOPs and MFU)."""
+    """6 * non-embedding params + 6 * lm head + 12 * layers * d * seq (docs/algorithms.md)."""
     return (6 * self.num_params(embeddings=False) + 6 * self.vocab_size * self.d_model
             + 12 * self.n_layers * self.n_heads * self.head_dim * seq_len)
 

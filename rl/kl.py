@@ -1,6 +1,6 @@
 """KL to the reference policy: per-token estimators, masked means, KL controllers.
 
-docs/algorithms.md, "KL to the reference". With the per-token log-ratio l_t = log pi(y_t) - log pi_ref(y_t)
+docs/algorithms.md, "KL". With the per-token log-ratio l_t = log pi(y_t) - log pi_ref(y_t)
 on tokens sampled from pi:
 
     k1 = l_t                      unbiased, can be negative (PPO in-reward penalty)

@@ -1,4 +1,4 @@
-"""rl/kl.py against float64 NumPy references (docs/algorithms.md, "KL to the reference")."""
+"""rl/kl.py against float64 NumPy references (docs/algorithms.md, "KL")."""
 import jax
 import jax.numpy as jnp
 import numpy as np
