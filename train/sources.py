@@ -18,6 +18,7 @@ A document is a string (pretrain) or a list of {"role", "content"} messages (sft
 `iter_documents` streams them, so a split never has to fit in memory; `fingerprint`
 identifies a file / TFDS split by names, sizes and mtimes without reading it.
 """
+import functools
 import glob
 import hashlib
 import itertools
@@ -27,7 +28,6 @@ import shutil
 import tempfile
 
 from etils import epath
-import tensorflow_datasets as tfds
 
 from model import tokenizer as tokenizer_lib
 from train import corpus
@@ -151,31 +151,53 @@ def _paragraphs(lines):
 # ----------------------------------------------------------------------------- tfds
 
 
-class KilnFiles(tfds.core.GeneratorBasedBuilder):
-  """TFDS dataset of local text / JSONL files: split 'train' from `train_files`, 'eval' from `eval_files`."""
+def _tfds():
+  """tensorflow_datasets, imported where a TFDS source is read: a heavy import the other sources skip."""
+  try:
+    import tensorflow_datasets as tfds
+  except ImportError as e:
+    raise ImportError("config.data.source='tfds' needs tensorflow-datasets: pip install -e '.[tfds]'") from e
+  return tfds
 
-  VERSION = tfds.core.Version("1.0.0")
-  # No checksums file to find; also skips TFDS's lookup of the module's resource path,
-  # which needs the `importlib_resources` package for classes inside a package.
-  code_path = None
 
-  def __init__(self, *, train_files=(), eval_files=(), text_key="text", **kwargs):
-    self._split_files = {"train": list(train_files), "eval": list(eval_files)}
-    self._text_key = text_key
-    super().__init__(**kwargs)
+@functools.cache
+def kiln_files_builder():
+  """The KilnFiles builder class, defined (and registered with TFDS as "kiln_files") on first use."""
+  tfds = _tfds()
 
-  def _info(self):
-    message = {"role": tfds.features.Text(), "content": tfds.features.Text()}
-    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
-        {"text": tfds.features.Text(), "messages": tfds.features.Sequence(message)}))
+  class KilnFiles(tfds.core.GeneratorBasedBuilder):
+    """TFDS dataset of local text / JSONL files: split 'train' from `train_files`, 'eval' from `eval_files`."""
 
-  def _split_generators(self, dl_manager):
-    return {s: self._generate_examples(f) for s, f in self._split_files.items() if f}
+    VERSION = tfds.core.Version("1.0.0")
+    # No checksums file to find; also skips TFDS's lookup of the module's resource path,
+    # which needs the `importlib_resources` package for classes inside a package.
+    code_path = None
 
-  def _generate_examples(self, files):
-    for path in files:
-      for where, rec in _file_records(path, self._text_key, path.endswith(".jsonl")):
-        yield where, {"text": rec["text"] or "", "messages": rec["messages"] or []}
+    def __init__(self, *, train_files=(), eval_files=(), text_key="text", **kwargs):
+      self._split_files = {"train": list(train_files), "eval": list(eval_files)}
+      self._text_key = text_key
+      super().__init__(**kwargs)
+
+    def _info(self):
+      message = {"role": tfds.features.Text(), "content": tfds.features.Text()}
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
+          {"text": tfds.features.Text(), "messages": tfds.features.Sequence(message)}))
+
+    def _split_generators(self, dl_manager):
+      return {s: self._generate_examples(f) for s, f in self._split_files.items() if f}
+
+    def _generate_examples(self, files):
+      for path in files:
+        for where, rec in _file_records(path, self._text_key, path.endswith(".jsonl")):
+          yield where, {"text": rec["text"] or "", "messages": rec["messages"] or []}
+
+  return KilnFiles
+
+
+def __getattr__(name):  # `sources.KilnFiles` still works, without importing TFDS at import time
+  if name == "KilnFiles":
+    return kiln_files_builder()
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _local_files(config) -> tuple[list[str], list[str]]:
@@ -185,6 +207,7 @@ def _local_files(config) -> tuple[list[str], list[str]]:
 
 def _local_tfds(config) -> dict:
   """Builds (once, atomically) the KilnFiles dataset of data.path / data.eval_path; its data sources."""
+  KilnFiles = kiln_files_builder()
   train, evals = _local_files(config)
   key = stable_hash("kilnfiles", str(KilnFiles.VERSION), config.data.text_key,
                     _stats(train), _stats(evals))
@@ -207,7 +230,8 @@ def _tfds_split(config, split: str) -> tuple[str, bool]:
 
 def _named_source(config, split_name: str):
   d = config.data
-  return tfds.data_source(d.tfds_name, split=split_name, data_dir=d.tfds_data_dir or None)
+  kiln_files_builder()  # registers "kiln_files", as importing this module did before the import went lazy
+  return _tfds().data_source(d.tfds_name, split=split_name, data_dir=d.tfds_data_dir or None)
 
 
 def _tfds_docs(source, config, name: str):
