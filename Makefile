@@ -8,7 +8,8 @@ ROUNDS ?= 1
 SUM := $(shell cksum setup.py | cut -d' ' -f1)
 BASE := .venv/.installed-base-$(SUM)
 TEST := .venv/.installed-test-$(SUM)
-COMMA := ,  # a comma inside $(call ...)
+# a comma inside $(call ...) arguments
+COMMA := ,
 PEERS := .venv/.installed-peers-$(SUM)
 
 .PHONY: demo test test-all bench clean
