@@ -1,7 +1,7 @@
 """Named model presets. Each returns a fresh ConfigDict; override any key from the command line.
 
 `tiny` is for tests, `demo` for `make demo`; `small` and `medium` are the benchmark shapes of
-PERF-NOTES; the rest are the real shapes of public checkpoints (GQA, RoPE scaling, qkv bias,
+docs/performance.md; the rest are the real shapes of public checkpoints (GQA, RoPE scaling, qkv bias,
 tied embeddings).
 """
 import ml_collections

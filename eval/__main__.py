@@ -4,12 +4,15 @@
   python -m eval --workdir runs/demo/reward          # a reward model: held-out pair accuracy
 
 Without --reference there is no KL and no win rate; without --reward_model no reward and no win rate.
+The held-out perplexity scores the conversations of the reference's saved config (the SFT run's,
+as in the pipeline), else of the run's own.
 """
 import argparse
 import json
 
-from configs import sft_tiny
+from configs import sections
 from eval import report, suite
+from train import rundir
 
 
 def main():
@@ -21,13 +24,10 @@ def main():
   ap.add_argument("--samples", type=int, default=4)
   ap.add_argument("--temperature", type=float, default=0.8)
   args = ap.parse_args()
-  cfg = suite.default_eval_config()
+  cfg = sections.eval()
   cfg.num_problems, cfg.samples, cfg.temperature = args.num_problems, args.samples, args.temperature
-  from eval.checkpoints import load_config
-  sft = sft_tiny.get_config()
-  sft.data = load_config(args.workdir).data  # the run's own data source and cache
-  sft.data.train_on_prompt = False
-  row = suite.evaluate_run(args.workdir, cfg, sft, reference=args.reference, reward_model=args.reward_model)
+  heldout = rundir.load_config(args.reference) if args.reference else None
+  row = suite.evaluate_run(args.workdir, cfg, heldout, reference=args.reference, reward_model=args.reward_model)
   print(report.table({args.workdir: row}, suite.COLUMNS))
   print(json.dumps({k: v for k, v in row.items() if k not in report.NOT_SAVED}))
 

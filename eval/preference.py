@@ -10,22 +10,18 @@ accuracy and the mean margin (r_w - r_l, or beta * Delta) with the other metrics
 """
 import argparse
 import functools
-import json
-import os
 
 import jax
-import ml_collections
 
 from model import sharding
 from model.transformer import ModelConfig, Transformer
-from train import checkpoint, data, loop, objectives, pairs
-from train import state as state_lib
+from train import data, loop, objectives, pairs, rundir
+from train.params import abstract_params
 
 
 def evaluate_pairs(workdir: str, data_path: str = "", step=None) -> dict:
   """{"pairs": n, "step": s, "accuracy": ..., "margin": ..., plus every eval/ metric}."""
-  with open(os.path.join(workdir, "config.json")) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  config = rundir.load_config(workdir)
   objective = objectives.get(config.objective)
   if objective.packed:
     raise ValueError(f"{workdir} is a {config.objective!r} run: eval.preference needs reward_model or dpo")
@@ -33,12 +29,12 @@ def evaluate_pairs(workdir: str, data_path: str = "", step=None) -> dict:
   tok = data.load_or_train_tokenizer(config)
   model = Transformer(ModelConfig.from_config(config.model))
   with sharding.use_mesh(mesh):
-    abs_p, p_sh, _, _ = state_lib.abstract_params(model, config.seq_len, mesh, objective.extra_params)
-    params, step = checkpoint.restore_params(workdir, abs_p, p_sh, step)
+    abs_p, p_sh, _, _ = abstract_params(model, config.seq_len, mesh, objective.extra_params)
+    params, step = rundir.restore_params(workdir, abs_p, p_sh, step)
     ref = None
     if objective.needs_reference(config):
-      abs_m, m_sh, _, _ = state_lib.abstract_params(model, config.seq_len, mesh)
-      ref, _ = checkpoint.restore_params(config.init_from, abs_m, m_sh)
+      abs_m, m_sh, _, _ = abstract_params(model, config.seq_len, mesh)
+      ref, _ = rundir.restore_params(config.init_from, abs_m, m_sh)
     ps = (pairs.load_file(data_path, tok, config.seq_len, config.data.chat_template) if data_path
           else pairs.load(config, tok, "eval"))
     batches = pairs.ordered_batches(ps, config.batch_size, jax.process_index(), jax.process_count())

@@ -9,36 +9,25 @@ mesh (or a data-parallel mesh of the local devices if that one does not fit), an
 `model.decode.generate_text`. --temperature 0 is greedy; --beam K prints beam search instead.
 """
 import argparse
-import json
-import os
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from absl import logging
 
 from model import decode, sharding
 from model.tokenizer import apply_chat_template, stop_id
-from model.transformer import ModelConfig, Transformer
+from train import rundir
 
 
-def load(workdir: str, step=None):
-  """(config, model cfg, params, tokenizer, mesh, step) of a run directory."""
-  from train import checkpoint, data
-  with open(os.path.join(workdir, "config.json")) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+def load(workdir: str, step=None) -> rundir.LoadedRun:
+  """A run directory on its own mesh, or on a data-parallel mesh of the local devices if that one
+  does not fit."""
+  config = rundir.load_config(workdir)
   try:
     mesh = sharding.make_mesh(config.mesh)
   except ValueError:  # the run's mesh needs other devices: plain data parallel here
     mesh = sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1))
-  cfg = ModelConfig.from_config(config.model)
-  boxed = jax.eval_shape(lambda k: Transformer(cfg).init(k, jnp.zeros((1, 8), jnp.int32))["params"],
-                         jax.random.key(0))
-  params, step = checkpoint.restore_params(workdir, nn.meta.unbox(boxed),
-                                           sharding.tree_shardings(boxed, mesh), step)
-  return config, cfg, params, data.load_or_train_tokenizer(config), mesh, step
+  return rundir.load_run(workdir, step, mesh)
 
 
 def beam_text(params, cfg, tok, prompt: str, chat: bool, template: str, width: int, max_new_tokens: int):
@@ -73,7 +62,8 @@ def main(argv=None):
   ap.add_argument("--beam", type=int, default=0, help="beam width; 0 = sample")
   a = ap.parse_args(argv)
   logging.set_verbosity(logging.ERROR)  # orbax warns that a read-only checkpoint is read only
-  config, cfg, params, tok, mesh, step = load(a.workdir, a.step)
+  run = load(a.workdir, a.step)
+  config, cfg, params, tok, mesh, step = run.config, run.model_cfg, run.params, run.tokenizer, run.mesh, run.step
   template = config.data.get("chat_template", "chatml")
   print(f"# {a.workdir} step {step} | {cfg.num_params() / 1e6:.2f}M params")
   if a.beam:  # one prompt at a time: width rows need not divide over the mesh

@@ -14,9 +14,9 @@ import math
 import jax
 import numpy as np
 
-from model import decode
+from model import decode, sharding
 from rl import rewards
-from train import corpus
+from train import corpus, rundir
 
 TASKS = {"arith": corpus.heldout_problems}
 
@@ -80,9 +80,7 @@ def main():
   ap.add_argument("--max_new_tokens", type=int, default=80)
   ap.add_argument("--chat", choices=["auto", "yes", "no"], default="auto")
   args = ap.parse_args()
-  from eval.checkpoints import load_run
-  from model import sharding
-  run = load_run(args.workdir)
+  run = rundir.load_run(args.workdir)
   chat = run.config.objective != "pretrain" if args.chat == "auto" else args.chat == "yes"
   with sharding.use_mesh(run.mesh):
     res = evaluate_problems(run.params, run.model_cfg, run.tokenizer, TASKS[args.task](args.num),

@@ -1,6 +1,6 @@
 """Offline preference losses: DPO (sigmoid), cDPO, robust DPO, IPO, SimPO, ORPO.
 
-ALGORITHMS.md section 4. Inputs are SUMMED per-sequence log-probs [B] of the chosen
+docs/algorithms.md section 4. Inputs are SUMMED per-sequence log-probs [B] of the chosen
 (y_w) and rejected (y_l) completions and their token counts [B]; an average log-prob
 is sum / length. With h = log pi(y|x) - log pi_ref(y|x) and Delta = h_w - h_l:
 

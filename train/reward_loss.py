@@ -1,6 +1,6 @@
 """Reward-model pieces: pairwise losses, ranking -> pairs, last-real-token pooling.
 
-ALGORITHMS.md section 3. The reward is a scalar head on the hidden state of the last
+docs/algorithms.md section 3. The reward is a scalar head on the hidden state of the last
 non-pad token of (prompt + response); rows may be left- or right-padded.
 
     bradley_terry  : L = -mean log s(r_w - r_l - margin)
