@@ -5,6 +5,7 @@ import io
 import json
 import os
 import random
+import sys
 
 import jax
 import numpy as np
@@ -14,11 +15,12 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 from safetensors.numpy import load_file  # noqa: E402
 
-from configs import sections  # noqa: E402
+from configs import sections, tools  # noqa: E402
 from model import convert, decode, hf_config, hf_tokenizer, sharding  # noqa: E402
 from model.transformer import ModelConfig, Transformer  # noqa: E402
 from train import rundir  # noqa: E402
 from train.params import abstract_params  # noqa: E402
+from tests import _cli  # noqa: E402
 
 VOCAB = 128
 SHAPE = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -128,12 +130,28 @@ def test_round_trip_is_bitwise(family_dir, mesh, tmp_path):
 
 
 @pytest.mark.parametrize("family_dir", ["qwen2"], indirect=True)  # bias and tied embeddings
+def convert_config(**overrides):
+  c = tools.convert()
+  c.update(overrides)
+  return c
+
+
+def test_the_command_line_imports_and_refuses_two_directions(tmp_path):
+  """`python -m train.rundir --workdir DIR --config.import_hf=HF_DIR`, as a user types it."""
+  d = make_hf("llama", str(tmp_path / "hf"), seed=0)
+  run = str(tmp_path / "run")
+  out = _cli.run([sys.executable, "-m", "train.rundir", "--workdir", run, f"--config.import_hf={d}"], timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert os.path.isdir(os.path.join(run, "checkpoints", "0")) and os.path.isfile(os.path.join(run, "config.json"))
+  with pytest.raises(ValueError, match="config.import_hf"):
+    rundir.convert_hf(run, convert_config(import_hf=d, export_hf=str(tmp_path / "out")))
+
+
 def test_cli_round_trip_through_a_kiln_run_dir_is_bitwise(family_dir, tmp_path):
-  """`--from hf` (a run dir that init_from and eval read) then `--to hf`: the same code for every family."""
+  """`import_hf` (a run dir that init_from and eval read) then `export_hf`: the same code for every family."""
   family, d = family_dir
-  rundir.main(["--from", "hf", "--hf", d, "--out", str(tmp_path / "run")])
-  rundir.main(["--to", "hf", "--workdir", str(tmp_path / "run"), "--out", str(tmp_path / "out"),
-                "--max_shard_mb", "0.02"])
+  rundir.convert_hf(str(tmp_path / "run"), convert_config(import_hf=d))
+  rundir.convert_hf(str(tmp_path / "run"), convert_config(export_hf=str(tmp_path / "out"), max_shard_mb=0.02))
   assert len(set(json.load(open(tmp_path / "out" / convert.INDEX))["weight_map"].values())) > 2
   assert_same_tensors(everything(d), everything(str(tmp_path / "out")))
 
@@ -165,7 +183,7 @@ def test_lora_merged_export_loads_in_transformers_and_matches_kiln(tmp_path, mes
   (tmp_path / "lora_run" / "config.json").write_text(c.to_json())
   shutil.copy(os.path.join(hf_dir, "config.json"), os.path.join(run, "hf_config.json"))
   out = str(tmp_path / "export")
-  rundir.main(["--to", "hf", "--workdir", run, "--out", out])
+  rundir.convert_hf(run, convert_config(export_hf=out))
 
   merged, _ = rundir.restore_params(run, *abstract_params(Transformer(cfg), 8, mesh)[:2])
   tokens = np.random.default_rng(1).integers(0, VOCAB, (2, 16))

@@ -1,7 +1,8 @@
 """What `config.init_from` fixes besides the params: the model shape and tokenizer of a Hugging
 Face start point.
 
-`init_from="hf:DIR"` (or a run dir holding `hf_config.json`: `python -m train.rundir --from hf`,
+`init_from="hf:DIR"` (or a run dir holding `hf_config.json`: `python -m train.rundir
+--config.import_hf=DIR`,
 or any stage that started from one) takes `config.model`'s shape keys from that config.json:
 - config.model left at a named preset of configs/models.py (the stage's default): replaced;
 - otherwise every shape key must equal the HF value; the error names each one that does not.

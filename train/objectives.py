@@ -16,7 +16,9 @@ import jax
 import jax.numpy as jnp
 
 from model import heads
-from train import dpo_loss, pairs, reward_loss
+from train import dpo_loss as dpo
+from train import pairs
+from train import reward_loss as rm
 
 
 REFERENCE_FREE = ("simpo", "orpo")        # DPO losses without a reference model
@@ -60,7 +62,7 @@ def pair_logps(params, batch, model):
   logit_slots [b, K] that predict the completion tokens."""
   logits = model.apply({"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"],
                        branch_ids=batch["branch_ids"], logit_slots=batch["logit_slots"])  # [b, K, V]
-  logps = dpo_loss.token_logps(logits, batch["targets"])  # [b, K]
+  logps = dpo.token_logps(logits, batch["targets"])  # [b, K]
   masks = (batch["target_branch"][..., None] == jnp.array([1, 2])).astype(jnp.float32)  # [b, K, 2]
   return jnp.einsum("bk,bkj->bj", logps, masks), jnp.sum(masks, 1)
 
@@ -83,7 +85,7 @@ def reward_loss(params, batch, model, ctx):
   """Pairwise reward-model loss (config.reward) over a batch of pairs."""
   c = ctx.config.reward
   r = pair_rewards(params, batch, model)  # [b, 2]
-  one = lambda w, l: reward_loss.reward_loss(w[None], l[None], kind=c.loss, margin=c.margin, centering=c.centering)
+  one = lambda w, l: rm.reward_loss(w[None], l[None], kind=c.loss, margin=c.margin, centering=c.centering)
   losses, m = jax.vmap(one)(r[:, 0], r[:, 1])  # [b], {k: [b]}
   metrics = {"rewards/accuracy": m["accuracy"], "rewards/chosen": m["chosen"],
              "rewards/rejected": m["rejected"], "rewards/margin": m["margin"]}
@@ -107,7 +109,7 @@ def dpo_loss(params, batch, model, ctx):
 
   def one(pc, pr, rc, rr, nc, nr):
     r = lambda x: None if x is None else x[None]
-    return dpo_loss.preference_loss(pc[None], pr[None], r(rc), r(rr), nc[None], nr[None], loss_type=c.loss,
+    return dpo.preference_loss(pc[None], pr[None], r(rc), r(rr), nc[None], nr[None], loss_type=c.loss,
                                beta=c.beta, label_smoothing=c.label_smoothing, gamma=c.gamma,
                                orpo_lambda=c.orpo_lambda, rpo_alpha=c.rpo_alpha)
   rc, rr = (None, None) if ref is None else (ref[:, 0], ref[:, 1])
@@ -122,8 +124,8 @@ def dpo_loss(params, batch, model, ctx):
 
 def _check_reward(config):
   c = config.reward
-  if c.loss not in reward_loss.REWARD_LOSS_KINDS:
-    raise ValueError(f"config.reward.loss={c.loss!r}: use one of {reward_loss.REWARD_LOSS_KINDS}")
+  if c.loss not in rm.REWARD_LOSS_KINDS:
+    raise ValueError(f"config.reward.loss={c.loss!r}: use one of {rm.REWARD_LOSS_KINDS}")
   if c.centering < 0:
     raise ValueError(f"config.reward.centering={c.centering} must be >= 0")
   if config.lora.rank > 0:
@@ -134,8 +136,8 @@ def _check_reward(config):
 
 def _check_dpo(config):
   c = config.dpo
-  if c.loss not in dpo_loss.LOSS_TYPES:
-    raise ValueError(f"config.dpo.loss={c.loss!r}: use one of {dpo_loss.LOSS_TYPES}")
+  if c.loss not in dpo.LOSS_TYPES:
+    raise ValueError(f"config.dpo.loss={c.loss!r}: use one of {dpo.LOSS_TYPES}")
   if c.beta <= 0:
     raise ValueError(f"config.dpo.beta={c.beta} must be positive")
   if c.label_smoothing and c.loss not in SMOOTHED:

@@ -10,10 +10,9 @@
 whatever optimizer it used; "hf:DIR" reads a Hugging Face directory instead. Import and export of
 Hugging Face checkpoints (the tensor mapping is model/convert.py):
 
-    python -m train.rundir --from hf --hf HF_DIR --out WORKDIR     # -> a run dir init_from reads
-    python -m train.rundir --to hf --workdir WORKDIR --out HF_DIR  # latest params (LoRA merged)
+    python -m train.rundir --workdir WORKDIR --config.import_hf=HF_DIR  # -> a run dir init_from reads
+    python -m train.rundir --workdir WORKDIR --config.export_hf=HF_DIR  # latest params (LoRA merged)
 """
-import argparse
 import dataclasses
 import json
 import logging
@@ -21,14 +20,16 @@ import os
 import shutil
 from typing import Any
 
+from absl import app, flags
 from etils import epath
 import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 import ml_collections
+from ml_collections import config_flags
 import orbax.checkpoint as ocp
 
-from configs import base
+from configs import base, tools
 from model import convert, hf_config, lora, sharding
 from model.tokenizer import Tokenizer
 from model.transformer import ModelConfig, Transformer
@@ -287,29 +288,27 @@ def export_hf(workdir: str, out_dir: str, max_shard_bytes: int = 2 << 30, dtype:
   return files
 
 
-def main(argv=None):
-  p = argparse.ArgumentParser(prog="python -m train.rundir",
-                              description="Hugging Face import / export of run directories.")
-  p.add_argument("--from", dest="src", choices=["hf"], help="import: --hf DIR -> --out WORKDIR")
-  p.add_argument("--to", dest="dst", choices=["hf"], help="export: --workdir DIR -> --out HF_DIR")
-  p.add_argument("--hf", help="the Hugging Face directory to import")
-  p.add_argument("--workdir", help="the Kiln run to export")
-  p.add_argument("--out", required=True)
-  p.add_argument("--max_shard_mb", type=float, default=2048.0, help="export shard size")
-  p.add_argument("--dtype", default="", help="export dtype (default: the params' own)")
-  a = p.parse_args(argv)
-  if (a.src is None) == (a.dst is None):
-    p.error("give exactly one of --from hf or --to hf")
-  if a.src:
-    if not a.hf:
-      p.error("--from hf needs --hf DIR")
-    print(f"wrote {import_hf(a.hf, a.out)} (use --config.init_from={a.out})")
+def convert_hf(workdir: str, config) -> None:
+  """configs/tools.py `convert()`: imports config.import_hf into `workdir`, or exports `workdir`'s
+  latest params to config.export_hf."""
+  if bool(config.import_hf) == bool(config.export_hf):
+    raise ValueError("give exactly one of config.import_hf=HF_DIR (a new run in --workdir) or "
+                     "config.export_hf=HF_DIR (--workdir's latest params)")
+  if config.import_hf:
+    print(f"wrote {import_hf(config.import_hf, workdir)} (use --config.init_from={workdir})")
   else:
-    if not a.workdir:
-      p.error("--to hf needs --workdir DIR")
-    files = export_hf(a.workdir, a.out, int(a.max_shard_mb * 2**20), a.dtype)
-    print(f"wrote {a.out}: config.json, {convert.INDEX}, {len(files)} safetensors shard(s)")
+    files = export_hf(workdir, config.export_hf, int(config.max_shard_mb * 2**20), config.dtype)
+    print(f"wrote {config.export_hf}: config.json, {convert.INDEX}, {len(files)} safetensors shard(s)")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  convert_hf(flags.FLAGS.workdir, flags.FLAGS.config)
 
 
 if __name__ == "__main__":
-  main()
+  flags.DEFINE_string("workdir", None, "The Kiln run directory to import into or export from.")
+  config_flags.DEFINE_config_dict("config", tools.convert(), "Options: configs/tools.py convert().")
+  flags.mark_flags_as_required(["workdir"])
+  app.run(main)
