@@ -1,4 +1,5 @@
-"""The run directory: everything that reads or writes one, and nothing else does.
+"""The run directory: its checkpoints, config and Hugging Face files are read and written here.
+(The trainers add their logs: metrics.jsonl, tb/, samples.jsonl, profile/.)
 
     DIR/checkpoints/<step>/  orbax: `params`, `opt_state` (sharded arrays), `meta` (JSON: step,
                              data iterator state, LoRA base); async saves, keep K, resume the latest
