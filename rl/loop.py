@@ -31,7 +31,6 @@ from model.transformer import ModelConfig, Transformer
 from rl import config as rl_config, grpo, kl, prompts, rollout, steps, value
 from rl.rewards import combined_reward
 from train import optim, profile
-from train import params as params_lib
 from train import rundir as checkpoint
 from train import state as state_lib
 from train.rundir import load_config
@@ -60,7 +59,7 @@ def load_reward_model(path: str, mesh):
   if not path:
     return None, None
   cfg = ModelConfig.from_config(load_config(path).model)
-  abstract, shardings, _, _ = params_lib.abstract_params(Transformer(cfg), 8, mesh, heads.reward_head_params)
+  abstract, shardings, _, _ = state_lib.abstract_params(Transformer(cfg), 8, mesh, heads.reward_head_params)
   params, _ = checkpoint.restore_params(path, abstract, shardings)
   return params, cfg
 
@@ -125,7 +124,7 @@ def setup_models(config, workdir, model, tx, mesh, mngr) -> Models:
       m.notes[-1] += "; value_head = its reward head" if copied else ""
   if rl_config.needs_reference(config):
     if m.frozen is None:
-      abs_params, param_sh, _, _ = params_lib.abstract_params(model, config.seq_len, mesh)
+      abs_params, param_sh, _, _ = state_lib.abstract_params(model, config.seq_len, mesh)
       m.ref, _ = checkpoint.restore_params(config.init_from, abs_params, param_sh)
     m.notes.append("reference: the frozen LoRA base" if m.frozen is not None else
                    f"reference: frozen copy of {config.init_from}")
