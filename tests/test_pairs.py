@@ -8,7 +8,7 @@ import pytest
 
 from configs import sections
 from model import tokenizer as T
-from train import corpus, data, pairs
+from train import corpus, pairs
 from train import reward_loss as rm
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 3?"},
