@@ -2,7 +2,8 @@
 
   python -m train --config configs/pretrain_tiny.py[:arg] --workdir DIR [--config.KEY=VALUE ...]
 
-Rerunning the same command resumes from the latest checkpoint in DIR.
+Rerunning the same command resumes from the latest checkpoint in DIR. The stage runs in its loop
+(train/loop.py, or rl/loop.py for grpo / ppo) through train/pipeline.py `run_stage`.
 """
 import os
 
