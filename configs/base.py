@@ -1,14 +1,12 @@
-"""Every config key, with its default. Experiment configs start from `base_config()` and change
-what they need; `train/validate.py` rejects any key that is not in here, naming it."""
+"""Every key of a stage config, with its default. Experiment configs start from `base_config()` and
+change what they need; `train/validate.py` rejects any key that is not in here, naming it.
+The sections' keys and defaults are in configs/sections.py."""
 import ml_collections
 
-from configs import models
-from model.lora import DEFAULT_TARGETS
+from configs import models, sections
 
 
 def base_config() -> ml_collections.ConfigDict:
-  from train import data  # the data section is defined next to the code that reads it
-
   c = ml_collections.ConfigDict()
   c.objective = "pretrain"           # pretrain | sft | reward_model | dpo (train/objectives.py)
   c.model = models.tiny()
@@ -24,33 +22,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.async_checkpoints = True
   c.peak_flops_per_device = 0.0      # for MFU; 0 = by device kind (CPU: a measured matmul rate)
-  c.profile = ml_collections.ConfigDict(dict(  # a jax.profiler trace of a few steps (train/profile.py)
-      start_step=0,                    # first step recorded, as logged (step 1 compiles); 0 = off
-      num_steps=3,
-  ))
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-  c.optim = ml_collections.ConfigDict(dict(
-      name="adamw", lr=3e-3, warmup_steps=100, schedule="cosine", end_lr_frac=0.1,
-      b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0, grad_accum=1))
-  c.lora = ml_collections.ConfigDict(dict(
-      rank=0,                          # 0 = full fine-tuning; > 0 = train adapters only
-      alpha=16.0,                      # adapter scale is alpha / rank
-      targets=list(DEFAULT_TARGETS),   # regexes over parameter paths
-  ))
-  c.reward = ml_collections.ConfigDict(dict(  # objective reward_model (docs/algorithms.md)
-      loss="bradley_terry",            # bradley_terry | margin_ranking
-      margin=0.0,                      # r_w - r_l target margin
-      centering=0.0,                   # + centering * mean((r_w + r_l)^2)
-  ))
-  c.dpo = ml_collections.ConfigDict(dict(  # objective dpo (docs/algorithms.md)
-      loss="sigmoid",                  # sigmoid | cdpo | robust | ipo | simpo | orpo
-      beta=0.1,
-      label_smoothing=0.0,             # eps of sigmoid / cdpo / robust
-      gamma=0.5,                       # simpo target margin
-      orpo_lambda=0.1,                 # orpo weight of the odds-ratio term
-      rpo_alpha=0.0,                   # + rpo_alpha * average NLL of the chosen answer (RPO)
-      precompute_reference=False,      # reference log-probs once before training (cached in workdir)
-  ))
-  c.data = data.default_data_config()
-  c.tokenizer = data.default_tokenizer_config()
+  c.profile = sections.profile()
+  c.mesh = sections.mesh()
+  c.optim = sections.optim()
+  c.lora = sections.lora()
+  c.reward = sections.reward()
+  c.dpo = sections.dpo()
+  c.data = sections.data()
+  c.tokenizer = sections.tokenizer()
+  return c
+
+
+def rl_config() -> ml_collections.ConfigDict:
+  """A stage config of the online RL loop (objective grpo | ppo): the base keys plus `config.rl`."""
+  c = base_config()
+  c.rl = sections.rl()
   return c

@@ -10,14 +10,12 @@ the SFT model with the reward model as the judge. Stages run in `stages` order; 
 stage config (override with `--config.sft.steps=300`); "@name" is the workdir of stage `name`.
 `arg` picks the model preset (default demo: 1M params).
 """
-import ml_collections
-
-from configs import dpo_tiny, grpo_arith, ppo_arith, pretrain_tiny, reward_tiny, sft_tiny
+from configs import dpo_tiny, grpo_arith, ppo_arith, pretrain_tiny, reward_tiny, sections, sft_tiny
 
 
 def get_config(arg=None):
   size = arg or "demo"
-  c = ml_collections.ConfigDict()
+  c = sections.pipeline()
   c.stages = ["pretrain", "sft", "reward", "dpo", "grpo", "ppo"]
 
   c.pretrain = pretrain_tiny.get_config(size)
@@ -72,8 +70,6 @@ def get_config(arg=None):
   for name in c.stages:
     c[name].checkpoint_every = min(c[name].checkpoint_every, c[name].steps)
 
-  from eval.suite import default_eval_config
-  c.eval = default_eval_config()
   c.eval.reference = "sft"          # KL and win rate are measured against this stage
   c.eval.reward_model = "reward"    # ... with this reward model as the judge
   return c

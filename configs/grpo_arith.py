@@ -13,12 +13,10 @@ rl.loss_agg=grpo|token_mean|dr_grpo, rl.scale=group|batch|none, rl.beta=0 (no re
 `arg` picks the model preset (default tiny); it must match the SFT run's.
 """
 from configs import base, models
-from rl.config import rl_config
 
 
 def get_config(arg=None):
-  c = base.base_config()
-  c.rl = rl_config()
+  c = base.rl_config()
   c.objective = "grpo"
   c.model = models.get(arg or "tiny")
   c.init_from = ""                 # the SFT run: start point and KL reference

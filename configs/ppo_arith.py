@@ -13,12 +13,10 @@ With a reward model the critic starts from it (its trunk and reward head), as in
 `arg` picks the model preset (default tiny); it must match the SFT run's.
 """
 from configs import base, models
-from rl.config import rl_config
 
 
 def get_config(arg=None):
-  c = base.base_config()
-  c.rl = rl_config()
+  c = base.rl_config()
   c.objective = "ppo"
   c.model = models.get(arg or "tiny")
   c.init_from = ""                 # the SFT run: start point, reference and critic

@@ -5,7 +5,7 @@
   python -m train --config configs/sft_tiny.py --workdir runs/sft_tiny --config.init_from=runs/pretrain_tiny
   python -m train --config configs/reward_tiny.py --workdir runs/reward_tiny --config.init_from=runs/sft_tiny \
       [--config.reward.loss=margin_ranking --config.reward.margin=1.0]
-  python -m eval.preference --workdir runs/reward_tiny [--data pairs.jsonl]
+  python -m eval.preference --workdir runs/reward_tiny [--config.data=pairs.jsonl]
 
 `arg` picks the model preset (default tiny); it must match the SFT run's.
 """

@@ -1,36 +1,41 @@
 """Evaluate one checkpoint on the suite and print its table row:
 
-  python -m eval --workdir runs/demo/grpo --reference runs/demo/sft --reward_model runs/demo/reward
+  python -m eval --workdir runs/demo/grpo --config.reference=runs/demo/sft --config.reward_model=runs/demo/reward
   python -m eval --workdir runs/demo/reward          # a reward model: held-out pair accuracy
 
-Without --reference there is no KL and no win rate; without --reward_model no reward and no win rate.
+Options are configs/tools.py `evaluate()` (`--config.num_problems=200 --config.samples=4 ...`).
+Without config.reference there is no KL and no win rate; without config.reward_model no reward and
+no win rate. The held-out perplexity scores the conversations of the reference's saved config (the
+SFT run's, as in the pipeline), else of the run's own.
 """
-import argparse
 import json
 
-from configs import sft_tiny
+from absl import app, flags
+from ml_collections import config_flags
+
+from configs import tools
 from eval import report, suite
+from train import rundir
 
 
-def main():
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--workdir", required=True)
-  ap.add_argument("--reference", default="", help="run to measure KL and win rate against (the SFT run)")
-  ap.add_argument("--reward_model", default="", help="reward_model run that judges reward and win rate")
-  ap.add_argument("--num_problems", type=int, default=200)
-  ap.add_argument("--samples", type=int, default=4)
-  ap.add_argument("--temperature", type=float, default=0.8)
-  args = ap.parse_args()
-  cfg = suite.default_eval_config()
-  cfg.num_problems, cfg.samples, cfg.temperature = args.num_problems, args.samples, args.temperature
-  from eval.checkpoints import load_config
-  sft = sft_tiny.get_config()
-  sft.data = load_config(args.workdir).data  # the run's own data source and cache
-  sft.data.train_on_prompt = False
-  row = suite.evaluate_run(args.workdir, cfg, sft, reference=args.reference, reward_model=args.reward_model)
-  print(report.table({args.workdir: row}, suite.COLUMNS))
+def evaluate(workdir: str, config) -> dict:
+  """The suite's row of `workdir`, printed as a table and as JSON."""
+  heldout = rundir.load_config(config.reference) if config.reference else None
+  row = suite.evaluate_run(workdir, config, heldout, reference=config.reference,
+                           reward_model=config.reward_model)
+  print(report.table({workdir: row}, suite.COLUMNS))
   print(json.dumps({k: v for k, v in row.items() if k not in report.NOT_SAVED}))
+  return row
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  evaluate(flags.FLAGS.workdir, flags.FLAGS.config)
 
 
 if __name__ == "__main__":
-  main()
+  flags.DEFINE_string("workdir", None, "The run to evaluate.")
+  config_flags.DEFINE_config_dict("config", tools.evaluate(), "Options: configs/tools.py evaluate().")
+  flags.mark_flags_as_required(["workdir"])
+  app.run(main)

@@ -16,7 +16,7 @@ from model import sharding
 from model.decode import left_pad
 from model.tokenizer import stop_id
 from rl import kl, prompts, rollout, steps
-from rl.dpo import token_logps
+from train.dpo_loss import token_logps
 from train import pairs
 
 

@@ -1,31 +1,30 @@
 """Pair accuracy of a reward model (or the implicit reward of a DPO policy) on preference pairs.
 
-  python -m eval.preference --workdir runs/reward_tiny [--data pairs.jsonl] [--step N]
+  python -m eval.preference --workdir runs/reward_tiny [--config.data=pairs.jsonl] [--config.step=N]
 
-Reads DIR/config.json and DIR's latest (or --step) checkpoint, then scores every pair of --data (a
+Reads DIR/config.json and DIR's latest (or config.step) checkpoint, then scores every pair of config.data (a
 JSONL file of pairs or rankings, see train/pairs.py; no hold-out) or, without it, the run's own
 held-out pairs. reward_model: r(x, chosen) > r(x, rejected) with the reward head; dpo: the implicit
 reward beta * (log pi - log pi_ref), the reference being the run's init_from. Prints the pair
 accuracy and the mean margin (r_w - r_l, or beta * Delta) with the other metrics of the objective.
 """
-import argparse
 import functools
-import json
-import os
 
+from absl import app, flags
 import jax
-import ml_collections
+from ml_collections import config_flags
+
+from configs import tools
 
 from model import sharding
 from model.transformer import ModelConfig, Transformer
-from train import checkpoint, data, loop, objectives, pairs
-from train import state as state_lib
+from train import data, loop, objectives, pairs, rundir
+from train.params import abstract_params
 
 
 def evaluate_pairs(workdir: str, data_path: str = "", step=None) -> dict:
   """{"pairs": n, "step": s, "accuracy": ..., "margin": ..., plus every eval/ metric}."""
-  with open(os.path.join(workdir, "config.json")) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  config = rundir.load_config(workdir)
   objective = objectives.get(config.objective)
   if objective.packed:
     raise ValueError(f"{workdir} is a {config.objective!r} run: eval.preference needs reward_model or dpo")
@@ -33,12 +32,12 @@ def evaluate_pairs(workdir: str, data_path: str = "", step=None) -> dict:
   tok = data.load_or_train_tokenizer(config)
   model = Transformer(ModelConfig.from_config(config.model))
   with sharding.use_mesh(mesh):
-    abs_p, p_sh, _, _ = state_lib.abstract_params(model, config.seq_len, mesh, objective.extra_params)
-    params, step = checkpoint.restore_params(workdir, abs_p, p_sh, step)
+    abs_p, p_sh, _, _ = abstract_params(model, config.seq_len, mesh, objective.extra_params)
+    params, step = rundir.restore_params(workdir, abs_p, p_sh, step)
     ref = None
     if objective.needs_reference(config):
-      abs_m, m_sh, _, _ = state_lib.abstract_params(model, config.seq_len, mesh)
-      ref, _ = checkpoint.restore_params(config.init_from, abs_m, m_sh)
+      abs_m, m_sh, _, _ = abstract_params(model, config.seq_len, mesh)
+      ref, _ = rundir.restore_params(config.init_from, abs_m, m_sh)
     ps = (pairs.load_file(data_path, tok, config.seq_len, config.data.chat_template) if data_path
           else pairs.load(config, tok, "eval"))
     batches = pairs.ordered_batches(ps, config.batch_size, jax.process_index(), jax.process_count())
@@ -48,19 +47,20 @@ def evaluate_pairs(workdir: str, data_path: str = "", step=None) -> dict:
           "margin": metrics["eval/rewards/margin"], **metrics}
 
 
-def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--workdir", required=True, help="a reward_model or dpo run")
-  p.add_argument("--data", default="", help="JSONL pairs / rankings; default: the run's held-out pairs")
-  p.add_argument("--step", type=int, default=None, help="checkpoint step; default: the latest")
-  a = p.parse_args(argv)
-  out = evaluate_pairs(a.workdir, a.data, a.step)
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  workdir, a = flags.FLAGS.workdir, flags.FLAGS.config
+  out = evaluate_pairs(workdir, a.data, None if a.step < 0 else a.step)
   source = a.data or "the held-out pairs"
-  print(f"{a.workdir} step {out['step']}: {out['pairs']} pairs from {source}: "
+  print(f"{workdir} step {out['step']}: {out['pairs']} pairs from {source}: "
         f"pair accuracy {out['accuracy']:.4f}, mean margin {out['margin']:.4f}")
   print("  ".join(f"{k} {v:.4f}" for k, v in out.items() if k.startswith("eval/")))
   return out
 
 
 if __name__ == "__main__":
-  main()
+  flags.DEFINE_string("workdir", None, "A reward_model or dpo run.")
+  config_flags.DEFINE_config_dict("config", tools.preference(), "Options: configs/tools.py preference().")
+  flags.mark_flags_as_required(["workdir"])
+  app.run(main)

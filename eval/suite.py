@@ -14,30 +14,27 @@ import os
 import jax
 
 from eval import compare, preference, tasks
-from eval.checkpoints import load_run
 from model import sharding
 from rl.loop import load_reward_model
 from train import corpus, data, loop, objectives
+from train.rundir import load_run
 
 COLUMNS = ("perplexity", "accuracy", "pass@k", "sampled_accuracy", "format", "length", "reward",
            "win_rate", "kl", "pair_accuracy")
 
 
-def default_eval_config():
-  import ml_collections
-  return ml_collections.ConfigDict(dict(
-      num_problems=200,     # held-out problems asked (greedy, sampled, KL)
-      samples=4,            # sampled answers per problem for pass@k (0 = greedy only)
-      temperature=0.8,
-      max_new_tokens=80,     # the longest built-in solution is 74 tokens
-      perplexity_batches=8,
-      seed=0,
-  ))
+def heldout_config(config):
+  """The config whose held-out conversations `answer_perplexity` scores: `config` (a run's saved
+  config.json) as an SFT stage, loss on the assistant tokens only."""
+  cfg = copy.deepcopy(config)
+  cfg.objective = "sft"
+  cfg.data.train_on_prompt = False
+  return cfg
 
 
-def answer_perplexity(run, sft_config, max_batches: int = 8) -> float:
-  """exp(mean NLL) of the assistant tokens of the held-out conversations."""
-  cfg = copy.deepcopy(sft_config)
+def answer_perplexity(run, heldout, max_batches: int = 8) -> float:
+  """exp(mean NLL) of the assistant tokens of the held-out conversations of config `heldout`."""
+  cfg = heldout_config(heldout)
   cfg.model = run.config.model
   batches = data.make_eval_batches(cfg, run.tokenizer, jax.process_index(), jax.process_count(),
                                    max_batches=None)
@@ -55,12 +52,14 @@ def greedy_completions(run, problems, max_new_tokens: int) -> list:
   return res["completions"]
 
 
-def evaluate_run(workdir: str, eval_cfg, sft_config, *, reference: str = "", reward_model: str = "",
+def evaluate_run(workdir: str, eval_cfg, heldout=None, *, reference: str = "", reward_model: str = "",
                  reference_completions=None) -> dict:
   """The suite's row for the latest checkpoint of `workdir` (plus "completions", "examples", "step").
 
-  reference: the run KL and win rate are measured against ('' = neither); reward_model: the judge
-  of `reward` and `win_rate`; reference_completions: the reference's greedy answers if known."""
+  eval_cfg: configs/sections.py `eval()`; heldout: the saved config (an SFT run's) whose held-out
+  conversations give the perplexity (None = the run's own); reference: the run KL and win rate are
+  measured against ('' = neither); reward_model: the judge of `reward` and `win_rate`;
+  reference_completions: the reference's greedy answers if known."""
   run = load_run(workdir)
   row = dict.fromkeys(COLUMNS)
   row["step"] = run.step
@@ -71,7 +70,8 @@ def evaluate_run(workdir: str, eval_cfg, sft_config, *, reference: str = "", rew
   problems = corpus.heldout_problems(eval_cfg.num_problems)
   chat, template = run.config.objective != "pretrain", run.config.data.chat_template
   with sharding.use_mesh(run.mesh):
-    row["perplexity"] = answer_perplexity(run, sft_config, eval_cfg.perplexity_batches)
+    row["perplexity"] = answer_perplexity(run, run.config if heldout is None else heldout,
+                                          eval_cfg.perplexity_batches)
     res = tasks.evaluate_problems(
         run.params, run.model_cfg, run.tokenizer, problems, chat=chat, mesh=run.mesh,
         samples=eval_cfg.samples, temperature=eval_cfg.temperature,

@@ -1,22 +1,27 @@
 """Accuracy on the held-out arithmetic and word problems, by generating answers.
 
-  python -m eval.tasks --workdir runs/sft_tiny --task arith [--num 200] [--samples 4 --temperature 0.8]
+  python -m eval.tasks --workdir runs/sft_tiny [--config.task=arith --config.num=200]
+  python -m eval.tasks --workdir runs/sft_tiny --config.samples=4 --config.temperature=0.8
 
-Prints exact-match accuracy (greedy; and pass@k / mean sampled accuracy with --samples k),
+Options are configs/tools.py `tasks()`. Prints exact-match accuracy (greedy; and pass@k / mean
+sampled accuracy with config.samples = k),
 format compliance (one well-formed <answer>N</answer>) and mean completion length. Chat-trained
 runs are asked in their chat template; pretrained runs with the "Question: ...\\nAnswer:" prompt
 their corpus used.
 """
-import argparse
 import json
 import math
 
+from absl import app, flags
 import jax
+from ml_collections import config_flags
 import numpy as np
 
-from model import decode
+from configs import tools
+
+from model import decode, sharding
 from rl import rewards
-from train import corpus
+from train import corpus, rundir
 
 TASKS = {"arith": corpus.heldout_problems}
 
@@ -69,33 +74,38 @@ def evaluate_problems(params, model_cfg, tokenizer, problems, *, chat: bool, mes
   return result
 
 
-def main():
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--workdir", required=True)
-  ap.add_argument("--task", default="arith", choices=sorted(TASKS))
-  ap.add_argument("--num", type=int, default=200, help="held-out problems to ask")
-  ap.add_argument("--samples", type=int, default=0, help="k sampled answers per problem (pass@k)")
-  ap.add_argument("--temperature", type=float, default=0.8)
-  ap.add_argument("--top_p", type=float, default=1.0)
-  ap.add_argument("--max_new_tokens", type=int, default=80)
-  ap.add_argument("--chat", choices=["auto", "yes", "no"], default="auto")
-  args = ap.parse_args()
-  from eval.checkpoints import load_run
-  from model import sharding
-  run = load_run(args.workdir)
-  chat = run.config.objective != "pretrain" if args.chat == "auto" else args.chat == "yes"
+def evaluate_task(workdir: str, config) -> dict:
+  """Asks `workdir`'s latest checkpoint config.num problems of config.task; prints and returns the
+  numbers (configs/tools.py `tasks()`)."""
+  if config.task not in TASKS:
+    raise ValueError(f"config.task={config.task!r}: use one of {' | '.join(sorted(TASKS))}")
+  if config.chat not in ("auto", "yes", "no"):
+    raise ValueError(f"config.chat={config.chat!r}: use auto | yes | no")
+  run = rundir.load_run(workdir)
+  chat = run.config.objective != "pretrain" if config.chat == "auto" else config.chat == "yes"
   with sharding.use_mesh(run.mesh):
-    res = evaluate_problems(run.params, run.model_cfg, run.tokenizer, TASKS[args.task](args.num),
-                            chat=chat, mesh=run.mesh, samples=args.samples,
-                            temperature=args.temperature, top_p=args.top_p,
-                            max_new_tokens=args.max_new_tokens,
+    res = evaluate_problems(run.params, run.model_cfg, run.tokenizer, TASKS[config.task](config.num),
+                            chat=chat, mesh=run.mesh, samples=config.samples,
+                            temperature=config.temperature, top_p=config.top_p,
+                            max_new_tokens=config.max_new_tokens,
                             template=run.config.data.chat_template)
   res.pop("completions")
   for ex in res.pop("examples"):
     print(f"Q: {ex['question']}\n   model: {ex['completion']!r}   (answer {ex['answer']})")
-  print(json.dumps({"workdir": args.workdir, "step": run.step, "task": args.task, "num": args.num,
-                    **{k: round(v, 4) for k, v in res.items()}}))
+  out = {"workdir": workdir, "step": run.step, "task": config.task, "num": config.num,
+         **{k: round(v, 4) for k, v in res.items()}}
+  print(json.dumps(out))
+  return out
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  evaluate_task(flags.FLAGS.workdir, flags.FLAGS.config)
 
 
 if __name__ == "__main__":
-  main()
+  flags.DEFINE_string("workdir", None, "The run to ask.")
+  config_flags.DEFINE_config_dict("config", tools.tasks(), "Options: configs/tools.py tasks().")
+  flags.mark_flags_as_required(["workdir"])
+  app.run(main)

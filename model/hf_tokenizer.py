@@ -12,6 +12,7 @@
 bos / eos / pad come from `tokenizer_config.json` when it names them, else from the usual names.
 Both classes have model/tokenizer.py's Tokenizer interface: `encode`, `decode`, `vocab_size`,
 `pad_id`, `bos_id`, `eos_id`, `im_start_id`, `im_end_id`, `id_to_piece`, `path`, `model_proto`.
+`load_tokenizer` reads any tokenizer: these, or a Kiln SentencePiece `.model` file.
 """
 import json
 import os
@@ -149,3 +150,11 @@ def load(path: str):
   added += [_token_text(config[k]) for k in ("bos_token", "eos_token", "unk_token", "pad_token") if config.get(k)]
   with open(sp_path, "rb") as f:
     return SpecialsTokenizer(f.read(), sp_path, added)
+
+
+def load_tokenizer(path: str):
+  """Any tokenizer Kiln reads: a Hugging Face directory or tokenizer.json (`load`), else a
+  SentencePiece `.model` file (model/tokenizer.py)."""
+  if os.path.isdir(path) or path.endswith(".json"):
+    return load(path)
+  return kiln_tokenizer.load_sentencepiece(path)

@@ -15,7 +15,6 @@ import jax.numpy as jnp
 
 # How many leading (input) dims each kernel has; the rest are outputs. `out` maps heads -> embed.
 INPUT_DIMS = {"qkv": 1, "out": 3, "gate_up": 1, "down": 1, "lm_head": 1}
-DEFAULT_TARGETS = (r"attn/qkv$", r"attn/out$", r"mlp/gate_up$", r"mlp/down$")
 
 
 def targeted(params, targets) -> dict:

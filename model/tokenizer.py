@@ -137,12 +137,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_path: str) -> Tok
   return Tokenizer(proto, out_path)
 
 
-def load_tokenizer(path: str) -> Tokenizer:
-  """Loads an existing SentencePiece `.model` file, or a Hugging Face directory / tokenizer.json
-  (model/hf_tokenizer.py)."""
-  if os.path.isdir(path) or path.endswith(".json"):
-    from model import hf_tokenizer
-    return hf_tokenizer.load(path)
+def load_sentencepiece(path: str) -> Tokenizer:
+  """Loads an existing SentencePiece `.model` file (any kind of tokenizer: model/hf_tokenizer.py
+  `load_tokenizer`)."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f"tokenizer model not found: {path}")
   with open(path, "rb") as f:

@@ -1,4 +1,5 @@
-"""`config.rl`: every key of the online RL stages (objective grpo | ppo), with its default.
+"""Checks and derived values of `config.rl`, the online RL stages (objective grpo | ppo); its keys
+and defaults are `configs/sections.py` `rl()`.
 
 Units: `config.steps` counts iterations (one rollout, then `num_iterations` passes of
 `num_minibatches` optimizer updates over it); `config.batch_size` counts completions per
@@ -7,64 +8,13 @@ log_every / eval_every / checkpoint_every count iterations too.
 """
 import ml_collections
 
+from configs import sections
 from rl import grpo, kl
 from rl.rewards import REWARD_FUNCTIONS
 
 RL_OBJECTIVES = ("grpo", "ppo")
 PLACEMENTS = ("in_loss", "in_reward")
 VALUE_MODELS = ("critic", "policy")
-
-
-def rl_config() -> ml_collections.ConfigDict:
-  """The `config.rl` section (configs/base.py: `c.rl = rl_config()`)."""
-  return ml_collections.ConfigDict(dict(
-      # prompts
-      prompts="builtin",          # builtin (fresh train_problems every iteration) | jsonl
-      prompts_path="",            # jsonl: {"prompt": str} or {"messages": [...]}, optional "answer"
-      eval_path="",               # jsonl held-out {"prompt", "answer"} records; '' = builtin held-out
-      num_eval_problems=200,      # held-out problems per eval (greedy accuracy); 0 = no eval
-      eval_at_start=True,         # also evaluate before the first update (the baseline)
-      max_prompt_len=64,          # prompts are left-padded to this width, cut from the left if longer
-      # sampling
-      num_generations=8,          # G completions per prompt
-      max_new_tokens=48,
-      temperature=1.0,
-      top_k=0,
-      top_p=1.0,
-      # rewards: weight of every reward function of rl/rewards.py (0 = off) and of a reward model
-      rewards=ml_collections.ConfigDict({name: 0.0 for name in REWARD_FUNCTIONS}),
-      reward_model="",            # a reward_model run's workdir; its score is added with the weight below
-      reward_model_weight=1.0,
-      missing_eos_penalty=0.0,    # subtracted from the score of completions that never stopped
-      # KL to the reference (init_from, or the LoRA base)
-      beta=0.04,                  # initial KL coefficient; 0 = no reference model at all
-      kl_estimator="k3",          # k1 | k2 | k3 (docs/algorithms.md)
-      kl_placement="",            # in_loss | in_reward; '' = grpo in_loss, ppo in_reward
-      kl_target=0.0,              # > 0: adaptive beta toward this KL (nats per completion)
-      kl_horizon=10000,
-      # updates
-      num_iterations=1,           # passes over each rollout with pi_old fixed (PPO epochs)
-      num_minibatches=1,          # optimizer updates per pass (GRPO: whole groups per minibatch)
-      eps_low=0.2,                # clip range (PPO uses eps_low)
-      eps_high=0.2,               # GRPO upper clip (DAPO: 0.28)
-      # GRPO
-      scale="",                   # group | batch | none (Dr. GRPO); '' = group (grpo), none (rloo)
-      estimator="grpo",           # grpo | rloo
-      ratio_level="token",        # token | sequence (GSPO)
-      loss_agg="grpo",            # grpo | token_mean | bnpo | dr_grpo
-      # PPO
-      value_model="critic",       # critic (separate model) | policy (a head on the policy trunk)
-      value_init_from="",         # critic / head start: '' = reward_model if set, else init_from
-      gamma=1.0,
-      lam=0.95,
-      value_clip=0.2,
-      vf_coef=0.1,
-      ent_coef=0.0,
-      whiten_rewards=False,
-      whiten_advantages=True,
-      # logging
-      num_samples_to_log=2,       # completions written to samples.jsonl per logged iteration
-  ))
 
 
 def placement(config) -> str:
@@ -82,6 +32,13 @@ def needs_reference(config) -> bool:
 
 def num_prompts(config) -> int:
   return config.batch_size // config.rl.num_generations
+
+
+def schema() -> ml_collections.ConfigDict:
+  """`config.rl`'s keys: configs/sections.py's, with a weight for every registered reward function."""
+  rl = sections.rl()
+  rl.rewards = ml_collections.ConfigDict({name: 0.0 for name in REWARD_FUNCTIONS})
+  return rl
 
 
 def _unknown(section, schema, prefix):
@@ -111,11 +68,11 @@ def check(config, data_ways: int = 1) -> None:
   if config.objective not in RL_OBJECTIVES:
     raise ValueError(f"config.objective={config.objective!r}: the online loop runs {RL_OBJECTIVES}")
   if "rl" not in config:
-    raise ValueError("config.rl is missing: add `c.rl = rl.config.rl_config()` to the config")
+    raise ValueError("config.rl is missing: start the config from `configs.base.rl_config()`")
   r = config.rl
-  unknown = _unknown(r, rl_config(), "config.rl")
+  unknown = _unknown(r, schema(), "config.rl")
   if unknown:
-    raise ValueError(f"unknown config keys: {', '.join(unknown)} (not in rl/config.py)")
+    raise ValueError(f"unknown config keys: {', '.join(unknown)} (not in configs/sections.py rl())")
   _one_of(r, "prompts", ("builtin", "jsonl"))
   _one_of(r, "kl_estimator", kl.KL_KINDS)
   _one_of(r, "kl_placement", ("",) + PLACEMENTS)

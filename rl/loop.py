@@ -24,15 +24,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import base
-from eval.checkpoints import load_config
 from eval.tasks import evaluate_problems
 from model import heads, sharding
 from model.tokenizer import stop_id
 from model.transformer import ModelConfig, Transformer
 from rl import config as rl_config, grpo, kl, prompts, rollout, steps, value
 from rl.rewards import combined_reward
-from train import checkpoint, optim, profile
+from train import optim, profile
+from train import rundir as checkpoint
 from train import state as state_lib
+from train.rundir import load_config
 from train.loop import StopFlag, start_run
 from train.metrics import MetricsLogger
 from train.validate import validate

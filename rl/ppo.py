@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from rl.kl import k3, masked_mean
-from train.reward_model import last_token_index
+from train.reward_loss import last_token_index
 
 
 def gae(rewards, values, mask, gamma=1.0, lam=0.95):

@@ -12,7 +12,7 @@ import optax
 from model import heads
 from rl import grpo, kl, ppo, rollout, value
 from rl.config import placement
-from rl.dpo import token_logps
+from train.dpo_loss import token_logps
 from train import state as state_lib
 
 

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from model import heads
-from train import checkpoint
+from train import rundir as checkpoint
 
 
 def value_head_params(model_cfg, rng) -> dict:

@@ -8,12 +8,14 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from configs import base, sections
 from model.transformer import ModelConfig, Transformer
+from rl import config as rl_config, rewards
 from train.validate import validate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FILES = sorted(f for f in glob.glob(os.path.join(ROOT, "configs", "*.py"))
-               if os.path.basename(f) not in ("__init__.py", "models.py", "base.py"))
+               if os.path.basename(f) not in ("__init__.py", "models.py", "base.py", "sections.py", "tools.py"))
 
 
 def load(path):
@@ -47,3 +49,32 @@ def test_config_validates_and_initialises_abstractly(path):
     shapes = jax.eval_shape(Transformer(cfg).init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
     n = sum(x.size for x in jax.tree.leaves(shapes))
     assert n == cfg.num_params()
+
+
+def test_every_section_comes_from_configs_sections():
+  c = base.rl_config()
+  for name in ("profile", "mesh", "optim", "lora", "reward", "dpo", "data", "tokenizer", "rl"):
+    assert c[name].to_dict() == getattr(sections, name)().to_dict(), name
+  assert set(sections.pipeline().eval) >= set(sections.eval()) | {"reference", "reward_model"}
+
+
+def test_reward_weights_name_every_registered_reward_function():
+  assert tuple(rewards.REWARD_FUNCTIONS) == sections.REWARD_NAMES
+
+
+@pytest.mark.parametrize("key", ["optim.lr_typo", "data.sauce", "stepz"])
+def test_unknown_key_fails_naming_it(key):
+  c = base.base_config()
+  section, _, last = key.rpartition(".")
+  (c[section] if section else c)[last] = 1
+  with pytest.raises(ValueError, match=f"config.{key}"):
+    validate(c, num_devices=8)
+
+
+def test_unknown_rl_key_fails_naming_it():
+  c = base.rl_config()
+  c.objective, c.init_from = "grpo", "runs/sft_tiny"
+  c.rl.rewards.answer_match = 1.0
+  c.rl.num_generationz = 4
+  with pytest.raises(ValueError, match="config.rl.num_generationz"):
+    rl_config.check(c)

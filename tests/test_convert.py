@@ -5,6 +5,7 @@ import io
 import json
 import os
 import random
+import sys
 
 import jax
 import numpy as np
@@ -14,8 +15,12 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 from safetensors.numpy import load_file  # noqa: E402
 
+from configs import sections, tools  # noqa: E402
 from model import convert, decode, hf_config, hf_tokenizer, sharding  # noqa: E402
 from model.transformer import ModelConfig, Transformer  # noqa: E402
+from train import rundir  # noqa: E402
+from train.params import abstract_params  # noqa: E402
+from tests import _cli  # noqa: E402
 
 VOCAB = 128
 SHAPE = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -49,12 +54,11 @@ def hf_model(path):
 
 def kiln_load(hf_dir, mesh, scan_layers=False):
   """(ModelConfig, params) of an HF directory, loaded through restore_params' hf: path."""
-  from train import checkpoint, state
   m = dict(hf_config.to_model(hf_config.read(hf_dir)), dtype="float32", param_dtype="float32",
            scan_layers=scan_layers, remat="none", attention="xla", init_std=0.02)
   cfg = ModelConfig.from_config(m)
-  abstract, shardings, _, _ = state.abstract_params(Transformer(cfg), 8, mesh)
-  params, step = checkpoint.restore_params("hf:" + hf_dir, abstract, shardings)
+  abstract, shardings, _, _ = abstract_params(Transformer(cfg), 8, mesh)
+  params, step = rundir.restore_params("hf:" + hf_dir, abstract, shardings)
   assert step == 0
   return cfg, params
 
@@ -126,12 +130,28 @@ def test_round_trip_is_bitwise(family_dir, mesh, tmp_path):
 
 
 @pytest.mark.parametrize("family_dir", ["qwen2"], indirect=True)  # bias and tied embeddings
+def convert_config(**overrides):
+  c = tools.convert()
+  c.update(overrides)
+  return c
+
+
+def test_the_command_line_imports_and_refuses_two_directions(tmp_path):
+  """`python -m train.rundir --workdir DIR --config.import_hf=HF_DIR`, as a user types it."""
+  d = make_hf("llama", str(tmp_path / "hf"), seed=0)
+  run = str(tmp_path / "run")
+  out = _cli.run([sys.executable, "-m", "train.rundir", "--workdir", run, f"--config.import_hf={d}"], timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert os.path.isdir(os.path.join(run, "checkpoints", "0")) and os.path.isfile(os.path.join(run, "config.json"))
+  with pytest.raises(ValueError, match="config.import_hf"):
+    rundir.convert_hf(run, convert_config(import_hf=d, export_hf=str(tmp_path / "out")))
+
+
 def test_cli_round_trip_through_a_kiln_run_dir_is_bitwise(family_dir, tmp_path):
-  """`--from hf` (a run dir that init_from and eval read) then `--to hf`: the same code for every family."""
+  """`import_hf` (a run dir that init_from and eval read) then `export_hf`: the same code for every family."""
   family, d = family_dir
-  convert.main(["--from", "hf", "--hf", d, "--out", str(tmp_path / "run")])
-  convert.main(["--to", "hf", "--workdir", str(tmp_path / "run"), "--out", str(tmp_path / "out"),
-                "--max_shard_mb", "0.02"])
+  rundir.convert_hf(str(tmp_path / "run"), convert_config(import_hf=d))
+  rundir.convert_hf(str(tmp_path / "run"), convert_config(export_hf=str(tmp_path / "out"), max_shard_mb=0.02))
   assert len(set(json.load(open(tmp_path / "out" / convert.INDEX))["weight_map"].values())) > 2
   assert_same_tensors(everything(d), everything(str(tmp_path / "out")))
 
@@ -144,15 +164,14 @@ def test_lora_merged_export_loads_in_transformers_and_matches_kiln(tmp_path, mes
   import ml_collections
   import orbax.checkpoint as ocp
   from model import lora
-  from train import checkpoint, state
   hf_dir = make_hf("qwen2", str(tmp_path / "hf"), seed=3)
   cfg, params = kiln_load(hf_dir, mesh)
   # A LoRA run dir as train/ writes it: adapters as params; base and lora config in meta.
-  lora_cfg = ml_collections.ConfigDict(dict(rank=2, alpha=4.0, targets=list(lora.DEFAULT_TARGETS)))
+  lora_cfg = ml_collections.ConfigDict(dict(rank=2, alpha=4.0, targets=list(sections.LORA_TARGETS)))
   adapters = lora.init_adapters(jax.device_get(params), lora_cfg, jax.random.key(1))
   adapters = jax.tree.map(lambda x: np.asarray(x) + 0.05, adapters)  # b != 0: the merge matters
   run = str(tmp_path / "lora_run")
-  mngr = checkpoint.manager(run, keep=1, async_save=False)
+  mngr = rundir.manager(run, keep=1, async_save=False)
   mngr.save(1, args=ocp.args.Composite(
       params=ocp.args.StandardSave(adapters),
       meta=ocp.args.JsonSave({"step": 1, "lora": {"base": "hf:" + hf_dir, "config": lora_cfg.to_dict()}})))
@@ -164,9 +183,9 @@ def test_lora_merged_export_loads_in_transformers_and_matches_kiln(tmp_path, mes
   (tmp_path / "lora_run" / "config.json").write_text(c.to_json())
   shutil.copy(os.path.join(hf_dir, "config.json"), os.path.join(run, "hf_config.json"))
   out = str(tmp_path / "export")
-  convert.main(["--to", "hf", "--workdir", run, "--out", out])
+  rundir.convert_hf(run, convert_config(export_hf=out))
 
-  merged, _ = checkpoint.restore_params(run, *state.abstract_params(Transformer(cfg), 8, mesh)[:2])
+  merged, _ = rundir.restore_params(run, *abstract_params(Transformer(cfg), 8, mesh)[:2])
   tokens = np.random.default_rng(1).integers(0, VOCAB, (2, 16))
   forward = jax.jit(lambda p: Transformer(cfg).apply({"params": p}, tokens))
   with sharding.use_mesh(mesh):
@@ -209,8 +228,7 @@ def test_sentencepiece_tokenizer_model_matches_transformers(tmp_path):
       remove_extra_whitespaces=False, add_dummy_prefix=True, split_digits=True,
       user_defined_symbols=["<|im_start|>", "<|im_end|>"], num_threads=1, minloglevel=2)
   (tmp_path / "tokenizer.model").write_bytes(w.getvalue())
-  from model.tokenizer import load_tokenizer
-  mine = load_tokenizer(str(tmp_path))
+  mine = hf_tokenizer.load_tokenizer(str(tmp_path))
   ref = transformers.LlamaTokenizer.from_pretrained(str(tmp_path), add_bos_token=False, legacy=False)
   assert (mine.bos_id, mine.eos_id, mine.im_start_id, mine.im_end_id) == (1, 2, 3, 4)
   for s in STRINGS:
@@ -241,7 +259,7 @@ def bpe_tokenizer_json(directory, vocab: int = 400) -> str:
 def test_tokenizer_json_bpe_matches_transformers(tmp_path):
   bpe_tokenizer_json(str(tmp_path))
   from model import tokenizer as kiln_tokenizer
-  mine = kiln_tokenizer.load_tokenizer(str(tmp_path))
+  mine = hf_tokenizer.load_tokenizer(str(tmp_path))
   ref = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
   assert mine.bos_id == ref.convert_tokens_to_ids("<|begin_of_text|>")
   assert mine.eos_id == ref.convert_tokens_to_ids("<|end_of_text|>")

@@ -10,6 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from configs import sections
 from model import tokenizer as T
 from train import corpus
 from train import data as D
@@ -26,7 +27,7 @@ def tok(tmp_path_factory):
 def make_config(cache, tok=None, objective="pretrain", batch_size=8, **data):
   c = ml_collections.ConfigDict(dict(seq_len=64, batch_size=batch_size, seed=0,
                                      objective=objective, model=dict(vocab_size=320)))
-  c.data, c.tokenizer = D.default_data_config(), D.default_tokenizer_config()
+  c.data, c.tokenizer = sections.data(), sections.tokenizer()
   c.data.cache_dir, c.data.num_documents = str(cache), 200
   c.data.update(data)
   c.tokenizer.path = tok.path if tok else ""
@@ -210,7 +211,7 @@ def test_tokenizer_is_trained_once_and_cached(tmp_path, monkeypatch):
   assert capped.path != tok.path and capped.model_proto != tok.model_proto
   monkeypatch.setattr(T, "train_tokenizer", None)  # a second call must not train
   assert D.load_or_train_tokenizer(c).model_proto == capped.model_proto
-  c.tokenizer.max_training_chars = D.MAX_TRAINING_CHARS
+  c.tokenizer.max_training_chars = sections.TOKENIZER_TRAINING_CHARS
   assert D.load_or_train_tokenizer(c).model_proto == tok.model_proto
   c.model.vocab_size = 300
   c.tokenizer.path = tok.path

@@ -1,10 +1,10 @@
-"""rl/dpo.py against float64 NumPy references (docs/algorithms.md, "DPO family")."""
+"""train/dpo_loss.py against float64 NumPy references (docs/algorithms.md, "DPO family")."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rl import dpo
+from train import dpo_loss as dpo
 
 RTOL, ATOL = 1e-5, 1e-6
 

@@ -6,13 +6,13 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from configs import models
+from configs import models, sections
 from model import lora, sharding
 from model.transformer import ModelConfig, Transformer
-from train import checkpoint, loop
-from train import state as state_lib
+from train import loop, rundir
+from train.params import abstract_params
 
-LORA = ml_collections.ConfigDict(dict(rank=4, alpha=8.0, targets=list(lora.DEFAULT_TARGETS)))
+LORA = ml_collections.ConfigDict(dict(rank=4, alpha=8.0, targets=list(sections.LORA_TARGETS)))
 
 
 def tiny():
@@ -60,9 +60,9 @@ def test_lora_training_changes_only_adapters(tiny_config, tmp_path):
 
   mesh = sharding.make_mesh(c.mesh)
   model = Transformer(ModelConfig.from_config(c.model))
-  abs_p, p_sh, _, _ = state_lib.abstract_params(model, c.seq_len, mesh)
-  base, _ = checkpoint.restore_params(base_dir, abs_p, p_sh)
-  merged, step = checkpoint.restore_params(lora_dir, abs_p, p_sh)   # adapters folded into base
+  abs_p, p_sh, _, _ = abstract_params(model, c.seq_len, mesh)
+  base, _ = rundir.restore_params(base_dir, abs_p, p_sh)
+  merged, step = rundir.restore_params(lora_dir, abs_p, p_sh)   # adapters folded into base
   assert step == 6
   # the LoRA run stored only adapters (kilobytes), not a second copy of the model
   raw = ocp.CheckpointManager(f"{lora_dir}/checkpoints", item_names=("params", "opt_state", "meta"))

@@ -6,9 +6,10 @@ import ml_collections
 import numpy as np
 import pytest
 
+from configs import sections
 from model import tokenizer as T
-from train import corpus, data, pairs
-from train import reward_model as rm
+from train import corpus, pairs
+from train import reward_loss as rm
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 3?"},
             {"role": "assistant", "content": "2 + 3 = 5. <answer>5</answer>"},
@@ -24,7 +25,7 @@ def tok(tmp_path_factory):
 def make_config(cache, tok, batch_size=8, seq_len=128, **data_kw):
   c = ml_collections.ConfigDict(dict(seq_len=seq_len, batch_size=batch_size, seed=0, eval_batches=0,
                                      objective="dpo", model=dict(vocab_size=320)))
-  c.data, c.tokenizer = data.default_data_config(), data.default_tokenizer_config()
+  c.data, c.tokenizer = sections.data(), sections.tokenizer()
   c.data.cache_dir, c.data.num_documents = str(cache), 300
   c.data.update(data_kw)
   c.tokenizer.path = tok.path

@@ -15,9 +15,8 @@ from configs import dpo_tiny, pretrain_tiny, reward_tiny, sft_tiny
 from eval import preference
 from model import heads, sharding
 from model.transformer import ModelConfig, Transformer
-from rl import dpo
-from train import checkpoint, data, loop, objectives, optim, pairs
-from train import state as state_lib
+from train import data, dpo_loss, loop, objectives, optim, pairs, rundir
+from train.params import abstract_params
 
 LOG2 = math.log(2.0)
 
@@ -78,8 +77,8 @@ def _policy_and_batch(make, **overrides):
   mesh = sharding.make_mesh(c.mesh)
   model = Transformer(ModelConfig.from_config(c.model))
   with sharding.use_mesh(mesh):
-    abs_p, p_sh, _, _ = state_lib.abstract_params(model, c.seq_len, mesh)
-    params, _ = checkpoint.restore_params(c.init_from, abs_p, p_sh)
+    abs_p, p_sh, _, _ = abstract_params(model, c.seq_len, mesh)
+    params, _ = rundir.restore_params(c.init_from, abs_p, p_sh)
     batch = sharding.put_batch(next(pairs.make_batches(c, data.load_or_train_tokenizer(c), "train")), mesh)
   return c, mesh, model, params, batch
 
@@ -166,7 +165,7 @@ FAST_LOSSES = ("sigmoid", "ipo")  # the rest train in `make test-all` (each loss
 
 
 @pytest.mark.parametrize("loss", [l if l in FAST_LOSSES else pytest.param(l, marks=pytest.mark.slow)
-                                  for l in dpo.LOSS_TYPES])
+                                  for l in dpo_loss.LOSS_TYPES])
 def test_every_dpo_loss_trains(loss, make, tmp_path, capsys):
   smoothing = 0.1 if loss in ("cdpo", "robust") else 0.0
   c = make(dpo_tiny, **{"dpo.loss": loss, "dpo.label_smoothing": smoothing, "optim.lr": 1e-3})
@@ -215,8 +214,8 @@ def test_lora_dpo_uses_the_frozen_base_as_reference(make, tmp_path, monkeypatch,
 
   # Through the trainer: only the base is restored (once), and step 1 (adapters' B = 0) is log 2.
   calls = []
-  real = checkpoint.restore_params
-  monkeypatch.setattr(checkpoint, "restore_params", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+  real = rundir.restore_params
+  monkeypatch.setattr(rundir, "restore_params", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
   c = make(dpo_tiny, **{"lora.rank": 4, "lora.alpha": 8.0, "optim.lr": 1e-2})
   out = loop.train(c, str(tmp_path / "lora"))
   assert calls == [c.init_from]
@@ -254,10 +253,10 @@ def test_reward_model_learns_the_builtin_preferences(make, tmp_path, capsys):
   print("held-out pair accuracy after 60 steps from a 2-step model:", out["eval/rewards/accuracy"])
   assert out["eval/rewards/accuracy"] >= 0.65   # measured 0.81; 0.75 = tags right, numbers at chance
   ckpt = os.path.join(workdir, "checkpoints")
-  assert "reward_head" in checkpoint.stored_keys(ckpt, checkpoint.latest_step(workdir))
+  assert "reward_head" in rundir.stored_keys(ckpt, rundir.latest_step(workdir))
   mesh = sharding.make_mesh(c.mesh)   # the policy part alone reads back too (the head is skipped)
-  abs_p, p_sh, _, _ = state_lib.abstract_params(Transformer(ModelConfig.from_config(c.model)), 8, mesh)
-  assert set(checkpoint.restore_params(workdir, abs_p, p_sh)[0]) == set(abs_p)
+  abs_p, p_sh, _, _ = abstract_params(Transformer(ModelConfig.from_config(c.model)), 8, mesh)
+  assert set(rundir.restore_params(workdir, abs_p, p_sh)[0]) == set(abs_p)
   # eval.preference reads the run back and gives the trainer's held-out numbers.
   ev = preference.evaluate_pairs(workdir)
   assert ev["pairs"] == 100

@@ -1,9 +1,9 @@
-"""train/reward_model.py against float64 NumPy references (docs/algorithms.md, "Reward model")."""
+"""train/reward_loss.py against float64 NumPy references (docs/algorithms.md, "Reward model")."""
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from train import reward_model as rm
+from train import reward_loss as rm
 
 RTOL = 1e-5
 

@@ -14,8 +14,8 @@ from configs import grpo_arith, ppo_arith
 from model import decode, lora, sharding
 from model.transformer import ModelConfig, Transformer
 from rl import loop, prompts, rewards, rollout, steps, value
-from train import checkpoint, optim
-from train import state as state_lib
+from train import optim, rundir
+from train.params import abstract_params
 
 
 def _digits(completions, answers, lengths, max_len):
@@ -34,8 +34,8 @@ def _model(c):
 
 
 def _save_run(d, params, config):
-  mngr = checkpoint.manager(d, 1, async_save=False)
-  checkpoint.save(mngr, 1, params, {"count": jnp.zeros((), jnp.int32)}, {"step": 1}, force=True)
+  mngr = rundir.manager(d, 1, async_save=False)
+  rundir.save(mngr, 1, params, {"count": jnp.zeros((), jnp.int32)}, {"step": 1}, force=True)
   mngr.wait_until_finished()
   mngr.close()
   with open(os.path.join(d, "config.json"), "w") as f:
@@ -47,7 +47,7 @@ def _random_run(d, seed, extra=None):
   c = grpo_arith.get_config()
   cfg, model = _model(c)
   mesh = sharding.make_mesh(c.mesh)
-  _, shardings, init, _ = state_lib.abstract_params(model, 8, mesh, extra)
+  _, shardings, init, _ = abstract_params(model, 8, mesh, extra)
   params = jax.jit(lambda k: sharding.unbox(init(k)), out_shardings=shardings)(jax.random.key(seed))
   return _save_run(d, params, c)
 
@@ -95,8 +95,8 @@ def rows(workdir, name="metrics.jsonl"):
 def restore(workdir, c):
   cfg, model = _model(c)
   mesh = sharding.make_mesh(c.mesh)
-  abs_p, sh, _, _ = state_lib.abstract_params(model, 8, mesh)
-  return checkpoint.restore_params(workdir, abs_p, sh)[0]
+  abs_p, sh, _, _ = abstract_params(model, 8, mesh)
+  return rundir.restore_params(workdir, abs_p, sh)[0]
 
 
 def max_diff(a, b):
@@ -282,11 +282,11 @@ def test_ppo_iteration_lora_policy_reward_model_and_critic(init_run, reward_run,
   assert m["train/value_loss"] > 0 and abs(m["train/kl_per_completion"]) < 1e-5
   cfg, model = _model(c)
   mesh = sharding.make_mesh(c.mesh)
-  abs_p, sh, _, _ = state_lib.abstract_params(model, 8, mesh, value.value_head_params)
-  critic, _ = checkpoint.restore_params(os.path.join(workdir, "critic"), abs_p, sh)
+  abs_p, sh, _, _ = abstract_params(model, 8, mesh, value.value_head_params)
+  critic, _ = rundir.restore_params(os.path.join(workdir, "critic"), abs_p, sh)
   from model import heads
-  abs_rm, sh_rm, _, _ = state_lib.abstract_params(model, 8, mesh, heads.reward_head_params)
-  rm, _ = checkpoint.restore_params(reward_run, abs_rm, sh_rm)
+  abs_rm, sh_rm, _, _ = abstract_params(model, 8, mesh, heads.reward_head_params)
+  rm, _ = rundir.restore_params(reward_run, abs_rm, sh_rm)
   moved = float(jnp.max(jnp.abs(critic["value_head"]["kernel"] - rm["reward_head"]["kernel"])))
   assert 0 < moved < 0.1  # started as the reward head, then trained
   policy = restore(workdir, c)  # LoRA adapters merged into the base
@@ -353,8 +353,7 @@ def sft_run(tmp_path_factory):
 def test_rl_raises_heldout_accuracy(objective, sft_run, tmp_path):
   c = (grpo_arith if objective == "grpo" else ppo_arith).get_config()
   c.init_from = sft_run
-  from eval.checkpoints import load_config
-  c.data.cache_dir = load_config(sft_run).data.cache_dir  # the same tokenizer
+  c.data.cache_dir = rundir.load_config(sft_run).data.cache_dir  # the same tokenizer
   c.eval_every = 0
   out = loop.train(c, str(tmp_path / objective))
   evals = [r for r in rows(str(tmp_path / objective)) if "eval/accuracy" in r]

@@ -3,6 +3,7 @@ import os
 
 import pytest
 
+from model import hf_tokenizer
 from model import tokenizer as T
 from train import corpus
 
@@ -41,7 +42,7 @@ def test_chat_tokens_are_single_ids_even_inside_text(tok):
 
 
 def test_load_gives_identical_ids(tok):
-  again = T.load_tokenizer(tok.path)
+  again = hf_tokenizer.load_tokenizer(tok.path)
   text = corpus.pretrain_documents(1, 20)[3]
   assert again.encode(text) == tok.encode(text) and again.vocab_size == tok.vocab_size
 
@@ -54,7 +55,7 @@ def test_training_is_deterministic(tok, tmp_path):
 
 def test_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match="nope.model"):
-    T.load_tokenizer(str(tmp_path / "nope.model"))
+    hf_tokenizer.load_tokenizer(str(tmp_path / "nope.model"))
   with pytest.raises(ValueError, match="vocab_size=256"):
     T.train_tokenizer(["some text"], 256, str(tmp_path / "a.model"))
   with pytest.raises(ValueError, match="vocab_size=4000"):

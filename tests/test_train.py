@@ -49,12 +49,13 @@ def test_checkpoint_round_trips_exactly(tiny_config, tmp_path):
   mngr = ocp.CheckpointManager(str(tmp_path / "run" / "checkpoints"),
                                item_names=("params", "opt_state", "meta"))
   raw = mngr.restore(3, args=ocp.args.Composite(params=ocp.args.StandardRestore()))
-  from train import checkpoint, state
+  from train import rundir
+  from train.params import abstract_params
   from model import sharding
   from model.transformer import ModelConfig, Transformer
   mesh = sharding.make_mesh(c.mesh)
-  abs_p, psh, *_ = state.abstract_params(Transformer(ModelConfig.from_config(c.model)), c.seq_len, mesh)
-  params, step = checkpoint.restore_params(str(tmp_path / "run"), abs_p, psh)
+  abs_p, psh, *_ = abstract_params(Transformer(ModelConfig.from_config(c.model)), c.seq_len, mesh)
+  params, step = rundir.restore_params(str(tmp_path / "run"), abs_p, psh)
   assert step == 3
   for x, y in zip(jax.tree.leaves(raw.params), jax.tree.leaves(params)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

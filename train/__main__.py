@@ -2,7 +2,8 @@
 
   python -m train --config configs/pretrain_tiny.py[:arg] --workdir DIR [--config.KEY=VALUE ...]
 
-Rerunning the same command resumes from the latest checkpoint in DIR.
+Rerunning the same command resumes from the latest checkpoint in DIR. The stage runs in its loop
+(train/loop.py, or rl/loop.py for grpo / ppo) through train/pipeline.py `run_stage`.
 """
 import os
 
@@ -29,13 +30,9 @@ def main(argv):
   # Reruns and resumes skip compilation: compiled programs are cached on disk.
   jax.config.update("jax_compilation_cache_dir", os.environ.get(
       "JAX_COMPILATION_CACHE_DIR", os.path.expanduser("~/.cache/kiln/jax")))
-  from train import loop  # after distributed init: importing JAX backends must come second
-  config = _CONFIG.value
-  if config.objective in ("grpo", "ppo"):  # online RL: rollouts between updates
-    from rl import loop as rl_loop
-    metrics = rl_loop.train(config, _WORKDIR.value)
-  else:
-    metrics = loop.train(config, _WORKDIR.value)
+  # After distributed init: importing the trainers (JAX backends) must come second.
+  from train import pipeline
+  metrics = pipeline.run_stage(_CONFIG.value, _WORKDIR.value)
   printable = {k: round(v, 4) for k, v in metrics.items() if k.startswith("eval/")}
   print(f"finished at step {metrics.get('step')}: {printable}")
 

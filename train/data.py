@@ -27,43 +27,14 @@ import tempfile
 
 from array_record.python import array_record_module
 import grain
-import ml_collections
 import numpy as np
 
+from configs import sections
+from model import hf_tokenizer
 from model import tokenizer as tokenizer_lib
 from train import corpus
 from train import packing
 from train import sources
-
-MAX_TRAINING_CHARS = 20_000_000  # tokenizer training text, from the start of the train split
-
-
-def default_data_config() -> ml_collections.ConfigDict:
-  """Every `config.data` key with its default."""
-  return ml_collections.ConfigDict(dict(
-      source="builtin",       # builtin | text | jsonl | tfds
-      path="",                # file or glob (text, jsonl, local tfds)
-      eval_path="",           # held-out file or glob; '' = hold out every 50th document
-      tfds_name="",           # registered TFDS name; '' = build `KilnFiles` from path
-      tfds_data_dir="",       # TFDS data_dir for tfds_name; '' = TFDS default
-      tfds_split="train",
-      tfds_eval_split="",     # '' = 'eval' of a local build with eval_path, else hold out
-      text_key="text",        # pretraining text field in jsonl / tfds records
-      num_documents=20000,    # builtin: number of generated problems
-      max_documents=0,        # text/jsonl/tfds: read at most this many per split; 0 = all
-      cache_dir="",           # '' = ~/.cache/kiln
-      chat_template="chatml",  # chatml | llama2 (sft)
-      train_on_prompt=False,  # sft: loss on every token instead of assistant tokens only
-  ))
-
-
-def default_tokenizer_config() -> ml_collections.ConfigDict:
-  """Every `config.tokenizer` key: path '' = train one with vocab config.model.vocab_size."""
-  return ml_collections.ConfigDict(dict(
-      path="",
-      max_training_chars=MAX_TRAINING_CHARS,  # train on the first N characters of the corpus; 0 = all
-  ))
-
 
 # ----------------------------------------------------------------------------- tokenizer
 
@@ -85,7 +56,7 @@ def first_chars(texts, max_chars: int):
 
 def _tokenizer_texts(config):
   """(texts to train on, their cache identity): the builtin corpus is hashed, files are not read."""
-  cap = config.tokenizer.get("max_training_chars", MAX_TRAINING_CHARS)
+  cap = config.tokenizer.get("max_training_chars", sections.TOKENIZER_TRAINING_CHARS)
   if config.data.source == "builtin":  # one builtin tokenizer for pretrain and sft alike
     docs = corpus.pretrain_documents(sources.BUILTIN_SEED, sources.BUILTIN_TOKENIZER_PROBLEMS)
     texts = list(first_chars(docs, cap))
@@ -99,7 +70,7 @@ def load_or_train_tokenizer(config) -> tokenizer_lib.Tokenizer:
   """config.tokenizer.path, or a tokenizer trained on the training corpus (cached)."""
   vocab = config.model.get("vocab_size") if "model" in config else None
   if config.tokenizer.path:
-    tok = tokenizer_lib.load_tokenizer(os.path.expanduser(config.tokenizer.path))
+    tok = hf_tokenizer.load_tokenizer(os.path.expanduser(config.tokenizer.path))
   else:
     if not vocab:
       raise ValueError("config.model.vocab_size is needed to train a tokenizer (config.tokenizer.path is '')")
@@ -107,7 +78,7 @@ def load_or_train_tokenizer(config) -> tokenizer_lib.Tokenizer:
     name = f"{sources.stable_hash(identity, vocab)}-{vocab}.model"
     path = os.path.join(sources.cache_dir(config), "tokenizers", name)
     if os.path.isfile(path):
-      tok = tokenizer_lib.load_tokenizer(path)
+      tok = hf_tokenizer.load_tokenizer(path)
     else:
       tok = tokenizer_lib.train_tokenizer(texts, vocab, path)
   if vocab and tok.vocab_size > vocab:

@@ -1,7 +1,8 @@
 """What `config.init_from` fixes besides the params: the model shape and tokenizer of a Hugging
 Face start point.
 
-`init_from="hf:DIR"` (or a run dir holding `hf_config.json`: `python -m model.convert --from hf`,
+`init_from="hf:DIR"` (or a run dir holding `hf_config.json`: `python -m train.rundir
+--config.import_hf=DIR`,
 or any stage that started from one) takes `config.model`'s shape keys from that config.json:
 - config.model left at a named preset of configs/models.py (the stage's default): replaced;
 - otherwise every shape key must equal the HF value; the error names each one that does not.
@@ -10,12 +11,11 @@ tokenizer.json or tokenizer.model; for a run dir, its own tokenizer.path). The H
 copied to `workdir/hf_config.json`, so later stages and `--to hf` export know where they came from.
 """
 import copy
-import json
 import os
 
 from configs import models
 from model import hf_config
-from train.checkpoint import HF_PREFIX
+from train import rundir
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
@@ -24,21 +24,17 @@ def hf_source(init_from: str):
   """(HF config dict, where it was read, tokenizer path or '') of init_from, or None."""
   if not init_from:
     return None
-  if init_from.startswith(HF_PREFIX):
-    d = os.path.abspath(os.path.expanduser(init_from[len(HF_PREFIX):]))
+  if init_from.startswith(rundir.HF_PREFIX):
+    d = os.path.abspath(os.path.expanduser(init_from[len(rundir.HF_PREFIX):]))
     has_tok = any(os.path.isfile(os.path.join(d, f)) for f in TOKENIZER_FILES)
     return hf_config.read(d), os.path.join(d, "config.json"), d if has_tok else ""
-  path = os.path.join(init_from, "hf_config.json")
-  if not os.path.isfile(path):
+  hf = rundir.read_hf_config(init_from)
+  if hf is None:
     return None
-  with open(path) as f:
-    hf = json.load(f)
   tok = ""
-  run_config = os.path.join(init_from, "config.json")
-  if os.path.isfile(run_config):
-    with open(run_config) as f:
-      tok = json.load(f).get("tokenizer", {}).get("path", "")
-  return hf, path, tok
+  if os.path.isfile(os.path.join(init_from, rundir.CONFIG)):
+    tok = rundir.load_config(init_from).get("tokenizer", {}).get("path", "")
+  return hf, os.path.join(init_from, rundir.HF_CONFIG), tok
 
 
 def _is_preset(model) -> bool:
@@ -66,9 +62,5 @@ def resolve(config, workdir: str = ""):
   if tok and not config.tokenizer.path:
     config.tokenizer.path = tok
   if workdir:
-    import jax
-    if jax.process_index() == 0:
-      os.makedirs(workdir, exist_ok=True)
-      with open(os.path.join(workdir, "hf_config.json"), "w") as f:
-        json.dump(hf, f, indent=2, sort_keys=True)
+    rundir.save_hf_config(workdir, hf)
   return config

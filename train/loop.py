@@ -20,8 +20,8 @@ import optax
 
 from model import sharding
 from model.transformer import ModelConfig, Transformer
-from rl import reference
-from train import checkpoint, data, init_source, objectives, optim, profile
+from train import data, init_source, objectives, optim, profile, reference
+from train import rundir as checkpoint
 from train import state as state_lib
 from train.metrics import MetricsLogger
 from train.validate import validate

@@ -16,9 +16,9 @@ import jax
 import jax.numpy as jnp
 
 from model import heads
-from rl import dpo
+from train import dpo_loss as dpo
 from train import pairs
-from train import reward_model as rm
+from train import reward_loss as rm
 
 
 REFERENCE_FREE = ("simpo", "orpo")        # DPO losses without a reference model

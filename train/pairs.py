@@ -39,7 +39,7 @@ import numpy as np
 
 from model import tokenizer as tokenizer_lib
 from train import corpus, sources
-from train.reward_model import ranking_to_pairs
+from train.reward_loss import ranking_to_pairs
 
 PAIRS_VERSION = 2   # bump when the arrays change for the same records (it is in every cache key)
 PAIRS_SEED = 7      # which rejected completion each built-in problem gets

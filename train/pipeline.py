@@ -9,20 +9,25 @@ the pipeline config (`--config.sft.steps=200` overrides one); a value "@name" of
 grpo / ppo stages run in the online loop (rl/loop.py), the others in train/loop.py. Then every
 stage is evaluated (eval/suite.py) against `eval.reference` with `eval.reward_model` as the judge,
 and runs/.../report.md, report.json and the plots are written (eval/report.py).
+
+This is the one module that imports every layer (configs -> model -> train -> rl -> eval):
+`python -m train` runs its single stage through `run_stage`.
 """
 import copy
 import os
 import time
 
 from absl import app, flags, logging
+import jax
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Pipeline config, e.g. configs/demo.py[:size].")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Pipeline directory: one subdirectory per stage.")
-flags.mark_flags_as_required(["config", "workdir"])
+from eval import report, suite
+from rl import loop as rl_loop
+from rl.config import RL_OBJECTIVES
+from train import loop, rundir
+from train.validate import validate
 
 STAGE_REFS = ("init_from", "rl.reward_model", "rl.value_init_from")  # keys that may say "@stage"
-RL_OBJECTIVES = ("grpo", "ppo")
 
 
 def finished_step(stage_dir: str) -> int:
@@ -71,12 +76,9 @@ def check(config, workdir: str) -> dict:
     if config.eval[key] and config.eval[key] not in stages:
       raise ValueError(f"config.eval.{key}={config.eval[key]!r} is not one of config.stages {stages}")
   resolved = {name: resolve(config, name, workdir) for name in stages}
-  import jax
-  from rl.loop import check_config
-  from train.validate import validate
   for name, cfg in resolved.items():
     try:
-      check_config(cfg) if cfg.objective in RL_OBJECTIVES else validate(cfg, jax.device_count(),
+      rl_loop.check_config(cfg) if cfg.objective in RL_OBJECTIVES else validate(cfg, jax.device_count(),
                                                                           jax.process_count())
     except ValueError as e:
       raise ValueError(f"stage {name}: {e}".replace("config.", f"config.{name}.")) from None
@@ -86,9 +88,7 @@ def check(config, workdir: str) -> dict:
 def run_stage(cfg, stage_dir: str) -> dict:
   """One stage in its loop: online RL for grpo / ppo, the offline trainer for the rest."""
   if cfg.objective in RL_OBJECTIVES:
-    from rl import loop as rl_loop
     return rl_loop.train(cfg, stage_dir)
-  from train import loop
   return loop.train(cfg, stage_dir)
 
 
@@ -112,18 +112,18 @@ def run_stages(resolved: dict, workdir: str) -> dict:
 
 
 def evaluate(config, resolved: dict, dirs: dict) -> dict:
-  """The suite's row of every stage, the reference first (its answers are reused for win rates)."""
-  from configs import sft_tiny
-  from eval import suite
+  """The suite's row of every stage, the reference first (its answers are reused for win rates).
+  Held-out perplexity scores the conversations of the SFT stage's saved config (else each run's own)."""
   e = config.eval
-  sft_cfg = next((c for c in resolved.values() if c.objective == "sft"), None) or sft_tiny.get_config()
+  sft = next((name for name, c in resolved.items() if c.objective == "sft"), None)
+  heldout = rundir.load_config(dirs[sft]) if sft else None
   ref = dirs[e.reference] if e.reference else ""
   rm = dirs[e.reward_model] if e.reward_model else ""
   order = sorted(resolved, key=lambda n: n != e.reference)
   rows, ref_answers = {}, None
   for name in order:
     print(f"== evaluating {name}", flush=True)
-    rows[name] = suite.evaluate_run(dirs[name], e, sft_cfg, reference=ref, reward_model=rm,
+    rows[name] = suite.evaluate_run(dirs[name], e, heldout, reference=ref, reward_model=rm,
                                     reference_completions=ref_answers)
     if name == e.reference:
       ref_answers = rows[name].get("completions")
@@ -132,7 +132,6 @@ def evaluate(config, resolved: dict, dirs: dict) -> dict:
 
 def run_pipeline(config, workdir: str) -> dict:
   """Checks, trains every unfinished stage, evaluates all of them, writes the report; the rows."""
-  from eval import report, suite
   t0 = time.time()
   resolved = check(config, workdir)
   os.makedirs(workdir, exist_ok=True)
@@ -149,11 +148,14 @@ def run_pipeline(config, workdir: str) -> dict:
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  import jax
   jax.config.update("jax_compilation_cache_dir", os.environ.get(
       "JAX_COMPILATION_CACHE_DIR", os.path.expanduser("~/.cache/kiln/jax")))
-  run_pipeline(_CONFIG.value, _WORKDIR.value)
+  run_pipeline(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
 if __name__ == "__main__":
+  # Flags only when run as a program: `python -m train` imports this module and has its own.
+  config_flags.DEFINE_config_file("config", None, "Pipeline config, e.g. configs/demo.py[:size].")
+  flags.DEFINE_string("workdir", None, "Pipeline directory: one subdirectory per stage.")
+  flags.mark_flags_as_required(["config", "workdir"])
   app.run(main)

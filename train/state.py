@@ -8,11 +8,11 @@ import dataclasses
 from typing import Any, Optional
 
 import jax
-import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from model import lora, sharding
-from train import checkpoint
+from train import rundir
+from train.params import abstract_params
 
 
 @dataclasses.dataclass
@@ -32,21 +32,6 @@ def to_params(trainable, frozen, lora_cfg):
   return trainable if frozen is None else lora.merge(frozen, trainable, lora_cfg)
 
 
-def abstract_params(model, seq_len: int, mesh, extra_params=None):
-  """(abstract params, their shardings, boxed init fn, boxed abstract params), no allocation.
-
-  `extra_params(model_cfg, rng) -> {name: params}` (an objective's heads) are added at the top
-  level of the tree, replicated.
-  """
-  dummy = jnp.zeros((1, seq_len), jnp.int32)
-  model_init = lambda rng: model.init(rng, dummy)["params"]
-  init_boxed = model_init
-  if extra_params is not None:
-    init_boxed = lambda rng: {**model_init(rng), **extra_params(model.cfg, jax.random.fold_in(rng, 1))}
-  boxed = jax.eval_shape(init_boxed, jax.random.key(0))
-  return sharding.unbox(boxed), sharding.tree_shardings(boxed, mesh), init_boxed, boxed
-
-
 def lora_enabled(config) -> bool:
   return config.lora.rank > 0
 
@@ -62,7 +47,7 @@ def setup(config, model, tx, mesh, mngr, extra_params=None) -> State:
   if use_lora:
     if not config.init_from:
       raise ValueError("config.lora.rank > 0 needs config.init_from: the frozen base to adapt")
-    frozen, _ = checkpoint.restore_params(config.init_from, abs_params, param_sh)
+    frozen, _ = rundir.restore_params(config.init_from, abs_params, param_sh)
     abs_train = jax.eval_shape(lambda p: lora.init_adapters(p, config.lora, jax.random.key(0)), abs_params)
     train_sh = jax.tree.map(lambda _: NamedSharding(mesh, P()), abs_train)
   else:
@@ -74,7 +59,7 @@ def setup(config, model, tx, mesh, mngr, extra_params=None) -> State:
 
   start = mngr.latest_step()
   if start is not None:
-    trainable, opt_state, meta = checkpoint.restore(mngr, start, abs_train, train_sh, abs_opt, opt_sh)
+    trainable, opt_state, meta = rundir.restore(mngr, start, abs_train, train_sh, abs_opt, opt_sh)
     return State(trainable, opt_state, frozen, train_sh, opt_sh, start, meta, f"resumed from step {start}")
 
   rng = jax.random.key(config.seed)
@@ -83,7 +68,7 @@ def setup(config, model, tx, mesh, mngr, extra_params=None) -> State:
     source = f"LoRA rank {config.lora.rank} over {config.init_from}"
   elif config.init_from:
     extra = list(jax.eval_shape(lambda r: extra_params(model.cfg, r), rng)) if extra_params else []
-    trainable, from_step = checkpoint.restore_params(config.init_from, abs_params, param_sh, missing_ok=extra)
+    trainable, from_step = rundir.restore_params(config.init_from, abs_params, param_sh, missing_ok=extra)
     source = f"initialised from {config.init_from} (step {from_step})"
     missing = [k for k in abs_params if k not in trainable]
     if missing:  # e.g. SFT -> reward model: the head is new
@@ -102,4 +87,4 @@ def checkpoint_meta(config) -> dict:
   """What a later reader needs besides the arrays: for LoRA, the base and the adapter config."""
   if not lora_enabled(config):
     return {}
-  return {"lora": {"base": checkpoint.absolute(config.init_from), "config": config.lora.to_dict()}}
+  return {"lora": {"base": rundir.absolute(config.init_from), "config": config.lora.to_dict()}}

@@ -3,7 +3,7 @@ import ml_collections
 
 from configs import base
 from model import sharding
-from train import profile
+from train import objectives, profile
 
 
 def _unknown_keys(cfg, schema, prefix="config"):
@@ -22,7 +22,6 @@ def validate(config, num_devices: int, num_processes: int = 1) -> dict:
   unknown = _unknown_keys(config, base.base_config())
   if unknown:
     raise ValueError(f"unknown config keys: {', '.join(unknown)} (not in configs/base.py)")
-  from train import objectives
   objectives.get(config.objective)
   m = config.model
   if m.n_heads % m.n_kv_heads:

@@ -16,8 +16,8 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from model import sharding
-from train import checkpoint, objectives, pairs, sources
-from train import state as state_lib
+from train import objectives, pairs, rundir, sources
+from train.params import abstract_params
 
 
 def load(config, objective, st, model, mesh):
@@ -26,8 +26,8 @@ def load(config, objective, st, model, mesh):
     return None, ""
   if st.frozen is not None:
     return st.frozen, "reference: the frozen LoRA base (no copy)"
-  abs_params, param_sh, _, _ = state_lib.abstract_params(model, config.seq_len, mesh)
-  ref, step = checkpoint.restore_params(config.init_from, abs_params, param_sh)
+  abs_params, param_sh, _, _ = abstract_params(model, config.seq_len, mesh)
+  ref, step = rundir.restore_params(config.init_from, abs_params, param_sh)
   return ref, f"reference: frozen copy of {config.init_from} (step {step})"
 
 
@@ -36,7 +36,7 @@ def precompute_logps(config, workdir, tok, model, ref_params, mesh, split: str,
   """Reference log-probs [N, 2] (chosen, rejected) of every pair of a split; cached in the workdir."""
   ps = pairs.load(config, tok, split)
   ident = sources.stable_hash(ps.key, os.path.abspath(config.init_from),
-                              checkpoint.latest_step(config.init_from), config.model.to_dict())
+                              rundir.latest_step(config.init_from), config.model.to_dict())
   path = os.path.join(workdir, "reference_logps", f"{split}-{ident}.npy")
   if os.path.isfile(path):
     return np.load(path)

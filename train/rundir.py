@@ -1,0 +1,315 @@
+"""The run directory: its checkpoints, config and Hugging Face files are read and written here.
+(The trainers add their logs: metrics.jsonl, tb/, samples.jsonl, profile/.)
+
+    DIR/checkpoints/<step>/  orbax: `params`, `opt_state` (sharded arrays), `meta` (JSON: step,
+                             data iterator state, LoRA base); async saves, keep K, resume the latest
+    DIR/config.json          the run's full config (the template of its evaluation)
+    DIR/hf_config.json       the Hugging Face config.json the run descends from, if any
+    DIR/tokenizer/           tokenizer files copied from a Hugging Face directory, if any
+
+`init_from` reads only `params` of another run, so any stage can start from any earlier stage
+whatever optimizer it used; "hf:DIR" reads a Hugging Face directory instead. Import and export of
+Hugging Face checkpoints (the tensor mapping is model/convert.py):
+
+    python -m train.rundir --workdir WORKDIR --config.import_hf=HF_DIR  # -> a run dir init_from reads
+    python -m train.rundir --workdir WORKDIR --config.export_hf=HF_DIR  # latest params (LoRA merged)
+"""
+import dataclasses
+import json
+import logging
+import os
+import shutil
+from typing import Any
+
+from absl import app, flags
+from etils import epath
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+import ml_collections
+from ml_collections import config_flags
+import orbax.checkpoint as ocp
+
+from configs import base, tools
+from model import convert, hf_config, lora, sharding
+from model.tokenizer import Tokenizer
+from model.transformer import ModelConfig, Transformer
+from train import data
+from train import params as params_lib
+
+HF_PREFIX = "hf:"  # init_from="hf:/path/to/dir": a Hugging Face checkpoint directory
+CONFIG = "config.json"
+HF_CONFIG = "hf_config.json"
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+
+
+class _QuietReadOnly(logging.Filter):
+  """Drops orbax's warning for every read-only manager (each restore of another run opens one)."""
+
+  def filter(self, record):
+    return not record.getMessage().startswith("Given directory is read only")
+
+
+logging.getLogger("absl").addFilter(_QuietReadOnly())
+
+
+def absolute(path: str) -> str:
+  """os.path.abspath that keeps the hf: prefix."""
+  if path.startswith(HF_PREFIX):
+    return HF_PREFIX + os.path.abspath(os.path.expanduser(path[len(HF_PREFIX):]))
+  return os.path.abspath(path)
+
+
+def manager(workdir: str, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
+      cleanup_tmp_directories=True)
+  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
+                               item_names=("params", "opt_state", "meta"), options=options)
+
+
+def save(mngr: ocp.CheckpointManager, step: int, params, opt_state, meta: dict, force=False) -> bool:
+  return mngr.save(step, args=ocp.args.Composite(
+      params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
+      meta=ocp.args.JsonSave(meta)), force=force)
+
+
+def _abstract(tree, shardings):
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def restore(mngr: ocp.CheckpointManager, step: int, abstract_params, param_shardings,
+            abstract_opt, opt_shardings):
+  """Restores (params, opt_state, meta) of `step` straight into their shardings."""
+  out = mngr.restore(step, args=ocp.args.Composite(
+      params=ocp.args.StandardRestore(_abstract(abstract_params, param_shardings)),
+      opt_state=ocp.args.StandardRestore(_abstract(abstract_opt, opt_shardings)),
+      meta=ocp.args.JsonRestore()))
+  return out.params, out.opt_state, out.meta
+
+
+def checkpoint_dir(path: str) -> str:
+  """`path` may be a run's workdir or its checkpoints/ folder."""
+  sub = os.path.join(path, "checkpoints")
+  return sub if os.path.isdir(sub) else path
+
+
+def latest_step(path: str):
+  """The latest finished step of a run's checkpoints (None if none; 0 for a hf: directory)."""
+  if path.startswith(HF_PREFIX):
+    return 0
+  mngr = ocp.CheckpointManager(os.path.abspath(checkpoint_dir(path)),
+                               options=ocp.CheckpointManagerOptions(read_only=True, create=False,
+                                                                   save_interval_steps=0))
+  step = mngr.latest_step()
+  mngr.close()
+  return step
+
+
+def stored_keys(directory: str, step: int) -> set:
+  """Top-level names of the params tree saved at `step` (read from metadata, no arrays)."""
+  tree = ocp.StandardCheckpointHandler().metadata(epath.Path(directory) / str(step) / "params")
+  return set(tree.keys())
+
+
+def restore_params(path: str, abstract_params, param_shardings, step=None, missing_ok=()):
+  """The full params of another run's latest (or given) step: `init_from`, eval, sampling.
+
+  A LoRA run stores only its adapters; they are merged into its base (restored the same way).
+  Top-level entries of `abstract_params` named in `missing_ok` (e.g. a reward head the SFT run
+  does not have) may be absent from the checkpoint: they are left out of the result, and the
+  caller initialises them. Stored entries that `abstract_params` lacks are not read.
+  `path` = "hf:DIR" reads a Hugging Face directory instead (step 0).
+  """
+  if path.startswith(HF_PREFIX):
+    return convert.load_hf(path[len(HF_PREFIX):], abstract_params, param_shardings, missing_ok), 0
+  directory = os.path.abspath(checkpoint_dir(path))
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"config.init_from: no checkpoint directory at {directory}")
+  mngr = ocp.CheckpointManager(directory, item_names=("params", "opt_state", "meta"),
+                               options=ocp.CheckpointManagerOptions(read_only=True, create=False,
+                                                                   save_interval_steps=0))
+  step = mngr.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"config.init_from: {directory} holds no finished checkpoint")
+  meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta or {}
+  if meta.get("lora"):
+    frozen, _ = restore_params(meta["lora"]["base"], abstract_params, param_shardings, missing_ok=missing_ok)
+    abstract_params = {k: abstract_params[k] for k in frozen}
+    param_shardings = {k: param_shardings[k] for k in frozen}
+    lora_cfg = ml_collections.ConfigDict(meta["lora"]["config"])
+    abs_ad = jax.eval_shape(lambda p: lora.init_adapters(p, lora_cfg, jax.random.key(0)), abstract_params)
+    mesh = jax.tree.leaves(param_shardings)[0].mesh
+    ad_sh = jax.tree.map(lambda _: NamedSharding(mesh, P()), abs_ad)
+    adapters = mngr.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(_abstract(abs_ad, ad_sh)))).params
+    mngr.close()
+    merged = jax.jit(lambda b, a: lora.merge(b, a, lora_cfg), out_shardings=param_shardings)
+    return merged(frozen, adapters), step
+  stored = stored_keys(directory, step)
+  missing = set(abstract_params) - stored
+  if missing - set(missing_ok):
+    raise ValueError(f"{directory} step {step} has no params {sorted(missing - set(missing_ok))} "
+                     f"(it holds {sorted(stored)})")
+  keys = [k for k in abstract_params if k in stored]
+  target = _abstract({k: abstract_params[k] for k in keys}, {k: param_shardings[k] for k in keys})
+  if stored - set(keys):  # read only the entries asked for
+    args = ocp.args.PyTreeRestore(target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                  partial_restore=True)
+  else:
+    args = ocp.args.StandardRestore(target)
+  out = mngr.restore(step, args=ocp.args.Composite(params=args))
+  mngr.close()
+  return out.params, step
+
+
+# ----------------------------------------------------------------------------- config, tokenizer
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """DIR/config.json: the config the run was trained with."""
+  path = os.path.join(workdir, CONFIG)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found: --workdir must be a run directory of `python -m train`")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def save_config(workdir: str, config) -> None:
+  """Writes DIR/config.json (process 0 only)."""
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, CONFIG), "w") as f:
+      f.write(config.to_json(indent=2))
+
+
+def read_hf_config(workdir: str):
+  """DIR/hf_config.json (a dict), or None when the run does not descend from a HF checkpoint."""
+  path = os.path.join(workdir, HF_CONFIG)
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def save_hf_config(workdir: str, hf: dict) -> None:
+  """Writes DIR/hf_config.json (process 0 only): later stages and export know the HF origin."""
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, HF_CONFIG), "w") as f:
+      json.dump(hf, f, indent=2, sort_keys=True)
+
+
+def copy_hf_tokenizer(src: str, dst: str) -> bool:
+  """Copies the HF tokenizer files of directory `src` (or src's directory) into `dst`."""
+  src = src if os.path.isdir(src) else os.path.dirname(src)
+  names = [n for n in HF_TOKENIZER_FILES if os.path.isfile(os.path.join(src, n))]
+  if not names:
+    return False
+  os.makedirs(dst, exist_ok=True)
+  for n in names:
+    shutil.copyfile(os.path.join(src, n), os.path.join(dst, n))
+  return True
+
+
+# ----------------------------------------------------------------------------- a finished run
+
+
+@dataclasses.dataclass
+class LoadedRun:
+  """A run directory read back for evaluation or sampling: config, model, params, tokenizer."""
+  config: ml_collections.ConfigDict
+  model_cfg: ModelConfig
+  model: Transformer
+  params: Any
+  tokenizer: Tokenizer
+  mesh: Any
+  step: int
+
+
+def load_run(workdir: str, step=None, mesh=None) -> LoadedRun:
+  """A run's latest (or given) params restored straight into their sharded layout on `mesh`
+  (default: all devices on the data axis), merged with LoRA adapters if the run trained adapters."""
+  config = load_config(workdir)
+  mesh = mesh if mesh is not None else sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1))
+  model_cfg = ModelConfig.from_config(config.model)
+  model = Transformer(model_cfg)
+  abstract, shardings, _, _ = params_lib.abstract_params(model, 8, mesh)
+  with sharding.use_mesh(mesh):
+    params, step = restore_params(workdir, abstract, shardings, step)
+  return LoadedRun(config, model_cfg, model, params, data.load_or_train_tokenizer(config), mesh, step)
+
+
+# ----------------------------------------------------------------------------- Hugging Face
+
+
+def import_hf(hf_dir: str, workdir: str) -> str:
+  """HF directory -> a Kiln run dir (checkpoints/0/params, config.json, hf_config.json, tokenizer/)
+  that `init_from`, evaluation and sampling read. Returns the checkpoint directory."""
+  hf = hf_config.read(hf_dir)
+  config = base.base_config()
+  config.model.update(hf_config.to_model(hf, os.path.join(hf_dir, "config.json")))
+  if copy_hf_tokenizer(hf_dir, os.path.join(workdir, "tokenizer")):
+    config.tokenizer.path = os.path.abspath(os.path.join(workdir, "tokenizer"))
+  mesh = sharding.make_mesh(config.mesh)
+  model = Transformer(ModelConfig.from_config(config.model))
+  abstract, shardings, _, _ = params_lib.abstract_params(model, 8, mesh)
+  params = convert.load_hf(hf_dir, abstract, shardings)
+  mngr = manager(workdir, keep=1, async_save=False)
+  mngr.save(0, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
+                                       meta=ocp.args.JsonSave({"step": 0, "hf": os.path.abspath(hf_dir)})))
+  mngr.wait_until_finished()
+  mngr.close()
+  save_config(workdir, config)
+  save_hf_config(workdir, hf)
+  return os.path.join(workdir, "checkpoints")
+
+
+def export_hf(workdir: str, out_dir: str, max_shard_bytes: int = 2 << 30, dtype: str = "") -> list:
+  """A Kiln run's latest params (LoRA adapters merged) -> HF directory; returns the shard files.
+
+  The family and the other config.json entries come from the run's hf_config.json when it
+  started from HF; otherwise qwen2 if the model has qkv bias, else llama. The run's tokenizer
+  files are copied when it used a HF tokenizer. `dtype` ("bfloat16", ...) casts on the way out.
+  """
+  config = load_config(workdir)
+  model = dict(config.model)
+  mesh = sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1))
+  abstract, shardings, _, _ = params_lib.abstract_params(Transformer(ModelConfig.from_config(config.model)), 8, mesh)
+  params, _ = restore_params(workdir, abstract, shardings)
+  params = {k: v for k, v in params.items() if k not in ("reward_head", "value_head")}
+  tensors = convert.to_hf_tensors(jax.device_get(params), model)
+  if dtype:
+    tensors = {k: v.astype(jnp.dtype(dtype)) for k, v in tensors.items()}
+  out_dtype = str(next(iter(tensors.values())).dtype)
+  hf = hf_config.from_model(model, read_hf_config(workdir), out_dtype)
+  files = convert.save_hf(tensors, hf, out_dir, max_shard_bytes)
+  if config.tokenizer.path:
+    copy_hf_tokenizer(os.path.expanduser(config.tokenizer.path), out_dir)
+  return files
+
+
+def convert_hf(workdir: str, config) -> None:
+  """configs/tools.py `convert()`: imports config.import_hf into `workdir`, or exports `workdir`'s
+  latest params to config.export_hf."""
+  if bool(config.import_hf) == bool(config.export_hf):
+    raise ValueError("give exactly one of config.import_hf=HF_DIR (a new run in --workdir) or "
+                     "config.export_hf=HF_DIR (--workdir's latest params)")
+  if config.import_hf:
+    print(f"wrote {import_hf(config.import_hf, workdir)} (use --config.init_from={workdir})")
+  else:
+    files = export_hf(workdir, config.export_hf, int(config.max_shard_mb * 2**20), config.dtype)
+    print(f"wrote {config.export_hf}: config.json, {convert.INDEX}, {len(files)} safetensors shard(s)")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  convert_hf(flags.FLAGS.workdir, flags.FLAGS.config)
+
+
+if __name__ == "__main__":
+  flags.DEFINE_string("workdir", None, "The Kiln run directory to import into or export from.")
+  config_flags.DEFINE_config_dict("config", tools.convert(), "Options: configs/tools.py convert().")
+  flags.mark_flags_as_required(["workdir"])
+  app.run(main)
