@@ -35,9 +35,11 @@ demo: $(BASE)
 	$(PY) -m train.pipeline --config configs/demo.py --workdir runs/demo
 
 test: $(TEST)
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q -m "not slow" tests
 
 test-all: $(TEST)
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q tests
 
 bench: $(PEERS)
