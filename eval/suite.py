@@ -16,7 +16,7 @@ import jax
 from eval import compare, preference, tasks
 from eval.checkpoints import load_run
 from model import sharding
-from rl.loop import load_reward_model
+from rl.models import load_reward_model
 from train import corpus, data, loop, objectives
 
 COLUMNS = ("perplexity", "accuracy", "pass@k", "sampled_accuracy", "format", "length", "reward",

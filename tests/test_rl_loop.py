@@ -13,7 +13,7 @@ import pytest
 from configs import grpo_arith, ppo_arith
 from model import decode, lora, sharding
 from model.transformer import ModelConfig, Transformer
-from rl import loop, prompts, rewards, rollout, steps, value
+from rl import algorithms, loop, prompts, rewards, rollout, steps, value
 from train import checkpoint, optim
 from train import state as state_lib
 
@@ -181,11 +181,7 @@ def test_prompt_and_padding_never_reach_a_loss_a_kl_or_a_gradient(objective, tmp
   ref = jax.tree.map(lambda x: x * 1.01, params)
   b.update(jax.jit(steps.make_score_fn(cfg, c, None, old=True, ref=True))(params, None, ref, None, None, b))
   scores = jnp.arange(8, dtype=jnp.float32) % 3
-  if objective == "grpo":
-    b["advantages"] = steps.grpo_advantages(c, scores, b, 0.1)
-  else:
-    b["advantages"], b["returns"] = steps.ppo_advantages(c, scores, b, 0.1)
-    b["old_values"] = b.pop("values")
+  b.update(algorithms.get(objective).advantages(c, scores, b, 0.1))
   off = 1 - np.asarray(b["mask"])
   assert off.sum() > 0
   assert np.all(np.asarray(b["old_logp"])[off > 0] == 0) and np.all(np.asarray(b["ref_logp"])[off > 0] == 0)
@@ -353,7 +349,7 @@ def sft_run(tmp_path_factory):
 def test_rl_raises_heldout_accuracy(objective, sft_run, tmp_path):
   c = (grpo_arith if objective == "grpo" else ppo_arith).get_config()
   c.init_from = sft_run
-  from eval.checkpoints import load_config
+  from train.stage import load_config
   c.data.cache_dir = load_config(sft_run).data.cache_dir  # the same tokenizer
   c.eval_every = 0
   out = loop.train(c, str(tmp_path / objective))
