@@ -22,7 +22,7 @@ import numpy as np
 from configs import grpo_arith, models, ppo_arith
 from model import heads, sharding
 from model.transformer import ModelConfig, Transformer
-from rl import rollout, steps, value
+from rl import algorithms, rollout, steps, value
 from train import optim
 
 TRL_SECONDS = {"grpo": 1.68, "ppo": 2.69}  # TRL s/step, docs/performance.md (midpoints)
@@ -64,8 +64,7 @@ def bench(which="grpo", preset="small", prompts=2, g=8, prompt_len=32, new_token
                                       rm_cfg=cfg if ppo else None))
   update = jax.jit(steps.make_update_step(cfg, c, tx, lr_fn, None, cfg if critic else None),
                    donate_argnums=(0, 1, 2, 3))
-  adv_fn = jax.jit(lambda s, b: (steps.ppo_advantages(c, s, b, 0.05) if ppo else
-                                 (steps.grpo_advantages(c, s, b, 0.04),)))
+  adv_fn = jax.jit(lambda s, b: algorithms.get(which).advantages(c, s, b, 0.05 if ppo else 0.04))
   rng = np.random.default_rng(seed)
   prompt = rng.integers(10, cfg.vocab_size, (prompts, prompt_len)).astype(np.int32)
   pmask = np.ones_like(prompt)
@@ -82,10 +81,7 @@ def bench(which="grpo", preset="small", prompts=2, g=8, prompt_len=32, new_token
     scores = (tokens % 7 == 0).mean(-1).astype(np.float32)  # a cheap host-side reward
     if ppo:
       scores = scores + np.asarray(batch.pop("rm_score"))
-    out = adv_fn(jnp.asarray(scores), batch)
-    batch["advantages"] = out[0]
-    if ppo:
-      batch["old_values"], batch["returns"] = batch.pop("values"), out[1]
+    batch.update(adv_fn(jnp.asarray(scores), batch))
     jax.block_until_ready(batch)
     t2 = time.perf_counter()
     for e in range(epochs):

@@ -13,9 +13,10 @@ import os
 
 import jax
 
-from eval import compare, preference, tasks
+from eval import compare, preference
 from model import sharding
-from rl.loop import load_reward_model
+from rl.accuracy import evaluate_problems
+from rl.models import load_reward_model
 from train import corpus, data, loop, objectives
 from train.rundir import load_run
 
@@ -46,7 +47,7 @@ def answer_perplexity(run, heldout, max_batches: int = 8) -> float:
 def greedy_completions(run, problems, max_new_tokens: int) -> list:
   """A run's greedy answers (the reference's, for the win rate)."""
   with sharding.use_mesh(run.mesh):
-    res = tasks.evaluate_problems(run.params, run.model_cfg, run.tokenizer, problems,
+    res = evaluate_problems(run.params, run.model_cfg, run.tokenizer, problems,
                                   chat=run.config.objective != "pretrain", mesh=run.mesh,
                                   max_new_tokens=max_new_tokens, template=run.config.data.chat_template)
   return res["completions"]
@@ -72,7 +73,7 @@ def evaluate_run(workdir: str, eval_cfg, heldout=None, *, reference: str = "", r
   with sharding.use_mesh(run.mesh):
     row["perplexity"] = answer_perplexity(run, run.config if heldout is None else heldout,
                                           eval_cfg.perplexity_batches)
-    res = tasks.evaluate_problems(
+    res = evaluate_problems(
         run.params, run.model_cfg, run.tokenizer, problems, chat=chat, mesh=run.mesh,
         samples=eval_cfg.samples, temperature=eval_cfg.temperature,
         max_new_tokens=eval_cfg.max_new_tokens, template=template, seed=eval_cfg.seed)

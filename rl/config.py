@@ -9,16 +9,13 @@ log_every / eval_every / checkpoint_every count iterations too.
 import ml_collections
 
 from configs import sections
-from rl import grpo, kl
+from rl import algorithms, grpo, kl
 from rl.rewards import REWARD_FUNCTIONS
 
-RL_OBJECTIVES = ("grpo", "ppo")
 PLACEMENTS = ("in_loss", "in_reward")
 VALUE_MODELS = ("critic", "policy")
 
 
-def placement(config) -> str:
-  return config.rl.kl_placement or ("in_loss" if config.objective == "grpo" else "in_reward")
 
 
 def reward_weights(config) -> dict:
@@ -65,8 +62,7 @@ def check_start(config) -> None:
 
 def check(config, data_ways: int = 1) -> None:
   """Raises ValueError naming the first bad key of an RL config."""
-  if config.objective not in RL_OBJECTIVES:
-    raise ValueError(f"config.objective={config.objective!r}: the online loop runs {RL_OBJECTIVES}")
+  algorithm = algorithms.get(config.objective)  # raises naming the online algorithms
   if "rl" not in config:
     raise ValueError("config.rl is missing: start the config from `configs.base.rl_config()`")
   r = config.rl
@@ -84,8 +80,9 @@ def check(config, data_ways: int = 1) -> None:
   if r.prompts == "jsonl" and not r.prompts_path:
     raise ValueError("config.rl.prompts='jsonl' needs config.rl.prompts_path")
   g = r.num_generations
-  if g < 1 or (config.objective == "grpo" and g < 2):
-    raise ValueError(f"config.rl.num_generations={g}: grpo needs >= 2 completions per prompt")
+  if g < algorithm.min_generations:
+    raise ValueError(f"config.rl.num_generations={g}: {algorithm.name} needs >= "
+                     f"{algorithm.min_generations} completions per prompt")
   if config.batch_size % g:
     raise ValueError(f"config.batch_size={config.batch_size} (completions per iteration) is not "
                      f"divisible by config.rl.num_generations={g}")
@@ -119,6 +116,6 @@ def check(config, data_ways: int = 1) -> None:
   if not reward_weights(config) and not r.reward_model:
     raise ValueError("config.rl.rewards: every weight is 0 and config.rl.reward_model is '': "
                      "nothing scores the completions")
-  if config.objective == "ppo" and r.value_model == "policy" and config.lora.rank > 0:
+  if algorithms.value_model(config) == "policy" and config.lora.rank > 0:
     raise ValueError("config.rl.value_model='policy' puts a value head on the policy's trunk, which "
                      "LoRA freezes: use config.rl.value_model='critic' with config.lora.rank > 0")

@@ -1,16 +1,17 @@
-"""The online RL loop (objective grpo | ppo): rollout -> score -> advantages -> several updates.
+"""The online RL trainer (config.objective: an algorithm of rl/algorithms.py, grpo | ppo).
 
 One iteration: take the prompts of the iteration (rl/prompts.py), sample G completions each
 (rl/rollout.py over model/decode.py), score them (reward functions and/or a reward model, minus a
-missing-EOS penalty), compute the reference log-probs and values in one jitted pass, the
-advantages (GRPO: group-relative; PPO: per-token rewards with the KL, GAE), then
-`num_iterations` passes of `num_minibatches` jitted update steps with pi_old fixed.
+missing-EOS penalty), compute the sampling policy's and the reference's log-probs and the values
+in one jitted pass, the algorithm's advantages (GRPO: group-relative; PPO: per-token rewards with
+the KL, GAE), then `num_iterations` passes of `num_minibatches` jitted update steps with pi_old fixed.
 
-Reused from the offline trainer: state setup / resume (train/state.py), checkpoints, optimizer,
-metrics, StopFlag. A checkpoint holds the policy (a plain model: eval and `init_from` read it),
-its optimizer state and meta = {prompt iterator, KL coefficient, rng}; a separate critic lives in
-`workdir/critic/checkpoints`. Rerunning the same command resumes at the next iteration with the
-same prompts and samples an uninterrupted run would have seen.
+An iteration is one step of the loop of train/run_loop.py, which does the bookkeeping of every
+stage (stop flag, non-finite guard, logging, checkpoint and eval cadence, profiler). A checkpoint
+holds the policy (a plain model: eval and `init_from` read it), its optimizer state and meta =
+{prompt iterator, KL coefficient, rng}; a separate critic lives in `workdir/critic/checkpoints`
+(rl/models.py). Rerunning the same command resumes at the next iteration with the same prompts
+and samples an uninterrupted run would have seen.
 """
 import copy
 import dataclasses
@@ -24,18 +25,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import base
-from eval.tasks import evaluate_problems
-from model import heads, sharding
+from model import sharding
 from model.tokenizer import stop_id
-from model.transformer import ModelConfig, Transformer
-from rl import config as rl_config, grpo, kl, prompts, rollout, steps, value
+from rl import algorithms, config as rl_config, grpo, kl, prompts, rollout, steps
+from rl.accuracy import evaluate_problems
+from rl.models import setup_models
 from rl.rewards import combined_reward
-from train import optim, profile
-from train import rundir as checkpoint
+from train import optim, rundir, run_loop
 from train import state as state_lib
-from train.rundir import load_config
-from train.loop import StopFlag, start_run
-from train.metrics import MetricsLogger
+from train.stage import start_run
 from train.validate import validate
 
 ANSWER_REWARDS = ("answer_match", "numeric_closeness")
@@ -52,16 +50,6 @@ def check_config(config) -> dict:
   rl_config.check(config, mesh["data"] * mesh["fsdp"])
   rl_config.check_start(config)
   return mesh
-
-
-def load_reward_model(path: str, mesh):
-  """(params with reward_head, its ModelConfig) of a reward_model run, or (None, None)."""
-  if not path:
-    return None, None
-  cfg = ModelConfig.from_config(load_config(path).model)
-  abstract, shardings, _, _ = state_lib.abstract_params(Transformer(cfg), 8, mesh, heads.reward_head_params)
-  params, _ = checkpoint.restore_params(path, abstract, shardings)
-  return params, cfg
 
 
 def completion_texts(tok, tokens, lengths, stops) -> list:
@@ -84,62 +72,25 @@ def _stats(prefix: str, x) -> dict:
   return {f"{prefix}/mean": float(np.mean(x)), f"{prefix}/std": float(np.std(x))}
 
 
-@dataclasses.dataclass
-class Models:
-  """Everything a run starts from: the trained state (policy, optional critic) and frozen models."""
-  trainable: Any         # full params (with "value_head" for rl.value_model=policy) or LoRA adapters
+@dataclasses.dataclass(frozen=True)
+class Learner:
+  """What one iteration changes (and a checkpoint keeps): the trained params and optimizer states,
+  the KL controller, the rng."""
+  trainable: Any     # full params or LoRA adapters
   opt_state: Any
-  frozen: Any            # the LoRA base (also the reference), else None
-  start: int             # iteration to continue from
-  meta: dict             # the policy checkpoint's meta (prompts, beta, rng), {} at the start
-  critic: Any = None     # rl.value_model=critic: transformer + "value_head", and its optimizer state
-  critic_opt: Any = None
-  cmngr: Any = None
-  ref: Any = None        # the reference's params under full fine-tuning (else frozen or None)
-  rm: Any = None         # reward model params (with "reward_head") and its ModelConfig
-  rm_cfg: Any = None
-  notes: list = dataclasses.field(default_factory=list)  # for the start-up line
-
-
-def setup_models(config, workdir, model, tx, mesh, mngr) -> Models:
-  """Policy state from train/state.setup (resume, init_from, LoRA), then critic, reference, reward model."""
-  r = config.rl
-  head_on_policy = config.objective == "ppo" and r.value_model == "policy"
-  st = state_lib.setup(config, model, tx, mesh, mngr, value.value_head_params if head_on_policy else None)
-  m = Models(st.trainable, st.opt_state, st.frozen, st.start, st.meta, notes=[st.source])
-  if head_on_policy and m.start == 0:
-    m.trainable, copied = value.head_from_reward_model(value.init_from(config), m.trainable)
-    m.notes[-1] += f"; value_head = the reward head of {value.init_from(config)}" if copied else ""
-  if config.objective == "ppo" and r.value_model == "critic":
-    m.cmngr = checkpoint.manager(os.path.join(workdir, "critic"), config.keep_checkpoints,
-                                 config.async_checkpoints)
-    cst = state_lib.setup(value.critic_config(config), model, tx, mesh, m.cmngr, value.value_head_params)
-    if cst.start != m.start:
-      raise ValueError(f"{workdir}: the critic's checkpoint is at iteration {cst.start} but the policy's "
-                       f"at {m.start}; delete the later one to resume from the earlier")
-    m.critic, m.critic_opt = cst.trainable, cst.opt_state
-    m.notes.append(f"critic {cst.source}")
-    if m.start == 0:
-      m.critic, copied = value.head_from_reward_model(value.init_from(config), m.critic)
-      m.notes[-1] += "; value_head = its reward head" if copied else ""
-  if rl_config.needs_reference(config):
-    if m.frozen is None:
-      abs_params, param_sh, _, _ = state_lib.abstract_params(model, config.seq_len, mesh)
-      m.ref, _ = checkpoint.restore_params(config.init_from, abs_params, param_sh)
-    m.notes.append("reference: the frozen LoRA base" if m.frozen is not None else
-                   f"reference: frozen copy of {config.init_from}")
-  m.rm, m.rm_cfg = load_reward_model(r.reward_model, mesh)
-  if m.rm is not None:
-    m.notes.append(f"reward model {r.reward_model}")
-  return m
+  critic: Any        # rl.value_model=critic: the critic's params and optimizer state, else None
+  critic_opt: Any
+  kl: dict           # rl/kl.py controller state
+  key: Any
 
 
 def train(config, workdir: str) -> dict:
-  """Runs (or resumes) a grpo / ppo stage in `workdir`; returns the last metrics."""
+  """Runs (or resumes) an online RL stage in `workdir`; returns the last metrics."""
   run = start_run(config, workdir, check_config)
   config, mesh_shape, mesh, tok, model_cfg, model, mngr = (
       run.config, run.mesh_shape, run.mesh, run.tokenizer, run.model_cfg, run.model, run.mngr)
   r = config.rl
+  algo = algorithms.get(config.objective)
   is_main = jax.process_index() == 0
   template = config.data.chat_template
   stops = (stop_id(tok, template), tok.eos_id)
@@ -149,11 +100,11 @@ def train(config, workdir: str) -> dict:
   lora_cfg = config.lora if state_lib.lora_enabled(config) else None
   weights = rl_config.reward_weights(config)
   use_ref = rl_config.needs_reference(config)
+  kl_in_reward = use_ref and algorithms.kl_placement(config) == "in_reward"
 
   with sharding.use_mesh(mesh):
     ms = setup_models(config, workdir, model, tx, mesh, mngr)
-    trainable, opt_state, frozen, start, meta = ms.trainable, ms.opt_state, ms.frozen, ms.start, ms.meta
-    critic, critic_opt, cmngr, ref, rm = ms.critic, ms.critic_opt, ms.cmngr, ms.ref, ms.rm
+    frozen, start, meta, cmngr, ref, rm = ms.frozen, ms.start, ms.meta, ms.cmngr, ms.ref, ms.rm
     source = prompts.make_source(config, need_answer=any(k in weights for k in ANSWER_REWARDS))
     eval_problems = prompts.heldout_problems(config) if r.num_eval_problems else []
     kl_state = kl.init_kl_controller(r.beta if use_ref else 0.0, r.kl_target or None, r.kl_horizon)
@@ -165,151 +116,124 @@ def train(config, workdir: str) -> dict:
 
     # pi_old before the first update is only needed when the update can't take it from its own
     # forward pass (several minibatches) or the KL goes into the rewards.
-    need_old = r.num_minibatches > 1 or (use_ref and rl_config.placement(config) == "in_reward")
-    critic_cfg = model_cfg if critic is not None else None
+    need_old = r.num_minibatches > 1 or kl_in_reward
+    critic_cfg = model_cfg if ms.critic is not None else None
     score_fn = jax.jit(steps.make_score_fn(model_cfg, config, lora_cfg, old=need_old, ref=use_ref,
                                            critic_cfg=critic_cfg, rm_cfg=ms.rm_cfg))
     update = jax.jit(steps.make_update_step(model_cfg, config, tx, lr_fn, lora_cfg, critic_cfg),
                      donate_argnums=(0, 1, 2, 3))
     merged = jax.jit(lambda t, f: state_lib.to_params(t, f, lora_cfg))
     merge = lambda t, f: t if f is None else merged(t, f)  # the policy's params for sampling / eval
-    advantages = jax.jit(lambda s, b, beta: (steps.grpo_advantages(config, s, b, beta),)
-                         if config.objective == "grpo" else steps.ppo_advantages(config, s, b, beta))
-    seq_kl = jax.jit(lambda b: jnp.mean(jnp.sum(steps.rollout_kl(b, r.kl_estimator), -1)))
+    advantages = jax.jit(lambda s, b, beta: algo.advantages(config, s, b, beta))
+    seq_kl = jax.jit(lambda b: jnp.mean(jnp.sum(algorithms.rollout_kl(b, r.kl_estimator), -1)))
 
-    log = MetricsLogger(workdir, config.steps, start, enabled=is_main)
+    log = run_loop.open_log(config, workdir, start)
     log.write(f"kiln: {config.objective} | {model_cfg.num_params() / 1e6:.2f}M params | mesh {mesh_shape} | "
               f"{n_prompts} prompts x {g} completions, {updates_per_iter} updates per iteration | "
               + " | ".join(ms.notes + [source.describe()]))
+    shown = {}  # the first completion of the latest iteration, for the console at eval steps
 
-    def evaluate(step):
-      if not eval_problems:
-        return {}
-      res = evaluate_problems(merge(trainable, frozen), model_cfg, tok, eval_problems, chat=True, mesh=mesh,
-                              max_new_tokens=r.max_new_tokens, template=template, seed=config.seed)
-      out = {"eval/accuracy": res["accuracy"], "eval/format": res["format"], "eval/length": res["length"]}
-      log.log(step, out)
-      for ex in res["examples"][:2]:
-        log.write(f"  Q: {ex['question']}\n     model: {ex['completion']!r} (answer {ex['answer']})")
+    def iteration(state, step):
+      """Rollout, scoring, advantages and the updates of iteration step + 1."""
+      t0 = time.perf_counter()
+      batch_prompts = source.next()
+      key, k_sample, k_shuffle = jax.random.split(state.key, 3)
+      ptoks, pmask = prompts.encode(tok, batch_prompts, template, r.max_prompt_len)   # [n, P]
+      gen = rollout.sample(merge(state.trainable, frozen), model_cfg, ptoks, pmask, k_sample, g,
+                           max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_k=r.top_k,
+                           top_p=r.top_p, stop_ids=stops, pad_id=tok.pad_id, mesh=mesh)
+      lengths = rollout.to_host(gen.lengths)                                            # [R]
+      width = rollout.bucket(lengths, r.max_new_tokens)
+      toks = rollout.to_host(gen.tokens)[:, :width]                                     # [R, T]
+      cmask = rollout.to_host(gen.mask)[:, :width]
+      t_gen = time.perf_counter() - t0
+
+      texts = completion_texts(tok, toks, lengths, stops)
+      answers = [p.answer for p in batch_prompts for _ in range(g)]
+      scores, per_fn = combined_reward(weights, texts, answers, lengths, r.max_new_tokens)
+      stopped = np.array([n > 0 and row[n - 1] in stops for row, n in zip(toks, lengths)])
+      batch = {"prompt": rollout.put(ptoks, mesh, sharded=False),
+               "prompt_mask": rollout.put(pmask, mesh, sharded=False),
+               "tokens": rollout.put(toks, mesh), "mask": rollout.put(cmask, mesh)}
+      batch.update(score_fn(state.trainable, frozen, ref, state.critic, rm, batch))
+      if rm is not None:
+        per_fn["reward_model"] = rollout.to_host(batch.pop("rm_score"))
+        scores = scores + np.float32(r.reward_model_weight) * per_fn["reward_model"]
+      scores = (scores - r.missing_eos_penalty * (~stopped)).astype(np.float32)
+      beta = state.kl["beta"]
+      batch.update(advantages(rollout.put(scores, mesh), batch, beta))
+      host = {k: rollout.to_host(v) for k, v in batch.items()}
+      t_score = time.perf_counter() - t0 - t_gen
+
+      trainable, opt_state, critic, critic_opt = (state.trainable, state.opt_state, state.critic,
+                                                  state.critic_opt)
+      metrics = []
+      shuffle = np.random.default_rng(np.asarray(jax.random.key_data(k_shuffle)))
+      for _ in range(r.num_iterations):
+        for mb in minibatches(host, n_prompts, g, r.num_minibatches, shuffle):
+          mb = {k: rollout.put(v, mesh, sharded=not k.startswith("prompt")) for k, v in mb.items()}
+          count = jnp.int32(step * updates_per_iter + len(metrics))
+          trainable, opt_state, critic, critic_opt, logp, m = update(
+              trainable, opt_state, critic, critic_opt, frozen, mb, beta, count)
+          metrics.append(m)
+          if "old_logp" not in host:  # one minibatch: this pass's own log-probs are pi_old
+            host["old_logp"] = rollout.to_host(logp)
+      metrics = jax.device_get(metrics)
+      t_update = time.perf_counter() - t0 - t_gen - t_score
+
+      m = {f"train/{k}": float(np.mean([x[k] for x in metrics])) for k in metrics[0]}
+      kl_next = state.kl
+      if use_ref:
+        observed = float(seq_kl({k: jnp.asarray(host[k]) for k in ("old_logp", "ref_logp", "mask")}))
+        m["train/kl_per_completion"] = observed
+        if kl_in_reward:
+          m["train/non_score_reward"] = -float(beta) * observed
+        kl_next = kl.update_kl_controller(state.kl, observed, len(scores))
+      real_tokens = int(pmask.sum()) * g + int(lengths.sum())
+      m.update({"train/reward": float(np.mean(scores)), "train/reward_std": float(np.std(scores)),
+                "train/beta": float(beta), "train/completion_length": float(np.mean(lengths)),
+                "train/stopped_fraction": float(np.mean(stopped)),
+                "train/tokens_per_sec": (r.num_iterations + 1) * real_tokens / (time.perf_counter() - t0),
+                "train/rollout_tokens_per_sec": float(lengths.sum()) / t_gen,
+                "train/update_tokens_per_sec": r.num_iterations * real_tokens / t_update,
+                "train/generate_time": t_gen, "train/score_time": t_score, "train/update_time": t_update,
+                "train/iteration_time": time.perf_counter() - t0})
+      for name, x in per_fn.items():
+        m.update(_stats(f"train/rewards/{name}", x))
+      if g > 1:
+        m["train/zero_spread_fraction"] = float(grpo.zero_spread_fraction(scores, g))
+      if is_main and r.num_samples_to_log:
+        with open(os.path.join(workdir, "samples.jsonl"), "a") as f:
+          for i in range(0, min(len(texts), r.num_samples_to_log * g), g):
+            f.write(json.dumps({"step": step + 1, "prompt": batch_prompts[i // g].messages[-1]["content"],
+                                "completion": texts[i], "reward": float(scores[i])}) + "\n")
+      shown.update(text=texts[0], reward=float(scores[0]))
+      return Learner(trainable, opt_state, critic, critic_opt, kl_next, key), m
+
+    def evaluate(state, step):
+      """Greedy held-out accuracy (rl.num_eval_problems), and the latest iteration's first sample."""
+      out = {}
+      if eval_problems:
+        res = evaluate_problems(merge(state.trainable, frozen), model_cfg, tok, eval_problems, chat=True,
+                                mesh=mesh, max_new_tokens=r.max_new_tokens, template=template,
+                                seed=config.seed)
+        out = {"eval/accuracy": res["accuracy"], "eval/format": res["format"], "eval/length": res["length"]}
+        log.log(step, out)
+        for ex in res["examples"][:2]:
+          log.write(f"  Q: {ex['question']}\n     model: {ex['completion']!r} (answer {ex['answer']})")
+      if shown:
+        log.write(f"  sample (reward {shown['reward']:.2f}): {shown['text']!r}")
       return out
 
-    def save(step):
-      m = {"step": step, "prompts": source.get_state(), "beta": float(kl_state["beta"]),
-           "rng": np.asarray(jax.random.key_data(key)).tolist(), **state_lib.checkpoint_meta(config)}
+    def save(state, step):
+      m = {"step": step, "prompts": source.get_state(), "beta": float(state.kl["beta"]),
+           "rng": np.asarray(jax.random.key_data(state.key)).tolist(), **state_lib.checkpoint_meta(config)}
       if cmngr is not None:
-        checkpoint.save(cmngr, step, critic, critic_opt, {"step": step}, force=True)
-      checkpoint.save(mngr, step, trainable, opt_state, m, force=True)
+        rundir.save(cmngr, step, state.critic, state.critic_opt, {"step": step}, force=True)
+      rundir.save(mngr, step, state.trainable, state.opt_state, m, force=True)
 
-    if start >= config.steps:
-      log.write(f"already finished: iteration {start} >= config.steps={config.steps}")
-    last, window = {}, []
-    if start == 0 and r.eval_at_start and config.steps > 0:
-      last.update(evaluate(0))
-    step = start
-    prof = profile.StepProfiler(config, workdir, log.write)
-    with StopFlag() as stop:
-      while step < config.steps:
-        prof.before(step)
-        t0 = time.perf_counter()
-        batch_prompts = source.next()
-        key, k_sample, k_shuffle = jax.random.split(key, 3)
-        ptoks, pmask = prompts.encode(tok, batch_prompts, template, r.max_prompt_len)   # [n, P]
-        gen = rollout.sample(merge(trainable, frozen), model_cfg, ptoks, pmask, k_sample, g,
-                             max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_k=r.top_k,
-                             top_p=r.top_p, stop_ids=stops, pad_id=tok.pad_id, mesh=mesh)
-        lengths = rollout.to_host(gen.lengths)                                            # [R]
-        width = rollout.bucket(lengths, r.max_new_tokens)
-        toks = rollout.to_host(gen.tokens)[:, :width]                                     # [R, T]
-        cmask = rollout.to_host(gen.mask)[:, :width]
-        t_gen = time.perf_counter() - t0
-
-        texts = completion_texts(tok, toks, lengths, stops)
-        answers = [p.answer for p in batch_prompts for _ in range(g)]
-        scores, per_fn = combined_reward(weights, texts, answers, lengths, r.max_new_tokens)
-        stopped = np.array([n > 0 and row[n - 1] in stops for row, n in zip(toks, lengths)])
-        batch = {"prompt": rollout.put(ptoks, mesh, sharded=False),
-                 "prompt_mask": rollout.put(pmask, mesh, sharded=False),
-                 "tokens": rollout.put(toks, mesh), "mask": rollout.put(cmask, mesh)}
-        batch.update(score_fn(trainable, frozen, ref, critic, rm, batch))
-        if rm is not None:
-          per_fn["reward_model"] = rollout.to_host(batch.pop("rm_score"))
-          scores = scores + np.float32(r.reward_model_weight) * per_fn["reward_model"]
-        scores = (scores - r.missing_eos_penalty * (~stopped)).astype(np.float32)
-        beta = kl_state["beta"]
-        adv = advantages(rollout.put(scores, mesh), batch, beta)
-        batch["advantages"] = adv[0]
-        if config.objective == "ppo":
-          batch["old_values"], batch["returns"] = batch.pop("values"), adv[1]
-        host = {k: rollout.to_host(v) for k, v in batch.items()}
-        t_score = time.perf_counter() - t0 - t_gen
-
-        metrics = []
-        shuffle = np.random.default_rng(np.asarray(jax.random.key_data(k_shuffle)))
-        for _ in range(r.num_iterations):
-          for mb in minibatches(host, n_prompts, g, r.num_minibatches, shuffle):
-            mb = {k: rollout.put(v, mesh, sharded=not k.startswith("prompt")) for k, v in mb.items()}
-            count = jnp.int32(step * updates_per_iter + len(metrics))
-            trainable, opt_state, critic, critic_opt, logp, m = update(
-                trainable, opt_state, critic, critic_opt, frozen, mb, beta, count)
-            metrics.append(m)
-            if "old_logp" not in host:  # one minibatch: this pass's own log-probs are pi_old
-              host["old_logp"] = rollout.to_host(logp)
-        metrics = jax.device_get(metrics)
-        t_update = time.perf_counter() - t0 - t_gen - t_score
-        step += 1
-        prof.after(step, (trainable, critic))
-
-        m = {f"train/{k}": float(np.mean([x[k] for x in metrics])) for k in metrics[0]}
-        if not np.isfinite(m["train/loss"]):
-          mngr.wait_until_finished()
-          raise FloatingPointError(
-              f"train/loss is {m['train/loss']} at iteration {step}; stopping. The last good checkpoint "
-              f"is iteration {mngr.latest_step()} in {os.path.join(workdir, 'checkpoints')}")
-        if use_ref:
-          observed = float(seq_kl({k: jnp.asarray(host[k]) for k in ("old_logp", "ref_logp", "mask")}))
-          m["train/kl_per_completion"] = observed
-          if rl_config.placement(config) == "in_reward":
-            m["train/non_score_reward"] = -float(beta) * observed
-          kl_state = kl.update_kl_controller(kl_state, observed, len(scores))
-        real_tokens = int(pmask.sum()) * g + int(lengths.sum())
-        m.update({"train/reward": float(np.mean(scores)), "train/reward_std": float(np.std(scores)),
-                  "train/beta": float(beta), "train/completion_length": float(np.mean(lengths)),
-                  "train/stopped_fraction": float(np.mean(stopped)),
-                  "train/tokens_per_sec": (r.num_iterations + 1) * real_tokens / (time.perf_counter() - t0),
-                  "train/rollout_tokens_per_sec": float(lengths.sum()) / t_gen,
-                  "train/update_tokens_per_sec": r.num_iterations * real_tokens / t_update,
-                  "train/generate_time": t_gen, "train/score_time": t_score, "train/update_time": t_update,
-                  "train/iteration_time": time.perf_counter() - t0})
-        for name, x in per_fn.items():
-          m.update(_stats(f"train/rewards/{name}", x))
-        if g > 1:
-          m["train/zero_spread_fraction"] = float(grpo.zero_spread_fraction(scores, g))
-        window.append(m)
-        if is_main and r.num_samples_to_log:
-          with open(os.path.join(workdir, "samples.jsonl"), "a") as f:
-            for i in range(0, min(len(texts), r.num_samples_to_log * g), g):
-              f.write(json.dumps({"step": step, "prompt": batch_prompts[i // g].messages[-1]["content"],
-                                  "completion": texts[i], "reward": float(scores[i])}) + "\n")
-        log.advance(step)
-        must_save = step % config.checkpoint_every == 0 or step == config.steps
-        stopping = stop.agreed()
-        if step % config.log_every == 0 or must_save or stopping:
-          last = {k: float(np.mean([w[k] for w in window if k in w])) for k in window[-1]}
-          log.log(step, last)
-          window = []
-        if (config.eval_every and step % config.eval_every == 0) or step == config.steps:
-          last.update(evaluate(step))
-          log.write(f"  sample (reward {scores[0]:.2f}): {texts[0]!r}")
-        if must_save or stopping:
-          save(step)
-        if stopping:
-          log.write(f"stop requested: saved iteration {step}; rerun the same command to resume")
-          break
-    prof.close()
-    for mg in (mngr, cmngr):
-      if mg is not None:
-        mg.wait_until_finished()
-        mg.close()
-    log.close()
-  last["step"] = step
-  return last
+    loop_steps = run_loop.Steps(iteration, save, evaluate, unit="iteration", overlap=False,
+                                eval_at_start=r.eval_at_start)
+    learner = Learner(ms.trainable, ms.opt_state, ms.critic, ms.critic_opt, kl_state, key)
+    managers = [mngr] if cmngr is None else [mngr, cmngr]
+    return run_loop.run(loop_steps, learner, start, config, workdir, log, managers)

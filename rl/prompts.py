@@ -111,7 +111,7 @@ def make_source(config, need_answer: bool) -> PromptSource:
 
 
 def heldout_problems(config) -> list:
-  """Problems for `eval.tasks.evaluate_problems`: builtin held-out, or rl.eval_path records."""
+  """Problems for rl/accuracy.py `evaluate_problems`: builtin held-out, or rl.eval_path records."""
   n = config.rl.num_eval_problems
   if not config.rl.eval_path:
     return corpus.heldout_problems(n)

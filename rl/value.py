@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from model import heads
-from train import rundir as checkpoint
+from train import rundir
 
 
 def value_head_params(model_cfg, rng) -> dict:
@@ -46,14 +46,14 @@ def critic_config(config):
 
 def head_from_reward_model(path: str, params: dict):
   """(`params` with its value_head replaced by the `reward_head` stored in run `path`, whether it was)."""
-  if not path or path.startswith(checkpoint.HF_PREFIX):  # a HF checkpoint has no reward head
+  if not path or path.startswith(rundir.HF_PREFIX):  # a HF checkpoint has no reward head
     return params, False
-  directory = checkpoint.checkpoint_dir(path)
-  step = checkpoint.latest_step(path)
-  if step is None or "reward_head" not in checkpoint.stored_keys(directory, step):
+  directory = rundir.checkpoint_dir(path)
+  step = rundir.latest_step(path)
+  if step is None or "reward_head" not in rundir.stored_keys(directory, step):
     return params, False
   head = params["value_head"]
   abstract = {"reward_head": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), head)}
   shardings = {"reward_head": jax.tree.map(lambda x: x.sharding, head)}
-  restored, _ = checkpoint.restore_params(path, abstract, shardings)
+  restored, _ = rundir.restore_params(path, abstract, shardings)
   return {**params, "value_head": restored["reward_head"]}, True

@@ -13,7 +13,7 @@ import pytest
 from configs import grpo_arith, ppo_arith
 from model import decode, lora, sharding
 from model.transformer import ModelConfig, Transformer
-from rl import loop, prompts, rewards, rollout, steps, value
+from rl import algorithms, loop, prompts, rewards, rollout, steps, value
 from train import optim, rundir
 from train.params import abstract_params
 
@@ -181,11 +181,7 @@ def test_prompt_and_padding_never_reach_a_loss_a_kl_or_a_gradient(objective, tmp
   ref = jax.tree.map(lambda x: x * 1.01, params)
   b.update(jax.jit(steps.make_score_fn(cfg, c, None, old=True, ref=True))(params, None, ref, None, None, b))
   scores = jnp.arange(8, dtype=jnp.float32) % 3
-  if objective == "grpo":
-    b["advantages"] = steps.grpo_advantages(c, scores, b, 0.1)
-  else:
-    b["advantages"], b["returns"] = steps.ppo_advantages(c, scores, b, 0.1)
-    b["old_values"] = b.pop("values")
+  b.update(algorithms.get(objective).advantages(c, scores, b, 0.1))
   off = 1 - np.asarray(b["mask"])
   assert off.sum() > 0
   assert np.all(np.asarray(b["old_logp"])[off > 0] == 0) and np.all(np.asarray(b["ref_logp"])[off > 0] == 0)

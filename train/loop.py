@@ -1,29 +1,24 @@
-"""The offline trainer: sharded init or resume, jitted step, eval, metrics, checkpoints.
+"""The offline trainer: sharded init or resume, the jitted step, held-out evaluation.
 
-One loop serves every offline stage; `config.objective` picks the loss (train/objectives.py), and
-with it the batches (packed rows of train/data.py, or preference pairs of train/pairs.py), extra
-params (a reward head) and a frozen reference model (DPO; rl/reference.py).
+It runs on the loop of train/run_loop.py (stop flag, non-finite guard, logging, checkpoint and eval
+cadence), supplying one step, a save and an evaluation. One trainer serves every offline stage;
+`config.objective` picks the loss (train/objectives.py), and with it the batches (packed rows of
+train/data.py, or preference pairs of train/pairs.py), extra params (a reward head) and a frozen
+reference model (DPO; train/reference.py).
 State is two pytrees (params, opt_state) sharded by the logical rules of model/sharding.py.
 """
-import dataclasses
 import functools
 import math
-import os
-import signal
 import time
-from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from model import sharding
-from model.transformer import ModelConfig, Transformer
-from train import data, init_source, objectives, optim, profile, reference
-from train import rundir as checkpoint
+from train import data, objectives, optim, reference, rundir, run_loop
 from train import state as state_lib
-from train.metrics import MetricsLogger
+from train.stage import start_run
 from train.validate import validate
 
 # Dense peak FLOP/s per device by device kind (bf16), for MFU. CPUs have no such table: see below.
@@ -63,38 +58,6 @@ def peak_flops(config) -> float:
     if name in kind:
       return flops
   return cpu_matmul_peak() / jax.local_device_count() if jax.default_backend() == "cpu" else 0.0
-
-
-class StopFlag:
-  """Set by SIGTERM / SIGINT: the loop saves a checkpoint and exits. A second Ctrl-C kills."""
-
-  def __init__(self):
-    self.set = False
-    self._old = {}
-
-  def __enter__(self):
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      try:
-        self._old[sig] = signal.signal(sig, self._handle)
-      except ValueError:  # not the main thread
-        pass
-    return self
-
-  def _handle(self, signum, _frame):
-    if self.set and signum == signal.SIGINT:
-      raise KeyboardInterrupt
-    self.set = True
-
-  def __exit__(self, *exc):
-    for sig, old in self._old.items():
-      signal.signal(sig, old)
-
-  def agreed(self) -> bool:
-    """True if any process was asked to stop (all processes must save together)."""
-    if jax.process_count() == 1:
-      return self.set
-    from jax.experimental import multihost_utils
-    return bool(np.any(multihost_utils.process_allgather(np.array([self.set]))))
 
 
 def make_train_step(model, objective, tx, lr_fn, accum: int, lora_cfg=None, config=None,
@@ -170,37 +133,6 @@ def _describe(batches) -> str:
   return batches.describe() if hasattr(batches, "describe") else ""
 
 
-@dataclasses.dataclass(frozen=True)
-class Run:
-  """What every stage (this loop and rl/loop.py) sets up before its state."""
-  config: Any                  # resolved (init_from="hf:DIR" fills in the model shape)
-  mesh_shape: dict             # {"data": ..., "fsdp": ..., "tensor": ...}
-  mesh: jax.sharding.Mesh
-  tokenizer: Any
-  model_cfg: ModelConfig
-  model: Transformer
-  mngr: Any                    # the orbax CheckpointManager of DIR/checkpoints
-
-
-def start_run(config, workdir: str, check: Callable) -> Run:
-  """Resolves and checks the config (`check(config)` -> mesh shape, raising on a bad key), writes
-  DIR/config.json, and builds the mesh, tokenizer (its ids must fit the model's vocabulary),
-  model and checkpoint manager."""
-  config = init_source.resolve(config, workdir)
-  mesh_shape = check(config)
-  os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json(indent=2))
-  tokenizer = data.load_or_train_tokenizer(config)
-  if tokenizer.vocab_size > config.model.vocab_size:
-    raise ValueError(f"config.model.vocab_size={config.model.vocab_size} is smaller than the "
-                     f"tokenizer's {tokenizer.vocab_size} ids")
-  model_cfg = ModelConfig.from_config(config.model)
-  return Run(config, mesh_shape, sharding.make_mesh(config.mesh), tokenizer, model_cfg, Transformer(model_cfg),
-             checkpoint.manager(workdir, config.keep_checkpoints, config.async_checkpoints))
-
-
 def _check(config) -> dict:
   mesh_shape = validate(config, jax.device_count(), jax.process_count())
   objectives.get(config.objective).check(config)
@@ -213,14 +145,13 @@ def train(config, workdir: str) -> dict:
   config, mesh_shape, mesh, tokenizer, model_cfg, model, mngr = (
       run.config, run.mesh_shape, run.mesh, run.tokenizer, run.model_cfg, run.model, run.mngr)
   objective = objectives.get(config.objective)
-  is_main = jax.process_index() == 0
   tx, lr_fn = optim.make_optimizer(config.optim, config.steps)
   lora_cfg = config.lora if state_lib.lora_enabled(config) else None
   with sharding.use_mesh(mesh):
     st = state_lib.setup(config, model, tx, mesh, mngr, objective.extra_params)
-    params, opt_state, frozen, meta, start = st.trainable, st.opt_state, st.frozen, st.meta, st.start
+    frozen, meta, start = st.frozen, st.meta, st.start
     n_params = model_cfg.num_params()
-    n_train = sum(x.size for x in jax.tree.leaves(params))
+    n_train = sum(x.size for x in jax.tree.leaves(st.trainable))
     pidx, pcount = jax.process_index(), jax.process_count()
     ref, columns, ref_note = reference.prepare(config, objective, st, model, mesh, workdir, tokenizer,
                                                pidx, pcount)
@@ -238,79 +169,31 @@ def train(config, workdir: str) -> dict:
     if meta.get("data") is not None:
       train_iter.set_state(meta["data"])
 
-    log = MetricsLogger(workdir, config.steps, start, enabled=is_main)
+    log = run_loop.open_log(config, workdir, start)
     log.write(f"kiln: {config.objective} | {n_params / 1e6:.2f}M params, {n_train / 1e6:.3f}M trainable "
               f"| mesh {mesh_shape} | {jax.device_count()} {jax.default_backend()} devices x {pcount} "
               f"processes | {st.source}" + "".join(f" | {n}" for n in (ref_note, _describe(train_iter)) if n))
     # Pairs: one row [prompt | chosen | rejected] each, and a reference forward (1/3 of a train step).
     row_len = config.seq_len if objective.packed else train_iter.row_len
-    tokens_per_step = config.batch_size * row_len
-    flops_per_token = model_cfg.train_flops_per_token(row_len) * (4 / 3 if ref is not None else 1)
-    peak = peak_flops(config)
+    speed = run_loop.Speed(config.batch_size * row_len,
+                           model_cfg.train_flops_per_token(row_len) * (4 / 3 if ref is not None else 1),
+                           peak_flops(config))
 
-    def save(step):
+    def step(state, done):
+      """state: (trainable, opt_state); done: steps so far."""
+      batch = sharding.put_batch(next(train_iter), mesh)
+      params, opt_state, metrics = train_step(*state, batch, jnp.int32(done), frozen, step_ref)
+      return (params, opt_state), metrics
+
+    def save(state, step):
       meta = {"step": step, "data": train_iter.get_state(), **state_lib.checkpoint_meta(config)}
-      checkpoint.save(mngr, step, params, opt_state, meta, force=True)
+      rundir.save(mngr, step, *state, meta, force=True)
 
-    if start >= config.steps:
-      log.write(f"already finished: step {start} >= config.steps={config.steps} "
-                f"(raise --config.steps to train on)")
-    last, window, times, pending = {}, [], [], None
-    t_last = None
-    step = start
-    prof = profile.StepProfiler(config, workdir, log.write)
-    with StopFlag() as stop:
-      while step < config.steps:
-        batch = sharding.put_batch(next(train_iter), mesh)
-        prof.before(step)
-        params, opt_state, metrics = train_step(params, opt_state, batch, jnp.int32(step), frozen, step_ref)
-        step += 1
-        prof.after(step, metrics)
-        done = [pending] if pending else []
-        pending = (step, metrics)
-        must_save = step % config.checkpoint_every == 0 or step == config.steps
-        stopping = stop.agreed()
-        if must_save or stopping or step % config.log_every == 0:
-          done.append(pending)  # sync now: a checkpoint must never hold a NaN state
-          pending = None
-        for s, m in done:
-          m = jax.device_get(m)
-          if not np.isfinite(m["train/loss"]):
-            mngr.wait_until_finished()
-            raise FloatingPointError(
-                f"train/loss is {m['train/loss']} at step {s}; stopping. The last good checkpoint "
-                f"is step {mngr.latest_step()} in {os.path.join(workdir, 'checkpoints')}")
-          now = time.perf_counter()
-          window.append(m)
-          if t_last is not None:
-            times.append(now - t_last)
-          t_last = now
-          log.advance(s)
-          if s % config.log_every == 0:
-            last = {k: float(np.mean([w[k] for w in window])) for k in m}
-            if times:  # median step time: robust to the odd slow step (checkpoint, GC)
-              dt = float(np.median(times))
-              tflops = flops_per_token * tokens_per_step / dt / jax.device_count()
-              last.update({"train/step_time": dt, "train/tokens_per_sec": tokens_per_step / dt,
-                           "train/tflops_per_device": tflops / 1e12,
-                           "train/mfu": tflops / peak if peak else 0.0})
-            log.log(s, last)
-            window, times = [], []
-        if (config.eval_every and step % config.eval_every == 0) or step == config.steps:
-          ev = evaluate(functools.partial(eval_step, params, frozen, step_ref), eval_batches, mesh,
-                        perplexity=objective.packed)
-          log.log(step, ev)
-          last.update(ev)
-          t_last = None  # eval time is not train time
-        if must_save or stopping:
-          save(step)
-          t_last = None
-        if stopping:
-          log.write(f"stop requested: saved step {step}; rerun the same command to resume")
-          break
-    prof.close()
-    mngr.wait_until_finished()
-    mngr.close()
-    log.close()
-  last["step"] = step
-  return last
+    def evaluate_held_out(state, step):
+      ev = evaluate(functools.partial(eval_step, state[0], frozen, step_ref), eval_batches, mesh,
+                    perplexity=objective.packed)
+      log.log(step, ev)
+      return ev
+
+    steps = run_loop.Steps(step, save, evaluate_held_out, speed=speed)
+    return run_loop.run(steps, (st.trainable, st.opt_state), start, config, workdir, log, [mngr])

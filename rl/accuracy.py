@@ -1,0 +1,62 @@
+"""Accuracy on held-out problems by generating answers: greedy exact match, format, length, and
+pass@k / mean sampled accuracy.
+
+The online RL loop measures it during training (rl.num_eval_problems); the evaluation suite and
+`python -m eval.tasks` report it for any run. Chat-trained runs are asked in their chat template;
+pretrained runs with the "Question: ...\\nAnswer:" prompt their corpus used.
+"""
+import math
+
+import jax
+import numpy as np
+
+from model import decode
+from rl import rewards
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+  """Unbiased pass@k from n samples of which c are correct: 1 - C(n-c, k) / C(n, k)."""
+  if n - c < k:
+    return 1.0
+  return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def prompts_for(problems, chat: bool) -> list:
+  return [p.question if chat else f"Question: {p.question}\nAnswer:" for p in problems]
+
+
+def evaluate_problems(params, model_cfg, tokenizer, problems, *, chat: bool, mesh=None,
+                      samples: int = 0, temperature: float = 1.0, top_p: float = 1.0,
+                      max_new_tokens: int = 64, template: str = "chatml", seed: int = 0,
+                      batch: int = 256) -> dict:
+  """Greedy accuracy / format / length, plus pass@k and sampled accuracy when samples > 0.
+
+  `batch` prompts per generate call (x samples rows): one call, one compiled program, for the
+  usual few hundred problems."""
+  answers = [p.answer for p in problems]
+  prompts = prompts_for(problems, chat)
+
+  def run(num, temp, key):
+    out = []
+    for i in range(0, len(prompts), batch):
+      out += decode.generate_text(params, model_cfg, tokenizer, prompts[i:i + batch], chat,
+                                  key=jax.random.fold_in(key, i), max_new_tokens=max_new_tokens,
+                                  num_samples=num, temperature=temp, top_p=top_p,
+                                  template=template, mesh=mesh)
+    return out  # [problem][sample]
+
+  greedy = [c[0] for c in run(1, 0.0, jax.random.key(seed))]
+  result = {
+      "accuracy": float(np.mean(rewards.answer_match(greedy, answers))),
+      "format": float(np.mean(rewards.answer_tag_reward(greedy))),
+      "length": float(np.mean([len(tokenizer.encode(c)) for c in greedy])),
+      "completions": greedy,
+      "examples": [{"question": p.question, "answer": p.answer, "completion": c}
+                   for p, c in zip(problems[:3], greedy[:3])],
+  }
+  if samples > 0:
+    sampled = run(samples, temperature, jax.random.key(seed + 1))
+    correct = [int(np.sum(rewards.answer_match(s, [a] * samples))) for s, a in zip(sampled, answers)]
+    result[f"pass@{samples}"] = float(np.mean([pass_at_k(samples, c, samples) for c in correct]))
+    result["sampled_accuracy"] = float(np.mean(correct) / samples)
+  return result
