@@ -6,7 +6,7 @@ A stage whose checkpoint already reached its `steps` is skipped and an unfinishe
 so rerunning after an interruption continues where it stopped. Stage configs are sections of
 the pipeline config (`--config.sft.steps=200` overrides one); a value "@name" of `init_from`,
 `rl.reward_model` or `rl.value_init_from` means the workdir of the earlier stage called name.
-grpo / ppo stages run in the online loop (rl/loop.py), the others in train/loop.py. Then every
+Online algorithms (rl/algorithms.py: grpo, ppo) run in the online loop (rl/loop.py), the others in train/loop.py. Then every
 stage is evaluated (eval/suite.py) against `eval.reference` with `eval.reward_model` as the judge,
 and runs/.../report.md, report.json and the plots are written (eval/report.py).
 
@@ -23,7 +23,7 @@ from ml_collections import config_flags
 
 from eval import report, suite
 from rl import loop as rl_loop
-from rl.config import RL_OBJECTIVES
+from rl.algorithms import ALGORITHMS as RL_ALGORITHMS
 from train import loop, rundir
 from train.validate import validate
 
@@ -78,7 +78,7 @@ def check(config, workdir: str) -> dict:
   resolved = {name: resolve(config, name, workdir) for name in stages}
   for name, cfg in resolved.items():
     try:
-      rl_loop.check_config(cfg) if cfg.objective in RL_OBJECTIVES else validate(cfg, jax.device_count(),
+      rl_loop.check_config(cfg) if cfg.objective in RL_ALGORITHMS else validate(cfg, jax.device_count(),
                                                                           jax.process_count())
     except ValueError as e:
       raise ValueError(f"stage {name}: {e}".replace("config.", f"config.{name}.")) from None
@@ -86,8 +86,9 @@ def check(config, workdir: str) -> dict:
 
 
 def run_stage(cfg, stage_dir: str) -> dict:
-  """One stage in its loop: online RL for grpo / ppo, the offline trainer for the rest."""
-  if cfg.objective in RL_OBJECTIVES:
+  """One stage in its loop: the online loop for the algorithms of rl/algorithms.py, the offline
+  trainer for the rest."""
+  if cfg.objective in RL_ALGORITHMS:
     return rl_loop.train(cfg, stage_dir)
   return loop.train(cfg, stage_dir)
 
