@@ -10,6 +10,7 @@ import json
 
 from configs import sft_tiny
 from eval import report, suite
+from train import cpu_tuning
 
 
 def main():
@@ -33,4 +34,5 @@ def main():
 
 
 if __name__ == "__main__":
+  cpu_tuning.apply()
   main()

@@ -18,7 +18,7 @@ import ml_collections
 
 from model import sharding
 from model.transformer import ModelConfig, Transformer
-from train import checkpoint, data, loop, objectives, pairs
+from train import checkpoint, cpu_tuning, data, loop, objectives, pairs
 from train import state as state_lib
 
 
@@ -63,4 +63,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+  cpu_tuning.apply()
   main()

@@ -22,6 +22,7 @@ from absl import logging
 from model import decode, sharding
 from model.tokenizer import apply_chat_template, stop_id
 from model.transformer import ModelConfig, Transformer
+from train import cpu_tuning
 
 
 def load(workdir: str, step=None):
@@ -93,4 +94,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+  cpu_tuning.apply()
   main()

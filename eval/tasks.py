@@ -16,7 +16,7 @@ import numpy as np
 
 from model import decode
 from rl import rewards
-from train import corpus
+from train import corpus, cpu_tuning
 
 TASKS = {"arith": corpus.heldout_problems}
 
@@ -98,4 +98,5 @@ def main():
 
 
 if __name__ == "__main__":
+  cpu_tuning.apply()
   main()

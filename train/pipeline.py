@@ -17,6 +17,8 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from train import cpu_tuning
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Pipeline config, e.g. configs/demo.py[:size].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Pipeline directory: one subdirectory per stage.")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -148,6 +150,7 @@ def run_pipeline(config, workdir: str) -> dict:
 
 def main(argv):
   del argv
+  cpu_tuning.apply()
   logging.set_verbosity(logging.WARNING)
   import jax
   jax.config.update("jax_compilation_cache_dir", os.environ.get(
