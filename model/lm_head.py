@@ -1,15 +1,15 @@
 """The LM head matmul: final hidden states [b, t, d] -> logits [b, t, vocab].
 
-Compiled for the CPU it runs as column blocks of VOCAB_BLOCK vocabulary entries. XLA:CPU's Eigen dots slow down
-when the output's rows are a power-of-two size apart, as vocabularies of 4096 or 8192 entries
-make them: on the 2-core development box [2048, 256] x [256, N] ran at 74-77 GFLOP/s for N = 4096
-and 125-136 for N = 4000. In 1024-wide blocks, [2048, 256] x [256, 4096] went from 81 to 132
-GFLOP/s and its weight gradient (h^T @ dlogits) from 72 to 101; `medium`'s [2048, 512] x
-[512, 8192] from 82 to 131 and 77 to 109. The input gradient (dlogits @ W^T, a narrow output)
-stays one dot. Other platforms get the plain dot, which their compilers tile themselves (the
-choice is made when the program is lowered: `jax.lax.platform_dependent`), and so do
-few rows (decoding: [8, 256] x [256, 4096] is 2x slower in blocks), and so does a vocabulary
-split over a `tensor` mesh axis (blocks would cut across its shards and move them between devices).
+Compiled for the CPU it runs as column blocks of VOCAB_BLOCK vocabulary entries. XLA:CPU's Eigen
+dots slow down when the output's rows are a power-of-two size apart, as vocabularies of 4096 or
+8192 entries make them: on the 2-core development box [2048, 256] x [256, N] ran at 74-77
+GFLOP/s for N = 4096 and 125-136 for N = 4000. In 1024-wide blocks, [2048, 256] x [256, 4096]
+went from 81 to 132 GFLOP/s and its weight gradient (h^T @ dlogits) from 72 to 101; `medium`'s
+[2048, 512] x [512, 8192] from 82 to 131 and 77 to 109. The input gradient (dlogits @ W^T, a
+narrow output) stays one dot. Other platforms get the plain dot, which their compilers tile
+themselves (chosen when the program is lowered: `jax.lax.platform_dependent`), and so do few
+rows (decoding: [8, 256] x [256, 4096] is 2x slower in blocks), and so does a vocabulary split
+over a `tensor` mesh axis (blocks would cut across its shards and move them between devices).
 """
 import jax
 import jax.numpy as jnp

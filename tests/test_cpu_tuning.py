@@ -30,7 +30,8 @@ STATE_CHILD = r"""
 import json, os, sys
 import model, model.attention, model.decode, model.lm_head, model.sampling, model.transformer, rl.rollout
 import jax
-state = lambda: dict(xla_flags=os.environ.get("XLA_FLAGS", ""), async_dispatch=jax.config.read("jax_cpu_enable_async_dispatch"))
+state = lambda: dict(xla_flags=os.environ.get("XLA_FLAGS", ""),
+                     async_dispatch=jax.config.read("jax_cpu_enable_async_dispatch"))
 before = state()
 from train import cpu_tuning
 backend = cpu_tuning.apply()

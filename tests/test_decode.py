@@ -345,10 +345,10 @@ def test_one_token_step_equals_the_full_forward_and_the_prefill():
 
   @jax.jit
   def three(params):
-    apply = lambda n, cache: model.apply({"params": params}, toks[:, :n], pos[:, :n], mask[:, :n], cache=cache)
-    _, cache = apply(toks.shape[1] - 1, init_cache(cfg, 3, 10))
-    step = model.apply({"params": params}, toks[:, -1:], pos[:, -1:], mask[:, -1:], cache=cache)
-    return step, apply(toks.shape[1], init_cache(cfg, 3, 10)), model.apply({"params": params}, toks, pos, mask)
+    run = lambda a, b, cache: model.apply({"params": params}, toks[:, a:b], pos[:, a:b], mask[:, a:b], cache=cache)
+    p = toks.shape[1]
+    _, cache = run(0, p - 1, init_cache(cfg, 3, 10))
+    return run(p - 1, p, cache), run(0, p, init_cache(cfg, 3, 10)), run(0, p, None)
 
   (got, got_cache), (_, prefill_cache), full = three(random_params(cfg, seed=1))
   np.testing.assert_allclose(got[:, 0], full[:, -1], atol=1e-5, rtol=1e-5)
