@@ -15,7 +15,7 @@ from ml_collections import config_flags
 
 from configs import tools
 from eval import report, suite
-from train import rundir
+from train import cpu_tuning, rundir
 
 
 def evaluate(workdir: str, config) -> dict:
@@ -38,4 +38,5 @@ if __name__ == "__main__":
   flags.DEFINE_string("workdir", None, "The run to evaluate.")
   config_flags.DEFINE_config_dict("config", tools.evaluate(), "Options: configs/tools.py evaluate().")
   flags.mark_flags_as_required(["workdir"])
+  cpu_tuning.apply()
   app.run(main)

@@ -66,6 +66,8 @@ CHILD = """
 import json, resource, sys, time
 sys.path.insert(0, {root!r})
 module = {module!r}
+if module != "bench_peer":  # Kiln's runs get what its commands get (the PyTorch peer runs as it is)
+  __import__("train.cpu_tuning", fromlist=["apply"]).apply()
 try:
   mod = __import__("eval." + module, fromlist=[module])
 except ImportError as e:

@@ -4,8 +4,10 @@
   KILN_YNNPACK=1 python -m eval.bench_decode   # XLA:CPU default dots (YNNPACK) instead of Eigen
 
 EOS is disabled, so every row generates all `new_tokens`. One warm-up call (it compiles), then
-the median of `repeats` timed calls. Reference on the 2-core CPU box of docs/performance.md: Hugging Face
-generate does 661-785 tok/s on the same shapes with top-p 0.9.
+the median of `repeats` timed calls. Reference on the 2-core CPU box (docs/performance.md): Hugging
+Face generate does 661-785 tok/s on the same shapes with top-p 0.9. `bench_decode` itself applies
+no process settings: the command line applies train/cpu_tuning.py first, as eval/bench.py's
+child processes do.
 """
 import argparse
 import json
@@ -19,6 +21,7 @@ import jax.numpy as jnp
 from configs import models
 from model import decode
 from model.transformer import ModelConfig, Transformer
+from train import cpu_tuning
 
 HF_GENERATE_TOK_S = 723.0  # middle of the 661-785 tok/s measured for HF generate (small, top-p 0.9)
 
@@ -74,4 +77,5 @@ def main():
 
 
 if __name__ == "__main__":
+  cpu_tuning.apply()
   main()

@@ -20,7 +20,7 @@ import numpy as np
 from configs import dpo_tiny, models
 from model import sharding
 from model.transformer import ModelConfig, Transformer
-from train import loop, objectives, optim, pairs
+from train import cpu_tuning, loop, objectives, optim, pairs
 
 TRL_SECONDS = 1.15  # TRL s/step, docs/performance.md (midpoint)
 
@@ -67,6 +67,7 @@ def bench_dpo(preset="small", batch=8, prompt_len=64, completion_len=64, loss="s
 
 
 if __name__ == "__main__":
+  cpu_tuning.apply()
   p = argparse.ArgumentParser()
   p.add_argument("--preset", default="small")
   p.add_argument("--batch", type=int, default=8)

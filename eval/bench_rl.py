@@ -23,7 +23,7 @@ from configs import grpo_arith, models, ppo_arith
 from model import heads, sharding
 from model.transformer import ModelConfig, Transformer
 from rl import algorithms, rollout, steps, value
-from train import optim
+from train import cpu_tuning, optim
 
 TRL_SECONDS = {"grpo": 1.68, "ppo": 2.69}  # TRL s/step, docs/performance.md (midpoints)
 
@@ -126,4 +126,5 @@ def main():
 
 
 if __name__ == "__main__":
+  cpu_tuning.apply()
   main()

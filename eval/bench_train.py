@@ -12,7 +12,7 @@ import numpy as np
 
 from configs import base, models
 from model.transformer import ModelConfig, Transformer
-from train import loop, objectives, optim
+from train import cpu_tuning, loop, objectives, optim
 
 
 def bench_train(preset="small", seq_len=256, batch=8, steps=10, **model_overrides) -> dict:
@@ -53,6 +53,7 @@ def bench_train(preset="small", seq_len=256, batch=8, steps=10, **model_override
 
 
 if __name__ == "__main__":
+  cpu_tuning.apply()
   p = argparse.ArgumentParser()
   p.add_argument("--preset", default="small")
   p.add_argument("--seq_len", type=int, default=256)

@@ -18,7 +18,7 @@ from configs import tools
 
 from model import sharding
 from model.transformer import ModelConfig, Transformer
-from train import data, loop, objectives, pairs, rundir
+from train import cpu_tuning, data, loop, objectives, pairs, rundir
 from train.params import abstract_params
 
 
@@ -63,4 +63,5 @@ if __name__ == "__main__":
   flags.DEFINE_string("workdir", None, "A reward_model or dpo run.")
   config_flags.DEFINE_config_dict("config", tools.preference(), "Options: configs/tools.py preference().")
   flags.mark_flags_as_required(["workdir"])
+  cpu_tuning.apply()
   app.run(main)

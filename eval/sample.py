@@ -16,7 +16,7 @@ import numpy as np
 from configs import tools
 from model import decode, sharding
 from model.tokenizer import apply_chat_template, stop_id
-from train import rundir
+from train import cpu_tuning, rundir
 
 
 def load(workdir: str, step=None) -> rundir.LoadedRun:
@@ -80,4 +80,5 @@ if __name__ == "__main__":
   flags.DEFINE_string("workdir", None, "The run to sample from.")
   config_flags.DEFINE_config_dict("config", tools.sample(), "Options: configs/tools.py sample().")
   flags.mark_flags_as_required(["workdir"])
+  cpu_tuning.apply()
   app.run(main)

@@ -15,10 +15,9 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from configs import tools
-
 from model import sharding
 from rl.accuracy import evaluate_problems
-from train import corpus, rundir
+from train import corpus, cpu_tuning, rundir
 
 TASKS = {"arith": corpus.heldout_problems}
 
@@ -57,4 +56,5 @@ if __name__ == "__main__":
   flags.DEFINE_string("workdir", None, "The run to ask.")
   config_flags.DEFINE_config_dict("config", tools.tasks(), "Options: configs/tools.py tasks().")
   flags.mark_flags_as_required(["workdir"])
+  cpu_tuning.apply()
   app.run(main)

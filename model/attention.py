@@ -33,24 +33,27 @@ def rope_frequencies(head_dim: int, theta: float, scaling) -> jnp.ndarray:
 def rope_cos_sin(positions, inv_freq):
   """cos and sin of the rotation angles, each [batch, len, head_dim / 2] fp32.
 
-  On CPU they leave through an identity matmul (exact). XLA:CPU fuses an elementwise producer
-  into each of its consumers, so without it every fusion that reads cos/sin recomputes them: in
-  the backward pass the q/k/v gradient assembly evaluated two transcendentals per element of
-  [b * t, (heads + 2 kv) * head_dim]. A dot is never fused, so its output is one array, computed
-  once (small train step 530 -> 505 ms, medium 3.94 -> 3.79 s median, interleaved A/B)."""
+  Compiled for the CPU they leave through an identity matmul (exact). XLA:CPU fuses an
+  elementwise producer into each of its consumers, so without it every fusion that reads cos/sin
+  recomputes them: in the backward pass the q/k/v gradient assembly evaluated two transcendentals
+  per element of [b * t, (heads + 2 kv) * head_dim]. A dot is never fused, so its output is one
+  array, computed once (small train step 530 -> 505 ms, medium 3.94 -> 3.79 s median, interleaved
+  A/B). Other platforms get cos and sin as they are (chosen when the program is lowered)."""
   angles = positions[..., None].astype(jnp.float32) * inv_freq  # [batch, len, head_dim/2]
-  cos, sin = jnp.cos(angles), jnp.sin(angles)
-  if jax.default_backend() != "cpu":
-    return cos, sin
   h = inv_freq.shape[-1]
-  both = jnp.matmul(jnp.concatenate([cos, sin], -1), jnp.eye(2 * h, dtype=jnp.float32),
-                    precision=jax.lax.Precision.HIGHEST)
-  return both[..., :h], both[..., h:]
+
+  def through_dot(cos, sin):
+    both = jnp.matmul(jnp.concatenate([cos, sin], -1), jnp.eye(2 * h, dtype=jnp.float32),
+                      precision=jax.lax.Precision.HIGHEST)  # [batch, len, head_dim]
+    return both[..., :h], both[..., h:]
+
+  return jax.lax.platform_dependent(jnp.cos(angles), jnp.sin(angles), cpu=through_dot,
+                                    default=lambda cos, sin: (cos, sin))
 
 
-def apply_rope(x, positions, inv_freq):
-  """Rotates x [batch, len, ..., head_dim] by positions [batch, len] (rotate-half convention)."""
-  cos, sin = rope_cos_sin(positions, inv_freq)
+def apply_rope(x, cos, sin):
+  """Rotates x [batch, len, ..., head_dim] by the angles of `rope_cos_sin` (cos, sin [batch, len,
+  head_dim / 2]), rotate-half convention."""
   shape = cos.shape[:2] + (1,) * (x.ndim - 3) + cos.shape[-1:]
   cos, sin = cos.reshape(shape), sin.reshape(shape)
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
@@ -92,17 +95,29 @@ def attention_mask(q_segments, k_segments, q_slots, k_slots, branches=None):
   return mask[:, None, None]
 
 
-def attention_impl(name: str, dtype, head_dim: int) -> str:
+def cache_mask(segment_ids, segments, index):
+  """[batch, 1, 1, t, T] bool: what t new tokens (slots index.., segment_ids [batch, t]) see of a
+  KV cache whose `segments` [batch, T] already hold their ids. Unwritten slots and left padding
+  have segment 0; the real tokens of a row share segment 1."""
+  b, t = segment_ids.shape
+  q_slots = jnp.broadcast_to(index + jnp.arange(t), (b, t))
+  k_slots = jnp.broadcast_to(jnp.arange(segments.shape[1]), segments.shape)
+  return attention_mask(segment_ids, segments, q_slots, k_slots) & (segments != 0)[:, None, None, None, :]
+
+
+def attention_impl(name: str, dtype, head_dim: int, platform) -> str:
   """config.model.attention -> the implementation used: "xla" or "cudnn".
 
-  "auto" picks cuDNN's fused attention on NVIDIA GPUs when it applies (bf16/fp16 compute, head_dim
+  "auto" picks cuDNN's fused attention for NVIDIA GPUs when it applies (bf16/fp16 compute, head_dim
   a multiple of 8 up to 128): on one H100, a llama3_1b train step (bf16, seq 2048, batch 2) took
   86 ms with it against 138 ms with the einsum path (40% vs 25% MFU). Elsewhere (CPU, TPU, fp32)
-  the einsum path, which XLA fuses well there."""
+  the einsum path, which XLA fuses well there. `platform` is that of the devices the step is
+  compiled for (`sharding.mesh_platform()`: "gpu", "cpu", "tpu", or None outside a mesh, which
+  gets the einsum path that lowers everywhere)."""
   if name != "auto":
     return name
   fits = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 and head_dim <= 128
-  return "cudnn" if fits and jax.default_backend() == "gpu" else "xla"
+  return "cudnn" if fits and platform == "gpu" else "xla"
 
 
 def grouped_attention(q, k, v, mask, impl: str = "xla", causal: bool = False):
@@ -150,17 +165,34 @@ def causal_attention(q, k, v, mask, impl: str = "xla"):
                           for a, e in zip(starts, ends)], axis=1)
 
 
+def cached_attention(q, k_cache, v_cache, mask):
+  """q [b, t, kv, group, hd] against a whole KV cache k/v [b, kv, T, hd] -> [b, t, kv, group, hd].
+
+  mask [b, 1, 1, t, T] (`cache_mask`). One new token per row (t == 1, every decode step) runs
+  as [b, kv, group, T] scores with no length axis."""
+  b, t, kv, g, hd = q.shape
+  scale = 1.0 / math.sqrt(hd)
+  k_cache, v_cache = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
+  if t == 1:
+    scores = jnp.einsum("bkgh,bksh->bkgs", q[:, 0], k_cache, preferred_element_type=jnp.float32) * scale
+    probs = jax.nn.softmax(jnp.where(mask[:, :, :, 0], scores, NEG_INF), -1).astype(q.dtype)  # [b, kv, g, T]
+    return jnp.einsum("bkgs,bksh->bkgh", probs, v_cache)[:, None]                          # [b, 1, kv, g, hd]
+  scores = jnp.einsum("btkgh,bksh->bkgts", q, k_cache, preferred_element_type=jnp.float32) * scale
+  probs = jax.nn.softmax(jnp.where(mask, scores, NEG_INF), axis=-1).astype(q.dtype)       # [b, kv, g, t, T]
+  return jnp.einsum("bkgts,bksh->btkgh", probs, v_cache)
+
+
 class Attention(nn.Module):
   """Grouped-query self-attention with RoPE.
 
-  `cache` (decoding only) is this layer's dict k, v [batch, kv_heads, max_len, head_dim] plus the
-  shared `segments` [batch, max_len] (already holding the new tokens' ids) and `index` (slot of
-  the first new token). branch_ids [batch, len] (training only): see `attention_mask`. Returns
-  (output, updated {k, v} or None)."""
+  x [batch, t, d]; cos_sin: `rope_cos_sin` of the tokens' positions, computed once for all layers;
+  mask [batch, 1, 1, t, s]: `attention_mask` (training, s = t) or `cache_mask` (decoding, s = T).
+  `cache` (decoding only) is this layer's k, v [batch, kv_heads, T, head_dim] plus `index`, the
+  slot of the first new token. Returns (output [batch, t, d], updated {k, v} or None)."""
   cfg: "ModelConfig"
 
   @nn.compact
-  def __call__(self, x, positions, segment_ids, cache=None, branch_ids=None):
+  def __call__(self, x, cos_sin, mask, cache=None):
     cfg = self.cfg
     kv, group, hd = cfg.n_kv_heads, cfg.n_heads // cfg.n_kv_heads, cfg.head_dim
     dense_init = nn.initializers.normal(cfg.init_std)
@@ -174,35 +206,18 @@ class Attention(nn.Module):
           (kv, group + 2, hd), cfg.param_dtype)
       qkv = qkv + bias.astype(cfg.dtype)
     qkv = sharding.constrain(qkv, ("batch", "length", "act_kv_heads", None, None))
-    inv_freq = rope_frequencies(hd, cfg.rope_theta, dict(cfg.rope_scaling or ()))
-    q = apply_rope(qkv[:, :, :, :group], positions, inv_freq)  # [b, t, kv, group, hd]
-    k = apply_rope(qkv[:, :, :, group], positions, inv_freq)   # [b, t, kv, hd]
+    qk = apply_rope(qkv[:, :, :, :group + 1], *cos_sin)        # q heads and k in one rotation
+    q, k = qk[:, :, :, :group], qk[:, :, :, group]             # [b, t, kv, group, hd], [b, t, kv, hd]
     v = qkv[:, :, :, group + 1]                                 # [b, t, kv, hd]
 
-    t = x.shape[1]
     if cache is None:
-      slots = jnp.broadcast_to(jnp.arange(t), segment_ids.shape)
-      mask = attention_mask(segment_ids, segment_ids, slots, slots, branch_ids)
-      out = causal_attention(q, k, v, mask, attention_impl(cfg.attention, cfg.dtype, hd))
-      new_cache = None
+      impl = attention_impl(cfg.attention, cfg.dtype, hd, sharding.mesh_platform())
+      out, new_cache = causal_attention(q, k, v, mask, impl), None
     else:
-      index = cache["index"]
-      k_cache = jax.lax.dynamic_update_slice(
-          cache["k"], k.transpose(0, 2, 1, 3).astype(cache["k"].dtype), (0, 0, index, 0))
-      v_cache = jax.lax.dynamic_update_slice(
-          cache["v"], v.transpose(0, 2, 1, 3).astype(cache["v"].dtype), (0, 0, index, 0))
-      segments = cache["segments"]
-      b, max_len = segments.shape
-      q_slots = jnp.broadcast_to(index + jnp.arange(t), (b, t))
-      k_slots = jnp.broadcast_to(jnp.arange(max_len), (b, max_len))
-      # Unwritten slots and left padding have segment 0; real tokens of a row share segment 1.
-      mask = attention_mask(segment_ids, segments, q_slots, k_slots) & (segments != 0)[:, None, None, None, :]
-      scale = 1.0 / math.sqrt(hd)
-      scores = jnp.einsum("btkgh,bksh->bkgts", q, k_cache.astype(q.dtype),
-                          preferred_element_type=jnp.float32) * scale
-      probs = jax.nn.softmax(jnp.where(mask, scores, NEG_INF), axis=-1).astype(q.dtype)
-      out = jnp.einsum("bkgts,bksh->btkgh", probs, v_cache.astype(q.dtype))
-      new_cache = dict(k=k_cache, v=v_cache)
+      write = lambda buf, new: jax.lax.dynamic_update_slice(
+          buf, new.transpose(0, 2, 1, 3).astype(buf.dtype), (0, 0, cache["index"], 0))
+      new_cache = dict(k=write(cache["k"], k), v=write(cache["v"], v))  # [b, kv, T, hd] each
+      out = cached_attention(q, new_cache["k"], new_cache["v"], mask)
 
     out_kernel = self.param(
         "out", nn.with_logical_partitioning(dense_init, ("kv_heads", "q_group", "head_dim", "embed")),

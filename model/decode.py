@@ -7,11 +7,10 @@ last prompt token, then the previous sample), samples the next one and stops whe
 has emitted a stop id or `max_new_tokens` are out. No host round trip per token.
 
 Sampling (model/sampling.py) needs one uniform per row and step, so all of them are drawn before
-the loop; one-token steps skip the generic Transformer code (`one_token_step`); the cache grows in
-a few phases so early steps read a shorter cache.
+the loop; prefill and steps are the Transformer's own decode path (model/transformer.py); the
+cache grows in a few phases so early steps read a shorter cache.
 """
 import functools
-import math
 from typing import Callable, Optional, Sequence
 
 import flax.struct
@@ -20,10 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from model import sharding
-from model.attention import NEG_INF, rope_cos_sin, rope_frequencies
 from model.sampling import Sampling, sample
 from model.tokenizer import Tokenizer, apply_chat_template, stop_id
-from model.transformer import Mlp, ModelConfig, RMSNorm, Transformer, init_cache
+from model.transformer import ModelConfig, Transformer, init_cache
 
 PHASES = 4  # decode loops per generate call; each one's KV cache is only as long as it needs
 
@@ -31,58 +29,9 @@ PHASES = 4  # decode loops per generate call; each one's KV cache is only as lon
 
 
 def transformer_apply(cfg: ModelConfig, params, tokens, positions, segment_ids, cache, head=True):
-  """The default `apply_fn`: (logits [b, t, V] or None, new cache). One-token steps with logits
-  take `one_token_step` (same math, decode-shaped); everything else the Transformer itself."""
-  if tokens.shape[1] == 1 and head and cache is not None and not cfg.scan_layers:
-    return one_token_step(cfg, params, tokens, positions, segment_ids, cache)
+  """The default `apply_fn`: the Transformer against the cache -> (logits [b, t, V] or None, new cache)."""
   return Transformer(cfg).apply({"params": params}, tokens, positions, segment_ids,
                                 cache=cache, head=head)
-
-
-def one_token_step(cfg: ModelConfig, params, tokens, positions, segment_ids, cache):
-  """Transformer.__call__ for ONE new token per row against the KV cache, written for decoding.
-
-  tokens/positions/segment_ids [b, 1]. Same parameters and math as model/transformer.py (its
-  RMSNorm and Mlp modules are reused), but 2-D matmuls on [b, ...] rows: RoPE angles once per
-  step for all layers, q and k rotated together, the attention output [b, kv * group * hd] meets
-  the out kernel as a plain [kv * group * hd, d] matrix (no per-step transpose of weights), and
-  the mask is built once. Returns (logits [b, 1, V] fp32, new cache)."""
-  b, d, hd = tokens.shape[0], cfg.d_model, cfg.head_dim
-  kv, g = cfg.n_kv_heads, cfg.n_heads // cfg.n_kv_heads
-  norm = lambda p, x: RMSNorm(cfg.norm_eps, cfg.param_dtype).apply({"params": p}, x)
-  row = lambda x, axes: sharding.constrain(x, ("batch",) + axes)
-  x = row(jnp.take(params["embedding"], tokens[:, 0], axis=0).astype(cfg.dtype), ("act_embed",))  # [b, d]
-  inv = rope_frequencies(hd, cfg.rope_theta, dict(cfg.rope_scaling) if cfg.rope_scaling else None)
-  cos, sin = (a[:, :, None] for a in rope_cos_sin(positions[:, :1], inv))  # [b, 1, 1, hd / 2]
-  index = cache["index"]
-  segments = jax.lax.dynamic_update_slice(cache["segments"], segment_ids, (0, index))  # [b, T]
-  slots = jnp.arange(segments.shape[1])
-  visible = (segments == segment_ids) & (segments != 0) & (slots <= index)   # [b, T]
-  scale = 1.0 / math.sqrt(hd)
-  layers = []
-  for i in range(cfg.n_layers):
-    p, c = params[f"layer_{i}"], cache["layers"][i]
-    h = norm(p["attn_norm"], x)
-    qkv = (h @ p["attn"]["qkv"].astype(cfg.dtype).reshape(d, -1)).reshape(b, kv, g + 2, hd)
-    if cfg.qkv_bias:
-      qkv = qkv + p["attn"]["qkv_bias"].astype(cfg.dtype)
-    qkv = row(qkv, ("act_kv_heads", None, None))
-    x1, x2 = jnp.split(qkv[:, :, :g + 1].astype(jnp.float32), 2, axis=-1)   # q heads and k
-    qk = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(cfg.dtype)
-    k_cache = jax.lax.dynamic_update_slice(c["k"], qk[:, :, g:].astype(c["k"].dtype), (0, 0, index, 0))
-    v_cache = jax.lax.dynamic_update_slice(c["v"], qkv[:, :, g + 1:].astype(c["v"].dtype), (0, 0, index, 0))
-    scores = jnp.einsum("bkgh,bksh->bkgs", qk[:, :, :g], k_cache.astype(cfg.dtype),
-                        preferred_element_type=jnp.float32) * scale           # [b, kv, g, T]
-    probs = jax.nn.softmax(jnp.where(visible[:, None, None], scores, NEG_INF), -1).astype(cfg.dtype)
-    out = jnp.einsum("bkgs,bksh->bkgh", probs, v_cache.astype(cfg.dtype))  # [b, kv, g, hd]
-    out = out.reshape(b, kv * g * hd) @ p["attn"]["out"].astype(cfg.dtype).reshape(kv * g * hd, d)
-    x = x + row(out, ("act_embed",))
-    x = x + Mlp(cfg).apply({"params": p["mlp"]}, norm(p["mlp_norm"], x)[:, None])[:, 0]
-    layers.append(dict(k=k_cache, v=v_cache))
-  h = norm(params["final_norm"], x)
-  head = params["embedding"].T if cfg.tie_embeddings else params["lm_head"]
-  logits = row((h @ head.astype(cfg.dtype)).astype(jnp.float32), ("act_vocab",))
-  return logits[:, None], dict(layers=layers, segments=segments, index=index + 1)
 
 
 def _constrain_cache(cache, cfg: ModelConfig):

@@ -24,12 +24,13 @@ def top_k_mask(logits, k: int):
 
 
 def row_sums(x):
-  """sum(x, -1, keepdims=True): [..., V] -> [..., 1]. On CPU as a matrix-vector product: XLA:CPU
-  runs a dot as one call but a long reduction as a tree of 3-4 reduce-window calls. GPU and TPU
-  compilers fuse reductions into their neighbours, so they get the plain sum."""
-  if jax.default_backend() != "cpu":
-    return jnp.sum(x, -1, keepdims=True)
-  return x @ jnp.ones((x.shape[-1], 1), x.dtype)
+  """sum(x, -1, keepdims=True): [..., V] -> [..., 1]. Compiled for the CPU, a matrix-vector
+  product: XLA:CPU runs a dot as one call but a long reduction as a tree of 3-4 reduce-window
+  calls. GPU and TPU compilers fuse reductions into their neighbours, so they get the plain sum
+  (the choice is made when the program is lowered)."""
+  return jax.lax.platform_dependent(
+      x, cpu=lambda x: x @ jnp.ones((x.shape[-1], 1), x.dtype),
+      default=lambda x: jnp.sum(x, -1, keepdims=True))
 
 
 def top_p_threshold(weights, p, max_weight: float = float("inf")):

@@ -92,6 +92,14 @@ def mesh_axis_size(name: str) -> int:
   return 1 if mesh.empty else dict(mesh.shape).get(name, 1)
 
 
+def mesh_platform():
+  """Platform ("cpu", "gpu", "tpu") of the devices of the mesh active while tracing (`use_mesh`),
+  i.e. of the devices the step is compiled for; None outside a mesh."""
+  mesh = jax.sharding.get_abstract_mesh()
+  device = None if mesh.empty else mesh.abstract_device
+  return None if device is None else device.platform
+
+
 def constrain(x, logical_axes):
   """Sharding constraint by logical names; a no-op outside `use_mesh`."""
   return nn.with_logical_constraint(x, logical_axes)

@@ -2,6 +2,8 @@
 
 Pure Flax linen: `model.init(rng, tokens)` / `model.apply({"params": p}, tokens, ...)`. Every
 parameter carries logical axis names (see model/sharding.py for how they map onto the mesh).
+The one forward pass of the project: training, scoring, and decoding with a KV cache (a prefill
+of many tokens, then steps of one) all run it.
 """
 import dataclasses
 from typing import Any, Optional
@@ -11,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from model import lm_head, sharding
-from model.attention import Attention, matmul
+from model.attention import Attention, attention_mask, cache_mask, matmul, rope_cos_sin, rope_frequencies
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +62,7 @@ class ModelConfig:
     return total
 
   def train_flops_per_token(self, seq_len: int) -> float:
-    """6 * non-embedding params + 6 * lm head + 12 * layers * d * seq (docs/algorithms.md)."""
+    """6 * non-embedding params + 6 * lm head + 12 * layers * d * seq (docs/performance.md)."""
     return (6 * self.num_params(embeddings=False) + 6 * self.vocab_size * self.d_model
             + 12 * self.n_layers * self.n_heads * self.head_dim * seq_len)
 
@@ -98,13 +100,14 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
+  """x [b, t, d] -> (x [b, t, d], new layer cache or None); cos_sin, mask, cache as `Attention`."""
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, positions, segment_ids, cache=None, branch_ids=None):
+  def __call__(self, x, cos_sin, mask, cache=None):
     cfg = self.cfg
     h = RMSNorm(cfg.norm_eps, cfg.param_dtype, name="attn_norm")(x)
-    a, new_cache = Attention(cfg, name="attn")(h, positions, segment_ids, cache, branch_ids)
+    a, new_cache = Attention(cfg, name="attn")(h, cos_sin, mask, cache)
     x = x + a
     x = x + Mlp(cfg, name="mlp")(RMSNorm(cfg.norm_eps, cfg.param_dtype, name="mlp_norm")(x))
     return x, new_cache
@@ -115,9 +118,9 @@ class ScannedBlock(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, layer_cache, positions, segment_ids, shared, branch_ids):
-    cache = None if layer_cache is None else dict(layer_cache, **shared)
-    return Block(self.cfg, name="block")(x, positions, segment_ids, cache, branch_ids)
+  def __call__(self, x, layer_cache, cos_sin, mask, index):
+    cache = None if layer_cache is None else dict(layer_cache, index=index)
+    return Block(self.cfg, name="block")(x, cos_sin, mask, cache)
 
 
 REMAT_POLICIES = {
@@ -139,10 +142,14 @@ class Transformer(nn.Module):
   segment_ids differ between documents of a row (0 = padding) so attention never crosses them.
   branch_ids [batch, len] (optional, training only): shared trunk 0, branches 1, 2, ... that see
   the trunk but not each other (model/attention.py `attention_mask`).
-  Returns logits [batch, len, vocab] (fp32), and (logits, hidden) if return_hidden, or
-  (logits, new_cache) when decoding with a cache from `init_cache`. With head=False, logits is None.
-  logit_slots [batch, k] int32: the lm head runs only on the hidden states of those slots, and
-  logits is [batch, k, vocab] (hidden stays [batch, len, d]).
+  cache (decoding): from `init_cache`; the tokens are written at its `index` and attend to
+  everything before them there (a prefill of the prompt, then one token per step).
+  Returns logits [batch, len, vocab] (fp32), followed by the final hidden states [batch, len, d] if
+  return_hidden and by the new cache when decoding: logits, (logits, hidden), (logits, cache) or
+  (logits, hidden, cache). With head=False, logits is None. logit_slots [batch, k] int32 (or a
+  slice of positions): the lm head runs only on the hidden states of those slots, and logits is
+  [batch, k, vocab] (hidden stays [batch, len, d]).
+  RoPE angles and the attention mask are computed once here, for all layers.
   """
   cfg: ModelConfig
 
@@ -150,8 +157,9 @@ class Transformer(nn.Module):
   def __call__(self, tokens, positions=None, segment_ids=None, cache=None,
                return_hidden: bool = False, head: bool = True, branch_ids=None, logit_slots=None):
     cfg = self.cfg
+    b, t = tokens.shape
     if positions is None:
-      positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+      positions = jnp.broadcast_to(jnp.arange(t), tokens.shape)
     if segment_ids is None:
       segment_ids = jnp.ones_like(tokens)
     embedding = self.param(
@@ -160,42 +168,49 @@ class Transformer(nn.Module):
     x = jnp.take(embedding, tokens, axis=0).astype(cfg.dtype)  # [b, t, d]
     x = sharding.constrain(x, ("batch", "length", "act_embed"))
 
-    shared = None
-    if cache is not None:
-      segments = jax.lax.dynamic_update_slice(cache["segments"], segment_ids, (0, cache["index"]))
-      shared = dict(segments=segments, index=cache["index"])
+    inv_freq = rope_frequencies(cfg.head_dim, cfg.rope_theta, dict(cfg.rope_scaling or ()))
+    cos_sin = rope_cos_sin(positions, inv_freq)  # 2 x [b, t, head_dim / 2]
+    if cache is None:
+      index = None
+      slots = jnp.broadcast_to(jnp.arange(t), (b, t))
+      mask = attention_mask(segment_ids, segment_ids, slots, slots, branch_ids)  # [b, 1, 1, t, t]
+    else:
+      index = cache["index"]
+      segments = jax.lax.dynamic_update_slice(cache["segments"], segment_ids, (0, index))  # [b, T]
+      mask = cache_mask(segment_ids, segments, index)                                     # [b, 1, 1, t, T]
 
     if cfg.scan_layers:
       stack = nn.scan(_maybe_remat(ScannedBlock, cfg), variable_axes={"params": 0},
                       split_rngs={"params": True},
-                      in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                      in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
                       length=cfg.n_layers, metadata_params={nn.PARTITION_NAME: "layers"})
       x, layer_caches = stack(cfg, name="layers")(
-          x, None if cache is None else cache["layers"], positions, segment_ids, shared, branch_ids)
+          x, None if cache is None else cache["layers"], cos_sin, mask, index)
     else:
       layer_caches = []
       for i in range(cfg.n_layers):
-        layer_cache = None if cache is None else dict(cache["layers"][i], **shared)
-        x, new = _maybe_remat(Block, cfg)(cfg, name=f"layer_{i}")(x, positions, segment_ids, layer_cache,
-                                                                   branch_ids)
+        layer_cache = None if cache is None else dict(cache["layers"][i], index=index)
+        x, new = _maybe_remat(Block, cfg)(cfg, name=f"layer_{i}")(x, cos_sin, mask, layer_cache)
         layer_caches.append(new)
 
-    hidden = RMSNorm(cfg.norm_eps, cfg.param_dtype, name="final_norm")(x)
+    hidden = RMSNorm(cfg.norm_eps, cfg.param_dtype, name="final_norm")(x)  # [b, t, d]
     logits = None
     if head:
-      h = hidden if logit_slots is None else jnp.take_along_axis(hidden, logit_slots[..., None], 1)  # [b, k, d]
+      if logit_slots is None:
+        h = hidden
+      elif isinstance(logit_slots, slice):
+        h = hidden[:, logit_slots]
+      else:
+        h = jnp.take_along_axis(hidden, logit_slots[..., None], 1)  # [b, k, d]
       kernel = embedding if cfg.tie_embeddings else self.param(
           "lm_head", nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), ("embed", "vocab")),
           (cfg.d_model, cfg.vocab_size), cfg.param_dtype)
       logits = lm_head.logits(h, kernel.astype(cfg.dtype), cfg.tie_embeddings)
       logits = sharding.constrain(logits.astype(jnp.float32), ("batch", "length", "act_vocab"))
+    outputs = (logits,) + ((hidden,) if return_hidden else ())
     if cache is not None:
-      new_cache = dict(layers=layer_caches if not cfg.scan_layers else layer_caches,
-                       segments=shared["segments"], index=cache["index"] + tokens.shape[1])
-      return logits, new_cache
-    if return_hidden:
-      return logits, hidden
-    return logits
+      outputs += (dict(layers=layer_caches, segments=segments, index=index + t),)
+    return outputs if len(outputs) > 1 else logits
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:

@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model import decode, lm_head, sharding
-from model.transformer import RMSNorm, Transformer, init_cache
+from model import decode, sharding
+from model.transformer import Transformer, init_cache
 
 LENGTH_BUCKET = 16  # completion arrays are cut to a multiple of this (fewer compiled shapes)
 
@@ -95,17 +95,6 @@ def to_host(x) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def _is_final_norm(module, method_name):
-  return isinstance(module, RMSNorm) and module.name == "final_norm" and method_name == "__call__"
-
-
-def lm_logits(params, cfg, hidden):
-  """The model's LM head on chosen final hidden states [R, W, d] -> fp32 logits [R, W, V]."""
-  kernel = params["embedding"] if cfg.tie_embeddings else params["lm_head"]
-  logits = lm_head.logits(hidden, kernel.astype(cfg.dtype), cfg.tie_embeddings)
-  return sharding.constrain(logits.astype(jnp.float32), ("batch", "length", "act_vocab"))
-
-
 def forward(params, cfg, prompt, prompt_mask, inputs, g: int, *, head: bool = True, hidden: bool = False):
   """The model on completion rows after their prompt: (logits [R, W, V] | None, hidden | None).
 
@@ -122,9 +111,9 @@ def forward(params, cfg, prompt, prompt_mask, inputs, g: int, *, head: bool = Tr
     tokens = jnp.concatenate([prompt, inputs[:, :-1]], axis=1)                  # [R, P + W - 1]
     seg = jnp.concatenate([prompt_mask, jnp.ones((r, w - 1), prompt_mask.dtype)], axis=1)
     pos = jnp.maximum(jnp.cumsum(seg, -1) - 1, 0)
-    _, h = model.apply({"params": params}, tokens, pos, seg, return_hidden=True, head=False)
-    h = h[:, p - 1:]                                                            # [R, W, d]
-    return (lm_logits(params, cfg, h) if head else None), (h if hidden else None)
+    logits, h = model.apply({"params": params}, tokens, pos, seg, return_hidden=True, head=head,
+                            logit_slots=slice(p - 1, None))                     # [R, W, V], [R, P + W - 1, d]
+    return logits, (h[:, p - 1:] if hidden else None)
   positions = jnp.maximum(jnp.cumsum(prompt_mask, -1) - 1, 0)                  # [N, P]
   cache = init_cache(cfg, n, p - 1 + w)
   _, cache = model.apply({"params": params}, prompt[:, :-1], positions[:, :-1], prompt_mask[:, :-1],
@@ -134,10 +123,6 @@ def forward(params, cfg, prompt, prompt_mask, inputs, g: int, *, head: bool = Tr
   tokens = jnp.concatenate([last, inputs[:, :-1]], axis=1)                      # [R, W]
   pos = jnp.repeat(positions[:, -1:], g, axis=0) + jnp.arange(w)                # [R, W]
   seg = jnp.ones((r, w), jnp.int32)  # after the stop token: causal, so it never reaches a real one
-  kw = dict(cache=cache, head=head)
-  if not hidden:
-    logits, _ = model.apply({"params": params}, tokens, pos, seg, **kw)
-    return logits, None
-  (logits, _), state = model.apply({"params": params}, tokens, pos, seg, **kw,
-                                   capture_intermediates=_is_final_norm, mutable=["intermediates"])
-  return logits, state["intermediates"]["final_norm"]["__call__"][0]
+  logits, h, _ = model.apply({"params": params}, tokens, pos, seg, cache=cache, head=head,
+                             return_hidden=True)                                # [R, W, V], [R, W, d]
+  return logits, (h if hidden else None)

@@ -1,4 +1,5 @@
-"""Test session setup: 8 fake CPU devices (so sharding is exercised everywhere), fp32 matmuls."""
+"""Test session setup: 8 fake CPU devices (so sharding is exercised everywhere), fp32 matmuls, and the
+process settings every entry point applies (train/cpu_tuning.py), so tests see what users get."""
 import os
 
 flags = os.environ.get("XLA_FLAGS", "")
@@ -14,6 +15,10 @@ jax.config.update("jax_compilation_cache_dir", os.path.join(
     os.environ.get("TMPDIR", "/tmp"), f"kiln-test-jax-cache-{os.getuid()}"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+from train import cpu_tuning  # noqa: E402
+
+cpu_tuning.apply()
 
 import pytest  # noqa: E402
 

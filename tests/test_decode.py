@@ -334,22 +334,42 @@ def test_generate_text_plain_and_chat(tiny, tmp_path):
   assert isinstance(plain[0][0], str)
 
 
-def test_one_token_step_equals_the_transformer():
-  # GQA with a single kv head, qkv bias and tied embeddings (the default shape runs in every
-  # generate test above, against full forward passes)
+def test_one_token_step_equals_the_full_forward_and_the_prefill():
+  """The Transformer's one-token decode path (t == 1) against the full forward and against writing
+  the same token in a prefill: GQA with a single kv head, qkv bias and tied embeddings (the
+  default shape runs in every generate test above, against full forward passes)."""
   cfg = ModelConfig.from_config(dict(models.tiny(), n_kv_heads=1, qkv_bias=True, tie_embeddings=True))
   model = Transformer(cfg)
   toks, mask = decode.left_pad(prompts(cfg, [5, 2, 7], seed=9))
   pos = np.maximum(np.cumsum(mask, -1) - 1, 0)
 
   @jax.jit
-  def both(params):
-    _, cache = model.apply({"params": params}, toks[:, :-1], pos[:, :-1], mask[:, :-1],
-                           cache=init_cache(cfg, 3, 10), head=False)
-    args = (toks[:, -1:], pos[:, -1:], mask[:, -1:])
-    return model.apply({"params": params}, *args, cache=cache), decode.one_token_step(cfg, params, *args, cache)
+  def three(params):
+    run = lambda a, b, cache: model.apply({"params": params}, toks[:, a:b], pos[:, a:b], mask[:, a:b], cache=cache)
+    p = toks.shape[1]
+    _, cache = run(0, p - 1, init_cache(cfg, 3, 10))
+    return run(p - 1, p, cache), run(0, p, init_cache(cfg, 3, 10)), run(0, p, None)
 
-  (want, want_cache), (got, got_cache) = both(random_params(cfg, seed=1))
-  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
-  for a, b in zip(jax.tree.leaves(got_cache), jax.tree.leaves(want_cache)):
-    np.testing.assert_allclose(a, b, atol=1e-6)
+  (got, got_cache), (_, prefill_cache), full = three(random_params(cfg, seed=1))
+  np.testing.assert_allclose(got[:, 0], full[:, -1], atol=1e-5, rtol=1e-5)
+  np.testing.assert_array_equal(got_cache["segments"], prefill_cache["segments"])
+  assert int(got_cache["index"]) == int(prefill_cache["index"]) == toks.shape[1]
+  real = np.asarray(prefill_cache["segments"] != 0)[:, None, :, None]  # [b, 1, T, 1]: padding is never read
+  for a, b in zip(jax.tree.leaves(got_cache["layers"]), jax.tree.leaves(prefill_cache["layers"])):
+    np.testing.assert_allclose(np.where(real, a, 0), np.where(real, b, 0), atol=1e-5)
+
+
+def test_scanned_layers_decode_like_unrolled_ones(tiny):
+  cfg, _, params = tiny
+  scfg = ModelConfig.from_config(dict(models.tiny(), scan_layers=True))
+  stacked = {k: v for k, v in params.items() if not k.startswith("layer_")}
+  stacked["layers"] = {"block": jax.tree.map(lambda *xs: jnp.stack(xs),
+                                             *[params[f"layer_{i}"] for i in range(cfg.n_layers)])}
+  toks, mask = decode.left_pad(prompts(cfg, [5, 9, 1], seed=4))
+  want = decode.generate(params, cfg, toks, mask, jax.random.key(3), **SAMPLED)
+  got = decode.generate(stacked, scfg, toks, mask, jax.random.key(3), **SAMPLED)
+  np.testing.assert_array_equal(got.tokens, want.tokens)
+  np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-5)
+  _, _, want_raw, _ = decode.beam_generate(params, cfg, toks, mask, width=2, max_new_tokens=4)
+  _, _, got_raw, _ = decode.beam_generate(stacked, scfg, toks, mask, width=2, max_new_tokens=4)
+  np.testing.assert_allclose(got_raw, want_raw, atol=1e-4)

@@ -187,16 +187,59 @@ def test_parameter_count_matches_tree():
     assert sum(x.size for x in jax.tree.leaves(nn.meta.unbox(shapes))) == cfg.num_params()
 
 
-def test_attention_auto_picks_cudnn_only_on_gpu_in_half_precision(monkeypatch):
+def test_attention_auto_picks_cudnn_only_on_gpu_in_half_precision():
   from model import attention
-  monkeypatch.setattr(attention.jax, "default_backend", lambda: "cpu")
-  assert attention.attention_impl("auto", jnp.bfloat16, 64) == "xla"
-  monkeypatch.setattr(attention.jax, "default_backend", lambda: "gpu")
-  assert attention.attention_impl("auto", jnp.bfloat16, 128) == "cudnn"
-  assert attention.attention_impl("auto", jnp.float16, 64) == "cudnn"
-  assert attention.attention_impl("auto", jnp.float32, 64) == "xla"    # cuDNN has no fp32 kernel
-  assert attention.attention_impl("auto", jnp.bfloat16, 256) == "xla"  # head_dim over 128
-  assert attention.attention_impl("xla", jnp.bfloat16, 64) == "xla"    # an explicit choice stays
+  assert attention.attention_impl("auto", jnp.bfloat16, 64, "cpu") == "xla"
+  assert attention.attention_impl("auto", jnp.bfloat16, 64, None) == "xla"     # no mesh: lowers anywhere
+  assert attention.attention_impl("auto", jnp.bfloat16, 128, "gpu") == "cudnn"
+  assert attention.attention_impl("auto", jnp.float16, 64, "gpu") == "cudnn"
+  assert attention.attention_impl("auto", jnp.float32, 64, "gpu") == "xla"    # cuDNN has no fp32 kernel
+  assert attention.attention_impl("auto", jnp.bfloat16, 256, "gpu") == "xla"  # head_dim over 128
+  assert attention.attention_impl("auto", jnp.bfloat16, 64, "tpu") == "xla"
+  assert attention.attention_impl("xla", jnp.bfloat16, 64, "gpu") == "xla"    # an explicit choice stays
+
+
+def test_mesh_platform_is_that_of_the_devices_being_compiled_for():
+  from model import sharding
+  seen = []
+  record = lambda x: seen.append(sharding.mesh_platform()) or x
+  with sharding.use_mesh(sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])):
+    jax.make_jaxpr(record)(1.0)
+  jax.make_jaxpr(record)(1.0)
+  assert seen == ["cpu", None]
+
+
+def count_dots(f, *args, platform: str) -> int:
+  """dot_general ops in f's program lowered for `platform` (on this host, whatever it is)."""
+  text = jax.jit(f).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+  return text.count("stablehlo.dot_general")
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_cpu_kernels_are_chosen_when_lowering_not_by_the_host(platform):
+  """The blocked LM head, RoPE's identity matmul and the matrix-vector row sums are what a program
+  lowered for the CPU gets; the same train step and sampler lowered on this CPU host for a GPU or
+  TPU (ahead of time, as for a TPU topology) get one LM-head dot, cos/sin as computed and a plain
+  sum. The model code never asks which backend the host has."""
+  from model import lm_head, sampling
+  cfg, model, params, _ = make(vocab_size=2500)            # 3 vocabulary blocks on CPU
+  tokens = jnp.zeros((2, 128), jnp.int32)                  # 256 rows: the blocked head applies
+
+  def step(params, tokens):
+    loss = lambda p: jnp.mean(jax.nn.log_softmax(model.apply({"params": p}, tokens))[..., 0])
+    grads = jax.grad(loss)(params)
+    return sampling.row_sums(model.apply({"params": params}, tokens[:, :1])[:, 0]), grads
+
+  blocks = len(lm_head._blocks(cfg.vocab_size))
+  # RoPE: 1 per forward pass (2); row sums: 1; LM head: blocks - 1 more in the forward and in the weight
+  # gradient of the 256-row pass (the 2-row one is a plain dot on every platform)
+  extra = 2 + 1 + 2 * (blocks - 1)
+  cpu_dots = count_dots(step, params, tokens, platform="cpu")
+  assert cpu_dots - count_dots(step, params, tokens, platform=platform) == extra
+  # and the CPU program runs: blocked and plain give the same numbers
+  got, _ = jax.jit(step)(params, tokens)
+  want = jnp.sum(model.apply({"params": params}, tokens[:, :1])[:, 0], -1, keepdims=True)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("tied", [False, True])

@@ -10,7 +10,7 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from train import distributed
+from train import cpu_tuning, distributed
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/pretrain_tiny.py[:arg].",
                                           lock_config=True)
@@ -26,6 +26,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it renames at INFO
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  cpu_tuning.apply()
   import jax
   # Reruns and resumes skip compilation: compiled programs are cached on disk.
   jax.config.update("jax_compilation_cache_dir", os.environ.get(

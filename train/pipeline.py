@@ -24,7 +24,7 @@ from ml_collections import config_flags
 from eval import report, suite
 from rl import loop as rl_loop
 from rl.algorithms import ALGORITHMS as RL_ALGORITHMS
-from train import loop, rundir
+from train import cpu_tuning, loop, rundir
 from train.validate import validate
 
 STAGE_REFS = ("init_from", "rl.reward_model", "rl.value_init_from")  # keys that may say "@stage"
@@ -148,6 +148,7 @@ def run_pipeline(config, workdir: str) -> dict:
 
 def main(argv):
   del argv
+  cpu_tuning.apply()
   logging.set_verbosity(logging.WARNING)
   jax.config.update("jax_compilation_cache_dir", os.environ.get(
       "JAX_COMPILATION_CACHE_DIR", os.path.expanduser("~/.cache/kiln/jax")))
