@@ -189,7 +189,7 @@ class Attention(nn.Module):
   mask [batch, 1, 1, t, s]: `attention_mask` (training, s = t) or `cache_mask` (decoding, s = T).
   `cache` (decoding only) is this layer's k, v [batch, kv_heads, T, head_dim] plus `index`, the
   slot of the first new token. Returns (output [batch, t, d], updated {k, v} or None)."""
-  cfg: "ModelConfig"
+  cfg: "ModelConfig"  # noqa: F821 (model/transformer.py, which imports this module)
 
   @nn.compact
   def __call__(self, x, cos_sin, mask, cache=None):

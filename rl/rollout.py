@@ -83,7 +83,8 @@ def bucket(lengths, max_new_tokens: int) -> int:
 def put(x, mesh, sharded: bool = True):
   """A host array (the same on every process) -> a global array, rows over the data axes or replicated."""
   x = np.asarray(x)
-  sh = sharding.batch_sharding(mesh, x.ndim) if sharded else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  sh = sharding.batch_sharding(mesh, x.ndim) if sharded else replicated
   return jax.make_array_from_callback(x.shape, sh, lambda idx: x[idx])
 
 
