@@ -34,7 +34,7 @@ from configs import base, tools
 from model import convert, hf_config, lora, sharding
 from model.tokenizer import Tokenizer
 from model.transformer import ModelConfig, Transformer
-from train import data
+from train import cpu_tuning, data
 from train import params as params_lib
 
 HF_PREFIX = "hf:"  # init_from="hf:/path/to/dir": a Hugging Face checkpoint directory
@@ -312,4 +312,5 @@ if __name__ == "__main__":
   flags.DEFINE_string("workdir", None, "The Kiln run directory to import into or export from.")
   config_flags.DEFINE_config_dict("config", tools.convert(), "Options: configs/tools.py convert().")
   flags.mark_flags_as_required(["workdir"])
+  cpu_tuning.apply()
   app.run(main)
