@@ -10,12 +10,10 @@ SFT run's, as in the pipeline), else of the run's own.
 """
 import json
 
-from absl import app, flags
-from ml_collections import config_flags
 
 from configs import tools
 from eval import report, suite
-from train import cpu_tuning, rundir
+from train import cli, rundir
 
 
 def evaluate(workdir: str, config) -> dict:
@@ -28,15 +26,10 @@ def evaluate(workdir: str, config) -> dict:
   return row
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  evaluate(flags.FLAGS.workdir, flags.FLAGS.config)
+def main():
+  """`python -m eval --workdir DIR [--config.KEY=VALUE ...]`."""
+  cli.run_on_workdir(evaluate, tools.evaluate(), "The run to evaluate.")
 
 
 if __name__ == "__main__":
-  flags.DEFINE_string("workdir", None, "The run to evaluate.")
-  config_flags.DEFINE_config_dict("config", tools.evaluate(), "Options: configs/tools.py evaluate().")
-  flags.mark_flags_as_required(["workdir"])
-  cpu_tuning.apply()
-  app.run(main)
+  main()

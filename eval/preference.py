@@ -10,15 +10,13 @@ accuracy and the mean margin (r_w - r_l, or beta * Delta) with the other metrics
 """
 import functools
 
-from absl import app, flags
 import jax
-from ml_collections import config_flags
 
 from configs import tools
 
 from model import sharding
 from model.transformer import ModelConfig, Transformer
-from train import cpu_tuning, data, loop, objectives, pairs, rundir
+from train import cli, data, loop, objectives, pairs, rundir
 from train.params import abstract_params
 
 
@@ -47,10 +45,8 @@ def evaluate_pairs(workdir: str, data_path: str = "", step=None) -> dict:
           "margin": metrics["eval/rewards/margin"], **metrics}
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  workdir, a = flags.FLAGS.workdir, flags.FLAGS.config
+def print_pair_accuracy(workdir: str, a) -> dict:
+  """Prints (and returns) evaluate_pairs of configs/tools.py `preference()` options `a`."""
   out = evaluate_pairs(workdir, a.data, None if a.step < 0 else a.step)
   source = a.data or "the held-out pairs"
   print(f"{workdir} step {out['step']}: {out['pairs']} pairs from {source}: "
@@ -59,9 +55,10 @@ def main(argv):
   return out
 
 
+def main():
+  """`python -m eval.preference --workdir DIR [--config.KEY=VALUE ...]`."""
+  cli.run_on_workdir(print_pair_accuracy, tools.preference(), "A reward_model or dpo run.")
+
+
 if __name__ == "__main__":
-  flags.DEFINE_string("workdir", None, "A reward_model or dpo run.")
-  config_flags.DEFINE_config_dict("config", tools.preference(), "Options: configs/tools.py preference().")
-  flags.mark_flags_as_required(["workdir"])
-  cpu_tuning.apply()
-  app.run(main)
+  main()

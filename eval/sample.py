@@ -9,15 +9,14 @@ Rebuilds the model and tokenizer from DIR/config.json, restores the params shard
 mesh (or a data-parallel mesh of the local devices if that one does not fit), and samples with
 `model.decode.generate_text`. config.temperature 0 is greedy; config.beam K prints beam search instead.
 """
-from absl import app, flags, logging
+from absl import logging
 import jax
-from ml_collections import config_flags
 import numpy as np
 
 from configs import tools
 from model import decode, sharding
 from model.tokenizer import apply_chat_template, stop_id
-from train import cpu_tuning, rundir
+from train import cli, rundir
 
 
 def load(workdir: str, step=None) -> rundir.LoadedRun:
@@ -71,15 +70,10 @@ def print_samples(workdir: str, a) -> None:
       print(f"--- {p!r} sample {i}\n{text}")
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  print_samples(flags.FLAGS.workdir, flags.FLAGS.config)
+def main():
+  """`python -m eval.sample --workdir DIR [--config.KEY=VALUE ...]`."""
+  cli.run_on_workdir(print_samples, tools.sample(), "The run to sample from.")
 
 
 if __name__ == "__main__":
-  flags.DEFINE_string("workdir", None, "The run to sample from.")
-  config_flags.DEFINE_config_dict("config", tools.sample(), "Options: configs/tools.py sample().")
-  flags.mark_flags_as_required(["workdir"])
-  cpu_tuning.apply()
-  app.run(main)
+  main()

@@ -11,13 +11,11 @@ their corpus used.
 """
 import json
 
-from absl import app, flags
-from ml_collections import config_flags
 
 from configs import tools
 from model import sharding
 from rl.accuracy import evaluate_problems
-from train import corpus, cpu_tuning, rundir
+from train import cli, corpus, rundir
 
 TASKS = {"arith": corpus.heldout_problems}
 
@@ -46,15 +44,10 @@ def evaluate_task(workdir: str, config) -> dict:
   return out
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  evaluate_task(flags.FLAGS.workdir, flags.FLAGS.config)
+def main():
+  """`python -m eval.tasks --workdir DIR [--config.KEY=VALUE ...]`."""
+  cli.run_on_workdir(evaluate_task, tools.tasks(), "The run to ask.")
 
 
 if __name__ == "__main__":
-  flags.DEFINE_string("workdir", None, "The run to ask.")
-  config_flags.DEFINE_config_dict("config", tools.tasks(), "Options: configs/tools.py tasks().")
-  flags.mark_flags_as_required(["workdir"])
-  cpu_tuning.apply()
-  app.run(main)
+  main()

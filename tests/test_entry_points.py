@@ -15,7 +15,8 @@ def test_entry_points_import_together_without_defining_flags():
   before = set(flags.FLAGS)
   modules = [importlib.import_module(name) for name in ENTRY_POINTS if name != "train.__main__"]
   assert all(callable(m.main) for m in modules)
-  assert set(flags.FLAGS) - before == set()
+  defined = set(flags.FLAGS) - before  # libraries (absl, grain) define flags of their own at import
+  assert not defined & {"workdir", "config", "coordinator", "num_processes", "process_id"}, defined
 
 
 def test_an_unknown_option_names_the_key(tmp_path):

@@ -21,20 +21,18 @@ import os
 import shutil
 from typing import Any
 
-from absl import app, flags
 from etils import epath
 import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 import ml_collections
-from ml_collections import config_flags
 import orbax.checkpoint as ocp
 
 from configs import base, tools
 from model import convert, hf_config, lora, sharding
 from model.tokenizer import Tokenizer
 from model.transformer import ModelConfig, Transformer
-from train import cpu_tuning, data
+from train import cli, data
 from train import params as params_lib
 
 HF_PREFIX = "hf:"  # init_from="hf:/path/to/dir": a Hugging Face checkpoint directory
@@ -302,15 +300,10 @@ def convert_hf(workdir: str, config) -> None:
     print(f"wrote {config.export_hf}: config.json, {convert.INDEX}, {len(files)} safetensors shard(s)")
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  convert_hf(flags.FLAGS.workdir, flags.FLAGS.config)
+def main():
+  """`python -m train.rundir --workdir DIR [--config.KEY=VALUE ...]`."""
+  cli.run_on_workdir(convert_hf, tools.convert(), "The Kiln run directory to import into or export from.")
 
 
 if __name__ == "__main__":
-  flags.DEFINE_string("workdir", None, "The Kiln run directory to import into or export from.")
-  config_flags.DEFINE_config_dict("config", tools.convert(), "Options: configs/tools.py convert().")
-  flags.mark_flags_as_required(["workdir"])
-  cpu_tuning.apply()
-  app.run(main)
+  main()
