@@ -254,6 +254,8 @@ def test_reward_model_learns_the_builtin_preferences(make, tmp_path, capsys):
   assert out["eval/rewards/accuracy"] >= 0.65   # measured 0.81; 0.75 = tags right, numbers at chance
   ckpt = os.path.join(workdir, "checkpoints")
   assert "reward_head" in rundir.stored_keys(ckpt, rundir.latest_step(workdir))
+  rel = os.path.relpath(workdir)  # a relative init_from (PPO reads the reward head from one)
+  assert "reward_head" in rundir.stored_keys(rundir.checkpoint_dir(rel), rundir.latest_step(rel))
   mesh = sharding.make_mesh(c.mesh)   # the policy part alone reads back too (the head is skipped)
   abs_p, p_sh, _, _ = abstract_params(Transformer(ModelConfig.from_config(c.model)), 8, mesh)
   assert set(rundir.restore_params(workdir, abs_p, p_sh)[0]) == set(abs_p)

@@ -87,9 +87,10 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_params, param_shard
 
 
 def checkpoint_dir(path: str) -> str:
-  """`path` may be a run's workdir or its checkpoints/ folder."""
+  """The absolute checkpoints/ folder of `path`, a run's workdir or that folder itself (orbax reads
+  absolute paths only: a relative `init_from` of a PPO stage failed reading the reward head)."""
   sub = os.path.join(path, "checkpoints")
-  return sub if os.path.isdir(sub) else path
+  return os.path.abspath(sub if os.path.isdir(sub) else path)
 
 
 def latest_step(path: str):
