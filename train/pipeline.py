@@ -148,8 +148,8 @@ def run_pipeline(config, workdir: str) -> dict:
 
 def main(argv):
   del argv
-  cpu_tuning.apply()
   logging.set_verbosity(logging.WARNING)
+  cpu_tuning.apply()
   jax.config.update("jax_compilation_cache_dir", os.environ.get(
       "JAX_COMPILATION_CACHE_DIR", os.path.expanduser("~/.cache/kiln/jax")))
   run_pipeline(flags.FLAGS.config, flags.FLAGS.workdir)
