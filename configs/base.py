@@ -34,7 +34,7 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def rl_config() -> ml_collections.ConfigDict:
-  """A stage config of the online RL loop (objective grpo | ppo): the base keys plus `config.rl`."""
+  """A stage config of the online RL loop (objective grpo | rloo | gspo | ppo): the base keys plus `config.rl`."""
   c = base_config()
   c.rl = sections.rl()
   return c

@@ -95,7 +95,7 @@ def tokenizer() -> ml_collections.ConfigDict:
 
 
 def rl() -> ml_collections.ConfigDict:
-  """The online RL stages (objective grpo | ppo; rl/config.py checks it).
+  """The online RL stages (objective grpo | rloo | gspo | ppo; rl/config.py checks it).
 
   Units: `config.steps` counts iterations (one rollout, then `num_iterations` passes of
   `num_minibatches` optimizer updates over it); `config.batch_size` counts completions per

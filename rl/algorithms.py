@@ -17,11 +17,14 @@ A record says what differs (docs/algorithms.md):
   sampling time), and rl.value_model says where V lives: a head on the policy or a separate critic;
 - `min_generations`: completions per prompt its advantages need.
 
-GRPO's family is one record: rl.estimator=rloo (RLOO), rl.ratio_level=sequence (GSPO),
-rl.eps_high=0.28 (DAPO's clip-higher), rl.loss_agg=token_mean | dr_grpo (DAPO, Dr. GRPO), rl.scale.
+GRPO's family: the records grpo, rloo (leave-one-out baseline) and gspo (sequence-level ratio);
+DAPO's clip-higher (rl.eps_high=0.28) and the aggregations of DAPO and Dr. GRPO (rl.loss_agg=
+token_mean | dr_grpo), rl.scale, and the same choices as keys (rl.estimator, rl.ratio_level) apply
+to each.
 Adding an algorithm = adding a record to ALGORITHMS.
 """
 import dataclasses
+import functools
 from typing import Callable
 
 import jax.numpy as jnp
@@ -60,23 +63,25 @@ def rollout_kl(batch, kind: str):
 # ----------------------------------------------------------------------------- GRPO family
 
 
-def grpo_advantages(config, scores, batch, beta) -> dict:
-  """{"advantages": A_i [r]}: group-relative; with the KL in the reward, scores first lose
-  beta * sum_t kl_t."""
+def grpo_advantages(config, scores, batch, beta, estimator: str = "") -> dict:
+  """{"advantages": A_i [r]}: group-relative (estimator, default rl.estimator: "grpo" or "rloo");
+  with the KL in the reward, scores first lose beta * sum_t kl_t."""
   r = config.rl
   token_kl = rollout_kl(batch, r.kl_estimator)
   if kl_placement(config) == "in_reward" and token_kl is not None:
     scores = scores - beta * jnp.sum(token_kl, -1)
-  return {"advantages": grpo.group_advantages(scores, r.num_generations, r.scale or None, r.estimator)}
+  return {"advantages": grpo.group_advantages(scores, r.num_generations, r.scale or None,
+                                                 estimator or r.estimator)}
 
 
-def grpo_loss(config, logp, old_logp, values, batch, entropy):
-  """The clipped per-token surrogate (token or sequence ratio), and -ent_coef * entropy."""
+def grpo_loss(config, logp, old_logp, values, batch, entropy, ratio_level: str = ""):
+  """The clipped per-token surrogate, and -ent_coef * entropy. ratio_level (default
+  rl.ratio_level): "token" (GRPO) or "sequence" (GSPO: one length-normalised ratio per completion)."""
   del values
   r = config.rl
   per_token, metrics = grpo.grpo_token_loss(logp, old_logp, None, batch["advantages"],
                                             batch["mask"].astype(jnp.float32), eps_low=r.eps_low,
-                                            eps_high=r.eps_high, ratio_level=r.ratio_level)
+                                            eps_high=r.eps_high, ratio_level=ratio_level or r.ratio_level)
   return per_token, -r.ent_coef * entropy, metrics
 
 
@@ -113,9 +118,19 @@ def ppo_loss(config, logp, old_logp, values, batch, entropy):
 # ----------------------------------------------------------------------------- registry
 
 
+def _rl_loss_agg(config) -> str:
+  return config.rl.loss_agg
+
+
 ALGORITHMS = {
-    "grpo": Algorithm("grpo", grpo_advantages, grpo_loss, aggregation=lambda config: config.rl.loss_agg,
+    "grpo": Algorithm("grpo", grpo_advantages, grpo_loss, _rl_loss_agg, kl_placement="in_loss",
+                      min_generations=2),
+    # GRPO with a leave-one-out baseline and no std scaling (unless rl.scale says)
+    "rloo": Algorithm("rloo", functools.partial(grpo_advantages, estimator="rloo"), grpo_loss, _rl_loss_agg,
                       kl_placement="in_loss", min_generations=2),
+    # GRPO with one sequence-level importance ratio per completion
+    "gspo": Algorithm("gspo", grpo_advantages, functools.partial(grpo_loss, ratio_level="sequence"),
+                      _rl_loss_agg, kl_placement="in_loss", min_generations=2),
     "ppo": Algorithm("ppo", ppo_advantages, ppo_loss, aggregation=lambda config: "token_mean",
                      kl_placement="in_reward", uses_values=True),
 }

@@ -1,4 +1,4 @@
-"""Checks and derived values of `config.rl`, the online RL stages (objective grpo | ppo); its keys
+"""Checks and derived values of `config.rl`, the online RL stages (objective grpo | rloo | gspo | ppo); its keys
 and defaults are `configs/sections.py` `rl()`.
 
 Units: `config.steps` counts iterations (one rollout, then `num_iterations` passes of

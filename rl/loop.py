@@ -1,4 +1,4 @@
-"""The online RL trainer (config.objective: an algorithm of rl/algorithms.py, grpo | ppo).
+"""The online RL trainer (config.objective: an algorithm of rl/algorithms.py: grpo, rloo, gspo, ppo).
 
 One iteration: take the prompts of the iteration (rl/prompts.py), sample G completions each
 (rl/rollout.py over model/decode.py), score them (reward functions and/or a reward model, minus a

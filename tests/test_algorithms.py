@@ -24,13 +24,16 @@ GRPO_VARIANTS = {
 
 
 def test_registry_holds_every_algorithm():
-  assert sorted(algorithms.ALGORITHMS) == ["grpo", "ppo"]
+  assert sorted(algorithms.ALGORITHMS) == ["grpo", "gspo", "ppo", "rloo"]
   for name, algo in algorithms.ALGORITHMS.items():
     assert algo.name == name and algorithms.get(name) is algo
   grpo, ppo = algorithms.get("grpo"), algorithms.get("ppo")
   assert (grpo.kl_placement, ppo.kl_placement) == ("in_loss", "in_reward")
   assert not grpo.uses_values and ppo.uses_values
   assert (grpo.min_generations, ppo.min_generations) == (2, 1)
+  for name in ("rloo", "gspo"):
+    algo = algorithms.get(name)
+    assert (algo.kl_placement, algo.uses_values, algo.min_generations) == ("in_loss", False, 2)
   c = ppo_arith.get_config()
   assert algorithms.kl_placement(c) == "in_reward" and algorithms.value_model(c) == c.rl.value_model
   c.rl.kl_placement = "in_loss"
@@ -39,7 +42,7 @@ def test_registry_holds_every_algorithm():
 
 
 def test_unknown_objective_names_the_known_ones():
-  known = r"the online algorithms are \['grpo', 'ppo'\]"
+  known = r"the online algorithms are \['grpo', 'gspo', 'ppo', 'rloo'\]"
   with pytest.raises(ValueError, match=r"config.objective='reinforce': " + known):
     algorithms.get("reinforce")
   c = grpo_arith.get_config()
@@ -59,7 +62,8 @@ def test_grpo_family_configs_are_valid(variant):
 
 
 def _config(objective, overrides):
-  c = (grpo_arith if objective == "grpo" else ppo_arith).get_config()
+  c = (ppo_arith if objective == "ppo" else grpo_arith).get_config()
+  c.objective = objective
   c.batch_size, c.rl.num_generations, c.rl.max_new_tokens = N * G, G, T + 2
   c.rl.beta = BETA
   for k, v in overrides.items():
@@ -145,6 +149,25 @@ def test_grpo_family_loss_matches_numpy(variant):
   np.testing.assert_allclose(loss, _np_grpo_loss(c.rl, x), rtol=1e-5, atol=1e-6)
   kl = _np_masked_mean(_np_k("k3", x["logp"].astype(np.float64), x["ref"]), x["mask"])
   np.testing.assert_allclose(metrics["kl"], kl, rtol=1e-5)
+
+
+# The records of GRPO's family besides grpo, and the rl.* keys they fix (the references read them).
+RECORD_KEYS = {"rloo": {"estimator": "rloo"}, "gspo": {"ratio_level": "sequence"}}
+
+
+@pytest.mark.parametrize("objective", sorted(RECORD_KEYS))
+def test_rloo_and_gspo_records_match_numpy(objective):
+  c = _config(objective, {"scale": "batch"} if objective == "gspo" else {})
+  c.init_from = "x"
+  rl_config.check(c)
+  x = _inputs(3)
+  batch, loss, _ = _update_loss(c, x, {})
+  r = _config("grpo", {**RECORD_KEYS[objective], **({"scale": "batch"} if objective == "gspo" else {})}).rl
+  np.testing.assert_allclose(batch["advantages"], _np_group_advantages(x["scores"].astype(np.float64), r),
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(loss, _np_grpo_loss(r, x), rtol=1e-5, atol=1e-6)
+  plain, plain_loss, _ = _update_loss(_config("grpo", {}), x, {})  # and it is not plain GRPO
+  assert not np.allclose(loss, plain_loss) or not np.allclose(batch["advantages"], plain["advantages"])
 
 
 def _np_gae(rewards, values, mask, gamma, lam):

@@ -6,7 +6,7 @@ A stage whose checkpoint already reached its `steps` is skipped and an unfinishe
 so rerunning after an interruption continues where it stopped. Stage configs are sections of
 the pipeline config (`--config.sft.steps=200` overrides one); a value "@name" of `init_from`,
 `rl.reward_model` or `rl.value_init_from` means the workdir of the earlier stage called name.
-Online algorithms (rl/algorithms.py: grpo, ppo) run in the online loop (rl/loop.py), the others in
+Online algorithms (rl/algorithms.py: grpo, rloo, gspo, ppo) run in the online loop (rl/loop.py), the others in
 train/loop.py. Then every stage is evaluated (eval/suite.py) against `eval.reference` with
 `eval.reward_model` as the judge, and runs/.../report.md, report.json and the plots are written (eval/report.py).
 
