@@ -2,9 +2,11 @@
 (ml_collections config_flags). Flags are defined only when a module runs as a program, so the
 modules import together (the pipeline imports the evaluation modules)."""
 import importlib
+import os
 import sys
 
 from tests import _cli
+from train import rundir
 
 ENTRY_POINTS = ("train.__main__", "train.pipeline", "train.rundir", "eval.__main__", "eval.sample",
                 "eval.tasks", "eval.preference")
@@ -24,3 +26,18 @@ def test_an_unknown_option_names_the_key(tmp_path):
                  timeout=300)
   assert out.returncode != 0
   assert "tempreature" in out.stderr
+
+
+def test_a_second_run_in_a_busy_workdir_stops_in_one_line(tmp_path, data_cache):
+  """While a process trains in a workdir (here: this one, holding its lock), `python -m train` there
+  stops before writing anything, with one line naming the holder; once released, it runs."""
+  workdir = str(tmp_path / "run")
+  cmd = _cli.command(workdir, data_cache, "--config.steps=2", "--config.checkpoint_every=2")
+  with rundir.locked(workdir):
+    out = _cli.run(cmd, timeout=300)
+  assert out.returncode != 0
+  assert f"pid {os.getpid()}" in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
+  assert not os.path.exists(os.path.join(workdir, "config.json"))
+  out = _cli.run(cmd, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "finished at step 2" in out.stdout

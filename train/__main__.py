@@ -6,6 +6,7 @@ Rerunning the same command resumes from the latest checkpoint in DIR. The stage 
 (train/loop.py, or rl/loop.py for grpo / ppo) through train/pipeline.py `run_stage`.
 """
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -32,8 +33,11 @@ def main(argv):
   jax.config.update("jax_compilation_cache_dir", os.environ.get(
       "JAX_COMPILATION_CACHE_DIR", os.path.expanduser("~/.cache/kiln/jax")))
   # After distributed init: importing the trainers (JAX backends) must come second.
-  from train import pipeline
-  metrics = pipeline.run_stage(_CONFIG.value, _WORKDIR.value)
+  from train import pipeline, rundir
+  try:
+    metrics = pipeline.run_stage(_CONFIG.value, _WORKDIR.value)
+  except rundir.WorkdirInUse as e:  # one line, not a traceback: nothing went wrong in this run
+    sys.exit(f"error: {e}")
   printable = {k: round(v, 4) for k, v in metrics.items() if k.startswith("eval/")}
   print(f"finished at step {metrics.get('step')}: {printable}")
 

@@ -87,10 +87,11 @@ def check(config, workdir: str) -> dict:
 
 def run_stage(cfg, stage_dir: str) -> dict:
   """One stage in its loop: the online loop for the algorithms of rl/algorithms.py, the offline
-  trainer for the rest."""
-  if cfg.objective in RL_ALGORITHMS:
-    return rl_loop.train(cfg, stage_dir)
-  return loop.train(cfg, stage_dir)
+  trainer for the rest; the stage's directory is locked while it runs (train/rundir.py `locked`)."""
+  with rundir.locked(stage_dir):
+    if cfg.objective in RL_ALGORITHMS:
+      return rl_loop.train(cfg, stage_dir)
+    return loop.train(cfg, stage_dir)
 
 
 def run_stages(resolved: dict, workdir: str) -> dict:

@@ -6,6 +6,7 @@
     DIR/config.json          the run's full config (the template of its evaluation)
     DIR/hf_config.json       the Hugging Face config.json the run descends from, if any
     DIR/tokenizer/           tokenizer files copied from a Hugging Face directory, if any
+    DIR/.lock                held by the process training in DIR (`locked`): one run per directory
 
 `init_from` reads only `params` of another run, so any stage can start from any earlier stage
 whatever optimizer it used; "hf:DIR" reads a Hugging Face directory instead. Import and export of
@@ -14,11 +15,14 @@ Hugging Face checkpoints (the tensor mapping is model/convert.py):
     python -m train.rundir --workdir WORKDIR --config.import_hf=HF_DIR  # -> a run dir init_from reads
     python -m train.rundir --workdir WORKDIR --config.export_hf=HF_DIR  # latest params (LoRA merged)
 """
+import contextlib
 import dataclasses
+import fcntl
 import json
 import logging
 import os
 import shutil
+import socket
 from typing import Any
 
 from etils import epath
@@ -38,6 +42,7 @@ from train import params as params_lib
 HF_PREFIX = "hf:"  # init_from="hf:/path/to/dir": a Hugging Face checkpoint directory
 CONFIG = "config.json"
 HF_CONFIG = "hf_config.json"
+LOCK = ".lock"
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
 
 
@@ -56,6 +61,38 @@ def absolute(path: str) -> str:
   if path.startswith(HF_PREFIX):
     return HF_PREFIX + os.path.abspath(os.path.expanduser(path[len(HF_PREFIX):]))
   return os.path.abspath(path)
+
+
+class WorkdirInUse(RuntimeError):
+  """Another process is training in this run directory."""
+
+
+@contextlib.contextmanager
+def locked(workdir: str):
+  """Holds DIR/.lock (an flock) while the block runs: a second process that trains in the same
+  directory stops at once with WorkdirInUse naming the holder's host and pid, before it writes
+  anything. The kernel drops the lock when its holder exits, however it exits (kill -9 included).
+  Only process 0 of a multi-process run takes it (they share the directory)."""
+  if jax.process_index() != 0:
+    yield
+    return
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, LOCK), "a+") as f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      f.seek(0)
+      holder = f.read().strip() or "another process"
+      raise WorkdirInUse(f"{os.path.abspath(workdir)} is in use by {holder}: one run per workdir "
+                         f"(wait for it, stop it, or pick another --workdir)") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"host {socket.gethostname()} pid {os.getpid()}\n")
+    f.flush()
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def manager(workdir: str, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
