@@ -3,6 +3,7 @@
 Any layer raises it (configs is the one module every layer may import). Entry points print it as
 one line, plus its hint, and exit with code 2, with no traceback unless asked for one.
 """
+import difflib
 
 
 class UserError(ValueError):
@@ -14,3 +15,16 @@ class UserError(ValueError):
   def __init__(self, message: str, hint: str = ""):
     super().__init__(message)
     self.hint = hint
+
+
+def closest(name: str, choices) -> str:
+  """The choice spelled most like `name` ("" if none is close): the "did you mean" of an error."""
+  found = difflib.get_close_matches(name, [str(c) for c in choices], n=1, cutoff=0.6)
+  return found[0] if found else ""
+
+
+def unknown(what: str, name: str, choices, prefix: str = "", noun: str = "key") -> UserError:
+  """`WHAT: no such NOUN (did you mean PREFIXclosest?)`, with the valid choices as its hint."""
+  near = closest(name, choices)
+  guess = f" (did you mean {prefix}{near}?)" if near else ""
+  return UserError(f"{what}: no such {noun}{guess}", hint=f"known: {', '.join(sorted(map(str, choices)))}")

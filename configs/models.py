@@ -6,6 +6,8 @@ tied embeddings).
 """
 import ml_collections
 
+from configs.errors import UserError
+
 
 def _base(**kw) -> ml_collections.ConfigDict:
   cfg = dict(
@@ -77,5 +79,5 @@ PRESETS = dict(tiny=tiny, demo=demo, small=small, medium=medium, llama3_1b=llama
 def get(name: str) -> ml_collections.ConfigDict:
   """Returns the preset called `name`; the error lists the known ones."""
   if name not in PRESETS:
-    raise ValueError(f"config.model: unknown preset {name!r}; known: {sorted(PRESETS)}")
+    raise UserError(f"config.model: unknown preset {name!r}; known: {sorted(PRESETS)}")
   return PRESETS[name]()

@@ -13,6 +13,7 @@ import functools
 import jax
 
 from configs import tools
+from configs.errors import UserError
 
 from model import sharding
 from model.transformer import ModelConfig, Transformer
@@ -25,7 +26,7 @@ def evaluate_pairs(workdir: str, data_path: str = "", step=None) -> dict:
   config = rundir.load_config(workdir)
   objective = objectives.get(config.objective)
   if objective.packed:
-    raise ValueError(f"{workdir} is a {config.objective!r} run: eval.preference needs reward_model or dpo")
+    raise UserError(f"{workdir} is a {config.objective!r} run: eval.preference needs reward_model or dpo")
   mesh = sharding.make_mesh(config.mesh)
   tok = data.load_or_train_tokenizer(config)
   model = Transformer(ModelConfig.from_config(config.model))

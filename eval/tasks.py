@@ -13,6 +13,7 @@ import json
 
 
 from configs import tools
+from configs.errors import UserError
 from model import sharding
 from rl.accuracy import evaluate_problems
 from train import cli, corpus, rundir
@@ -24,9 +25,9 @@ def evaluate_task(workdir: str, config) -> dict:
   """Asks `workdir`'s latest checkpoint config.num problems of config.task; prints and returns the
   numbers (configs/tools.py `tasks()`)."""
   if config.task not in TASKS:
-    raise ValueError(f"config.task={config.task!r}: use one of {' | '.join(sorted(TASKS))}")
+    raise UserError(f"config.task={config.task!r}: use one of {' | '.join(sorted(TASKS))}")
   if config.chat not in ("auto", "yes", "no"):
-    raise ValueError(f"config.chat={config.chat!r}: use auto | yes | no")
+    raise UserError(f"config.chat={config.chat!r}: use auto | yes | no")
   run = rundir.load_run(workdir)
   chat = run.config.objective != "pretrain" if config.chat == "auto" else config.chat == "yes"
   with sharding.use_mesh(run.mesh):

@@ -8,6 +8,8 @@ Kiln attends to the whole context, which is exact up to that many positions.
 import json
 import os
 
+from configs.errors import UserError
+
 FAMILIES = ("llama", "mistral", "qwen2")
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 # config.model keys that fix the shape of the params or the function they compute.
@@ -20,7 +22,7 @@ def read(hf_dir: str) -> dict:
   """The parsed `config.json` of a Hugging Face checkpoint directory."""
   path = os.path.join(hf_dir, "config.json")
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path} not found: a Hugging Face checkpoint directory needs config.json")
+    raise UserError(f"{path} not found: a Hugging Face checkpoint directory needs config.json")
   with open(path) as f:
     return json.load(f)
 
@@ -33,7 +35,7 @@ def _rope(hf: dict, where: str):
   if kind == "default":
     return theta, dict(NO_SCALING)
   if kind != "llama3":
-    raise ValueError(f"{where}: rope_type={kind!r} is not supported (only default and llama3)")
+    raise UserError(f"{where}: rope_type={kind!r} is not supported (only default and llama3)")
   return theta, dict(factor=float(params["factor"]), low_freq_factor=float(params["low_freq_factor"]),
                      high_freq_factor=float(params["high_freq_factor"]),
                      original_max_positions=int(params["original_max_position_embeddings"]))
@@ -43,12 +45,12 @@ def to_model(hf: dict, where: str = "config.json") -> dict:
   """Kiln `config.model` shape keys of a HF config dict; `where` names the file in errors."""
   family = hf.get("model_type")
   if family not in FAMILIES:
-    raise ValueError(f"{where}: model_type={family!r} is not supported; expected one of {FAMILIES}")
+    raise UserError(f"{where}: model_type={family!r} is not supported; expected one of {FAMILIES}")
   if hf.get("hidden_act", "silu") != "silu":
-    raise ValueError(f"{where}: hidden_act={hf['hidden_act']!r} is not supported (SwiGLU needs silu)")
+    raise UserError(f"{where}: hidden_act={hf['hidden_act']!r} is not supported (SwiGLU needs silu)")
   for key in ("mlp_bias", "attention_bias"):
     if hf.get(key):
-      raise ValueError(f"{where}: {key}=true is not supported (Kiln's kernels have no such bias)")
+      raise UserError(f"{where}: {key}=true is not supported (Kiln's kernels have no such bias)")
   theta, scaling = _rope(hf, where)
   n_heads = int(hf["num_attention_heads"])
   return dict(
@@ -78,7 +80,7 @@ def from_model(model: dict, base: dict = None, dtype: str = "float32") -> dict:
   base = dict(base or {})
   family = base.get("model_type") or ("qwen2" if m["qkv_bias"] else "llama")
   if m["qkv_bias"] != (family == "qwen2"):
-    raise ValueError(f"config.model.qkv_bias={m['qkv_bias']} cannot be written as model_type={family!r}")
+    raise UserError(f"config.model.qkv_bias={m['qkv_bias']} cannot be written as model_type={family!r}")
   for key in ("rope_scaling", "rope_theta", "torch_dtype", "transformers_version"):
     base.pop(key, None)
   rope = {"rope_theta": m["rope_theta"], "rope_type": "default"}

@@ -13,6 +13,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from configs.errors import UserError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 RULES = (
@@ -43,21 +45,21 @@ def mesh_shape(mesh_cfg, num_devices: int) -> dict:
   sizes = {a: int(mesh_cfg[a]) for a in MESH_AXES}
   unknown = set(dict(mesh_cfg)) - set(MESH_AXES)
   if unknown:
-    raise ValueError(f"config.mesh: unknown axes {sorted(unknown)}; use {MESH_AXES}")
+    raise UserError(f"config.mesh: unknown axes {sorted(unknown)}; use {MESH_AXES}")
   free = [a for a, s in sizes.items() if s == -1]
   if len(free) > 1:
-    raise ValueError(f"config.mesh: only one axis may be -1, got {free}")
+    raise UserError(f"config.mesh: only one axis may be -1, got {free}")
   for a, s in sizes.items():
     if s == 0 or s < -1:
-      raise ValueError(f"config.mesh.{a}={s}: must be a positive size or -1")
+      raise UserError(f"config.mesh.{a}={s}: must be a positive size or -1")
   fixed = math.prod(s for s in sizes.values() if s != -1)
   if free:
     if num_devices % fixed:
-      raise ValueError(f"config.mesh: {sizes} does not divide the {num_devices} devices "
-                       f"(the fixed axes multiply to {fixed})")
+      raise UserError(f"config.mesh: {sizes} does not divide the {num_devices} devices "
+                      f"(the fixed axes multiply to {fixed})")
     sizes[free[0]] = num_devices // fixed
   elif fixed != num_devices:
-    raise ValueError(f"config.mesh: {sizes} has {fixed} devices but {num_devices} are available")
+    raise UserError(f"config.mesh: {sizes} has {fixed} devices but {num_devices} are available")
   return sizes
 
 

@@ -29,6 +29,7 @@ from typing import Callable
 
 import jax.numpy as jnp
 
+from configs.errors import UserError, closest
 from rl import grpo, kl, ppo
 
 
@@ -138,5 +139,7 @@ ALGORITHMS = {
 
 def get(name: str) -> Algorithm:
   if name not in ALGORITHMS:
-    raise ValueError(f"config.objective={name!r}: the online algorithms are {sorted(ALGORITHMS)}")
+    near = closest(name, ALGORITHMS)
+    raise UserError(f"config.objective={name!r}: the online algorithms are {sorted(ALGORITHMS)}"
+                    + (f" (did you mean {near!r}?)" if near else ""))
   return ALGORITHMS[name]

@@ -9,13 +9,21 @@ log_every / eval_every / checkpoint_every count iterations too.
 import ml_collections
 
 from configs import sections
+from configs.errors import UserError
 from rl import algorithms, grpo, kl
 from rl.rewards import REWARD_FUNCTIONS
+from train.validate import check_ranges, unknown_keys
 
 PLACEMENTS = ("in_loss", "in_reward")
 VALUE_MODELS = ("critic", "policy")
-
-
+# The interval of every numeric key of config.rl (train/validate.py `check_ranges`).
+RANGES = {
+    "num_eval_problems": "[0, inf)", "max_prompt_len": "[2, inf)", "max_new_tokens": "[1, inf)",
+    "temperature": "(0, inf)", "top_k": "[0, inf)", "top_p": "(0, 1]", "missing_eos_penalty": "[0, inf)",
+    "beta": "[0, inf)", "kl_target": "[0, inf)", "kl_horizon": "[1, inf)", "num_iterations": "[1, inf)",
+    "eps_low": "(0, 1)", "eps_high": "(0, inf)", "gamma": "[0, 1]", "lam": "[0, 1]", "value_clip": "(0, inf)",
+    "vf_coef": "[0, inf)", "ent_coef": "[0, inf)", "num_samples_to_log": "[0, inf)",
+}
 
 
 def reward_weights(config) -> dict:
@@ -38,37 +46,26 @@ def schema() -> ml_collections.ConfigDict:
   return rl
 
 
-def _unknown(section, schema, prefix):
-  out = []
-  for k, v in section.items():
-    if k not in schema:
-      out.append(f"{prefix}.{k}")
-    elif isinstance(v, ml_collections.ConfigDict):
-      out += _unknown(v, schema[k], f"{prefix}.{k}")
-  return out
-
-
 def _one_of(r, key, options):
   if r[key] not in options:
-    raise ValueError(f"config.rl.{key}={r[key]!r}: use one of {' | '.join(options)}")
+    raise UserError(f"config.rl.{key}={r[key]!r}: use one of {' | '.join(options)}")
 
 
 def check_start(config) -> None:
   """What only a launch needs (configs may leave init_from to the command line)."""
   if needs_reference(config) and not config.init_from:
-    raise ValueError(f"config.rl.beta={config.rl.beta}: the KL reference is config.init_from (the SFT "
-                     "run); set it, or set config.rl.beta=0")
+    raise UserError(f"config.rl.beta={config.rl.beta}: the KL reference is config.init_from (the SFT "
+                    "run); set it, or set config.rl.beta=0")
 
 
 def check(config, data_ways: int = 1) -> None:
-  """Raises ValueError naming the first bad key of an RL config."""
+  """Raises UserError naming the first bad key of an RL config."""
   algorithm = algorithms.get(config.objective)  # raises naming the online algorithms
   if "rl" not in config:
-    raise ValueError("config.rl is missing: start the config from `configs.base.rl_config()`")
+    raise UserError("config.rl is missing: start the config from `configs.base.rl_config()`")
   r = config.rl
-  unknown = _unknown(r, schema(), "config.rl")
-  if unknown:
-    raise ValueError(f"unknown config keys: {', '.join(unknown)} (not in configs/sections.py rl())")
+  unknown_keys(r, schema(), "config.rl")
+  check_ranges(r, RANGES, "config.rl")
   _one_of(r, "prompts", ("builtin", "jsonl"))
   _one_of(r, "kl_estimator", kl.KL_KINDS)
   _one_of(r, "kl_placement", ("",) + PLACEMENTS)
@@ -78,44 +75,29 @@ def check(config, data_ways: int = 1) -> None:
   _one_of(r, "loss_agg", grpo.AGG_MODES)
   _one_of(r, "value_model", VALUE_MODELS)
   if r.prompts == "jsonl" and not r.prompts_path:
-    raise ValueError("config.rl.prompts='jsonl' needs config.rl.prompts_path")
+    raise UserError("config.rl.prompts='jsonl' needs config.rl.prompts_path")
   g = r.num_generations
   if g < algorithm.min_generations:
-    raise ValueError(f"config.rl.num_generations={g}: {algorithm.name} needs >= "
-                     f"{algorithm.min_generations} completions per prompt")
+    raise UserError(f"config.rl.num_generations={g}: {algorithm.name} needs >= "
+                    f"{algorithm.min_generations} completions per prompt")
   if config.batch_size % g:
-    raise ValueError(f"config.batch_size={config.batch_size} (completions per iteration) is not "
-                     f"divisible by config.rl.num_generations={g}")
+    raise UserError(f"config.batch_size={config.batch_size} (completions per iteration) is not "
+                    f"divisible by config.rl.num_generations={g}")
   prompts = config.batch_size // g
   if r.num_minibatches < 1 or prompts % r.num_minibatches:
-    raise ValueError(f"config.rl.num_minibatches={r.num_minibatches} must divide the "
-                     f"{prompts} prompts per iteration (a minibatch holds whole groups)")
+    raise UserError(f"config.rl.num_minibatches={r.num_minibatches} must divide the "
+                    f"{prompts} prompts per iteration (a minibatch holds whole groups)")
   if (config.batch_size // r.num_minibatches) % data_ways:
-    raise ValueError(f"config.rl.num_minibatches={r.num_minibatches}: a minibatch of "
-                     f"{config.batch_size // r.num_minibatches} completions is not divisible by "
-                     f"the data axes ({data_ways})")
+    raise UserError(f"config.rl.num_minibatches={r.num_minibatches}: a minibatch of "
+                    f"{config.batch_size // r.num_minibatches} completions is not divisible by "
+                    f"the data axes ({data_ways})")
   if config.optim.grad_accum != 1:
-    raise ValueError("config.optim.grad_accum must be 1 in RL stages: use config.rl.num_minibatches")
-  if r.num_eval_problems < 0:
-    raise ValueError(f"config.rl.num_eval_problems={r.num_eval_problems} must be >= 0")
-  for key in ("num_iterations", "max_new_tokens", "kl_horizon"):
-    if r[key] < 1:
-      raise ValueError(f"config.rl.{key}={r[key]} must be >= 1")
-  if r.max_prompt_len < 2:
-    raise ValueError(f"config.rl.max_prompt_len={r.max_prompt_len} must be >= 2")
-  if r.temperature <= 0:
-    raise ValueError(f"config.rl.temperature={r.temperature}: sampling needs a positive temperature")
-  if not 0 < r.top_p <= 1:
-    raise ValueError(f"config.rl.top_p={r.top_p} must be in (0, 1]")
-  if r.beta < 0 or r.kl_target < 0:
-    raise ValueError("config.rl.beta and config.rl.kl_target must be >= 0")
+    raise UserError("config.optim.grad_accum must be 1 in RL stages: use config.rl.num_minibatches")
   if r.kl_target > 0 and r.beta <= 0:
-    raise ValueError("config.rl.kl_target > 0 (adaptive KL) needs an initial config.rl.beta > 0")
-  if not 0 < r.eps_low < 1 or r.eps_high <= 0:
-    raise ValueError(f"config.rl.eps_low={r.eps_low} must be in (0, 1), eps_high={r.eps_high} > 0")
+    raise UserError("config.rl.kl_target > 0 (adaptive KL) needs an initial config.rl.beta > 0")
   if not reward_weights(config) and not r.reward_model:
-    raise ValueError("config.rl.rewards: every weight is 0 and config.rl.reward_model is '': "
-                     "nothing scores the completions")
+    raise UserError("config.rl.rewards: every weight is 0 and config.rl.reward_model is '': "
+                    "nothing scores the completions")
   if algorithms.value_model(config) == "policy" and config.lora.rank > 0:
-    raise ValueError("config.rl.value_model='policy' puts a value head on the policy's trunk, which "
-                     "LoRA freezes: use config.rl.value_model='critic' with config.lora.rank > 0")
+    raise UserError("config.rl.value_model='policy' puts a value head on the policy's trunk, which "
+                    "LoRA freezes: use config.rl.value_model='critic' with config.lora.rank > 0")

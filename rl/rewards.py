@@ -13,6 +13,8 @@ import re
 
 import numpy as np
 
+from configs.errors import unknown
+
 _NUMBER = re.compile(r"-?(?:\d+(?:,\d{3})*(?:\.\d+)?|\.\d+)")
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _REASONING = re.compile(r"<reasoning>.*?</reasoning>", re.DOTALL)
@@ -120,7 +122,7 @@ def combined_reward(names_and_weights, completions, answers, lengths=None, max_l
   total = np.zeros(len(completions), np.float32)
   for name, weight in names_and_weights.items():
     if name not in REWARD_FUNCTIONS:
-      raise ValueError(f"unknown reward {name!r}; known: {sorted(REWARD_FUNCTIONS)}")
+      raise unknown(f"config.rl.rewards.{name}", name, REWARD_FUNCTIONS, "config.rl.rewards.", "reward function")
     per_function[name] = REWARD_FUNCTIONS[name](completions, answers, lengths, max_len)
     total = total + np.float32(weight) * per_function[name]
   return total.astype(np.float32), per_function

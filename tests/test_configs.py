@@ -15,7 +15,8 @@ from train.validate import validate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FILES = sorted(f for f in glob.glob(os.path.join(ROOT, "configs", "*.py"))
-               if os.path.basename(f) not in ("__init__.py", "models.py", "base.py", "sections.py", "tools.py"))
+               if os.path.basename(f) not in ("__init__.py", "models.py", "base.py", "sections.py", "tools.py",
+                                             "errors.py"))
 
 
 def load(path):

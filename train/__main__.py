@@ -3,15 +3,15 @@
   python -m train --config configs/pretrain_tiny.py[:arg] --workdir DIR [--config.KEY=VALUE ...]
 
 Rerunning the same command resumes from the latest checkpoint in DIR. The stage runs in its loop
-(train/loop.py, or rl/loop.py for grpo / ppo) through train/pipeline.py `run_stage`.
+(train/loop.py, or rl/loop.py for grpo / ppo) through train/pipeline.py `run_stage`. An error the
+user can fix prints one line and a hint and exits 2 (train/cli.py `run`; `--debug`: the traceback).
 """
 import os
-import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-from train import cpu_tuning, distributed
+from train import cli, cpu_tuning, distributed
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/pretrain_tiny.py[:arg].",
                                           lock_config=True)
@@ -23,8 +23,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  cli.no_arguments(argv)
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it renames at INFO
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   cpu_tuning.apply()
@@ -33,14 +32,11 @@ def main(argv):
   jax.config.update("jax_compilation_cache_dir", os.environ.get(
       "JAX_COMPILATION_CACHE_DIR", os.path.expanduser("~/.cache/kiln/jax")))
   # After distributed init: importing the trainers (JAX backends) must come second.
-  from train import pipeline, rundir
-  try:
-    metrics = pipeline.run_stage(_CONFIG.value, _WORKDIR.value)
-  except rundir.WorkdirInUse as e:  # one line, not a traceback: nothing went wrong in this run
-    sys.exit(f"error: {e}")
+  from train import pipeline
+  metrics = pipeline.run_stage(_CONFIG.value, _WORKDIR.value)
   printable = {k: round(v, 4) for k, v in metrics.items() if k.startswith("eval/")}
   print(f"finished at step {metrics.get('step')}: {printable}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -14,6 +14,7 @@ import copy
 import os
 
 from configs import models
+from configs.errors import UserError
 from model import hf_config
 from train import rundir
 
@@ -43,7 +44,8 @@ def _is_preset(model) -> bool:
 
 
 def resolve(config, workdir: str = ""):
-  """`config` (a copy) with the model shape and tokenizer of an HF init_from; else `config` itself."""
+  """`config` (a copy) with the model shape and tokenizer of an HF init_from; else `config` itself.
+  With `workdir`, the HF config is copied to workdir/hf_config.json (train/stage.py: once checked)."""
   src = hf_source(config.init_from)
   if src is None:
     return config
@@ -53,7 +55,7 @@ def resolve(config, workdir: str = ""):
     have = hf_config.normalized(dict(config.model))
     bad = [k for k in hf_config.SHAPE_KEYS if have[k] != want[k]]
     if bad:
-      raise ValueError(f"config.init_from={config.init_from}: " + "; ".join(
+      raise UserError(f"config.init_from={config.init_from}: " + "; ".join(
           f"config.model.{k}={have[k]} but {where} gives {want[k]}" for k in bad)
           + " (leave config.model at its preset to take the shape from config.json)")
   config = copy.deepcopy(config)

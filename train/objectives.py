@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 
+from configs.errors import UserError, closest
 from model import heads
 from train import dpo_loss as dpo
 from train import pairs
@@ -125,37 +126,37 @@ def dpo_loss(params, batch, model, ctx):
 def _check_reward(config):
   c = config.reward
   if c.loss not in rm.REWARD_LOSS_KINDS:
-    raise ValueError(f"config.reward.loss={c.loss!r}: use one of {rm.REWARD_LOSS_KINDS}")
+    raise UserError(f"config.reward.loss={c.loss!r}: use one of {rm.REWARD_LOSS_KINDS}")
   if c.centering < 0:
-    raise ValueError(f"config.reward.centering={c.centering} must be >= 0")
+    raise UserError(f"config.reward.centering={c.centering} must be >= 0")
   if config.lora.rank > 0:
-    raise ValueError("config.lora.rank > 0: LoRA reward models are not supported (the reward head "
-                     "would have to be saved with the adapters); use full fine-tuning")
+    raise UserError("config.lora.rank > 0: LoRA reward models are not supported (the reward head "
+                    "would have to be saved with the adapters); use full fine-tuning")
   _check_pairs(config)
 
 
 def _check_dpo(config):
   c = config.dpo
   if c.loss not in dpo.LOSS_TYPES:
-    raise ValueError(f"config.dpo.loss={c.loss!r}: use one of {dpo.LOSS_TYPES}")
+    raise UserError(f"config.dpo.loss={c.loss!r}: use one of {dpo.LOSS_TYPES}")
   if c.beta <= 0:
-    raise ValueError(f"config.dpo.beta={c.beta} must be positive")
+    raise UserError(f"config.dpo.beta={c.beta} must be positive")
   if c.label_smoothing and c.loss not in SMOOTHED:
-    raise ValueError(f"config.dpo.label_smoothing={c.label_smoothing} is not used by config.dpo.loss={c.loss!r}")
+    raise UserError(f"config.dpo.label_smoothing={c.label_smoothing} is not used by config.dpo.loss={c.loss!r}")
   if not 0 <= c.label_smoothing < 0.5:
-    raise ValueError(f"config.dpo.label_smoothing={c.label_smoothing} must be in [0, 0.5)")
+    raise UserError(f"config.dpo.label_smoothing={c.label_smoothing} must be in [0, 0.5)")
   if c.rpo_alpha < 0 or (c.rpo_alpha and c.loss == "orpo"):
-    raise ValueError(f"config.dpo.rpo_alpha={c.rpo_alpha} must be >= 0, and 0 with orpo (it has the NLL term)")
+    raise UserError(f"config.dpo.rpo_alpha={c.rpo_alpha} must be >= 0, and 0 with orpo (it has the NLL term)")
   if needs_dpo_reference(config) and not config.init_from:
-    raise ValueError(f"config.dpo.loss={c.loss!r} needs a reference model: set config.init_from "
-                     f"(the SFT run, which is also the starting point)")
+    raise UserError(f"config.dpo.loss={c.loss!r} needs a reference model: set config.init_from "
+                    f"(the SFT run, which is also the starting point)")
   _check_pairs(config)
 
 
 def _check_pairs(config):
   if config.data.source not in ("builtin", "jsonl"):
-    raise ValueError(f"config.data.source={config.data.source!r}: {config.objective} reads "
-                     f"preference pairs from 'builtin' or 'jsonl'")
+    raise UserError(f"config.data.source={config.data.source!r}: {config.objective} reads "
+                    f"preference pairs from 'builtin' or 'jsonl'")
 
 
 def needs_dpo_reference(config) -> bool:
@@ -189,5 +190,8 @@ OBJECTIVES = {
 
 def get(name: str) -> Objective:
   if name not in OBJECTIVES:
-    raise ValueError(f"config.objective={name!r}: known objectives are {sorted(OBJECTIVES)}")
+    near = closest(name, OBJECTIVES)
+    raise UserError(f"config.objective={name!r}: known objectives are {sorted(OBJECTIVES)}"
+                    + (f" (did you mean {near!r}?)" if near else ""),
+                    hint="the online ones (grpo, rloo, gspo, ppo) are rl/algorithms.py's")
   return OBJECTIVES[name]

@@ -4,6 +4,8 @@ import re
 import jax
 import optax
 
+from configs.errors import UserError
+
 # Parameters whose path matches get no weight decay: norms, embeddings, biases.
 NO_DECAY = re.compile(r"(norm|embedding|bias)")
 
@@ -20,7 +22,7 @@ def schedule(optim_cfg, steps: int):
   elif optim_cfg.schedule == "constant":
     decay = optax.constant_schedule(lr)
   else:
-    raise ValueError(f"config.optim.schedule={optim_cfg.schedule!r}: use cosine | linear | constant")
+    raise UserError(f"config.optim.schedule={optim_cfg.schedule!r}: use cosine | linear | constant")
   if warmup == 0:
     return decay
   return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
@@ -37,7 +39,7 @@ def decay_mask(params):
 def make_optimizer(optim_cfg, steps: int):
   """Returns (optax transformation, schedule fn): clip by global norm, then AdamW."""
   if optim_cfg.name != "adamw":
-    raise ValueError(f"config.optim.name={optim_cfg.name!r}: only adamw is implemented")
+    raise UserError(f"config.optim.name={optim_cfg.name!r}: only adamw is implemented")
   lr = schedule(optim_cfg, steps)
   tx = optax.chain(
       optax.clip_by_global_norm(optim_cfg.clip_norm) if optim_cfg.clip_norm > 0 else optax.identity(),

@@ -17,14 +17,15 @@ import copy
 import os
 import time
 
-from absl import app, flags, logging
+from absl import flags, logging
 import jax
 from ml_collections import config_flags
 
 from eval import report, suite
 from rl import loop as rl_loop
 from rl.algorithms import ALGORITHMS as RL_ALGORITHMS
-from train import cpu_tuning, loop, rundir
+from configs.errors import UserError
+from train import cli, cpu_tuning, loop, rundir
 from train.validate import validate
 
 STAGE_REFS = ("init_from", "rl.reward_model", "rl.value_init_from")  # keys that may say "@stage"
@@ -55,8 +56,8 @@ def resolve(config, name: str, workdir: str):
     if not isinstance(value, str) or not value.startswith("@"):
       continue
     if value[1:] not in earlier:
-      raise ValueError(f"config.{name}.{key}={value!r}: no earlier stage called {value[1:]!r} "
-                       f"(stages before {name}: {earlier})")
+      raise UserError(f"config.{name}.{key}={value!r}: no earlier stage called {value[1:]!r} "
+                      f"(stages before {name}: {earlier})")
     section, _, last = key.rpartition(".")
     (_get(cfg, section) if section else cfg)[last] = os.path.abspath(os.path.join(workdir, value[1:]))
   return cfg
@@ -66,22 +67,22 @@ def check(config, workdir: str) -> dict:
   """Every stage's resolved config, checked before anything runs; errors name the key."""
   stages = list(config.get("stages") or [])
   if not stages:
-    raise ValueError("config.stages is empty: list the stage sections to run, e.g. ['pretrain', 'sft']")
+    raise UserError("config.stages is empty: list the stage sections to run, e.g. ['pretrain', 'sft']")
   for name in stages:
     if name not in config or not hasattr(config[name], "objective"):
-      raise ValueError(f"config.stages: {name!r} is not a stage section of the config")
+      raise UserError(f"config.stages: {name!r} is not a stage section of the config")
   if len(set(stages)) != len(stages):
-    raise ValueError(f"config.stages={stages} names a stage twice")
+    raise UserError(f"config.stages={stages} names a stage twice")
   for key in ("reference", "reward_model"):
     if config.eval[key] and config.eval[key] not in stages:
-      raise ValueError(f"config.eval.{key}={config.eval[key]!r} is not one of config.stages {stages}")
+      raise UserError(f"config.eval.{key}={config.eval[key]!r} is not one of config.stages {stages}")
   resolved = {name: resolve(config, name, workdir) for name in stages}
   for name, cfg in resolved.items():
     try:
       rl_loop.check_config(cfg) if cfg.objective in RL_ALGORITHMS else validate(cfg, jax.device_count(),
                                                                           jax.process_count())
-    except ValueError as e:
-      raise ValueError(f"stage {name}: {e}".replace("config.", f"config.{name}.")) from None
+    except UserError as e:
+      raise UserError(f"stage {name}: {e}".replace("config.", f"config.{name}."), e.hint) from None
   return resolved
 
 
@@ -148,7 +149,7 @@ def run_pipeline(config, workdir: str) -> dict:
 
 
 def main(argv):
-  del argv
+  cli.no_arguments(argv)
   logging.set_verbosity(logging.WARNING)
   cpu_tuning.apply()
   jax.config.update("jax_compilation_cache_dir", os.environ.get(
@@ -161,4 +162,4 @@ if __name__ == "__main__":
   config_flags.DEFINE_config_file("config", None, "Pipeline config, e.g. configs/demo.py[:size].")
   flags.DEFINE_string("workdir", None, "Pipeline directory: one subdirectory per stage.")
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  cli.run(main)

@@ -13,14 +13,16 @@ import os
 
 import jax
 
+from configs.errors import UserError
+
 
 def check(config) -> None:
   """Raises ValueError naming the key if the profile section is invalid."""
   p = config.profile
   if p.start_step < 0:
-    raise ValueError(f"config.profile.start_step={p.start_step}: use a step number >= 1, or 0 (off)")
+    raise UserError(f"config.profile.start_step={p.start_step}: use a step number >= 1, or 0 (off)")
   if p.num_steps < 1:
-    raise ValueError(f"config.profile.num_steps={p.num_steps} must be positive")
+    raise UserError(f"config.profile.num_steps={p.num_steps} must be positive")
 
 
 class StepProfiler:

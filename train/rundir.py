@@ -33,6 +33,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from configs import base, tools
+from configs.errors import UserError
 from model import convert, hf_config, lora, sharding
 from model.tokenizer import Tokenizer
 from model.transformer import ModelConfig, Transformer
@@ -63,7 +64,7 @@ def absolute(path: str) -> str:
   return os.path.abspath(path)
 
 
-class WorkdirInUse(RuntimeError):
+class WorkdirInUse(UserError):
   """Another process is training in this run directory."""
 
 
@@ -83,8 +84,8 @@ def locked(workdir: str):
     except BlockingIOError:
       f.seek(0)
       holder = f.read().strip() or "another process"
-      raise WorkdirInUse(f"{os.path.abspath(workdir)} is in use by {holder}: one run per workdir "
-                         f"(wait for it, stop it, or pick another --workdir)") from None
+      raise WorkdirInUse(f"{os.path.abspath(workdir)} is in use by {holder}: one run per workdir",
+                         hint="wait for it, stop it, or pick another --workdir") from None
     f.seek(0)
     f.truncate()
     f.write(f"host {socket.gethostname()} pid {os.getpid()}\n")
@@ -161,13 +162,15 @@ def restore_params(path: str, abstract_params, param_shardings, step=None, missi
     return convert.load_hf(path[len(HF_PREFIX):], abstract_params, param_shardings, missing_ok), 0
   directory = os.path.abspath(checkpoint_dir(path))
   if not os.path.isdir(directory):
-    raise FileNotFoundError(f"config.init_from: no checkpoint directory at {directory}")
+    raise UserError(f"{path}: no checkpoints/ directory (no run has saved a checkpoint here)",
+                    hint="train it first with python -m train --workdir, or give a run that has one")
   mngr = ocp.CheckpointManager(directory, item_names=("params", "opt_state", "meta"),
                                options=ocp.CheckpointManagerOptions(read_only=True, create=False,
                                                                    save_interval_steps=0))
   step = mngr.latest_step() if step is None else step
   if step is None:
-    raise FileNotFoundError(f"config.init_from: {directory} holds no finished checkpoint")
+    raise UserError(f"{path}: no finished checkpoint in {directory}",
+                    hint="let its run save one (config.checkpoint_every, or Ctrl-C saves), or give another run")
   meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta or {}
   if meta.get("lora"):
     frozen, _ = restore_params(meta["lora"]["base"], abstract_params, param_shardings, missing_ok=missing_ok)
@@ -185,8 +188,8 @@ def restore_params(path: str, abstract_params, param_shardings, step=None, missi
   stored = stored_keys(directory, step)
   missing = set(abstract_params) - stored
   if missing - set(missing_ok):
-    raise ValueError(f"{directory} step {step} has no params {sorted(missing - set(missing_ok))} "
-                     f"(it holds {sorted(stored)})")
+    raise UserError(f"{directory} step {step} has no params {sorted(missing - set(missing_ok))} "
+                    f"(it holds {sorted(stored)})")
   keys = [k for k in abstract_params if k in stored]
   target = _abstract({k: abstract_params[k] for k in keys}, {k: param_shardings[k] for k in keys})
   if stored - set(keys):  # read only the entries asked for
@@ -206,7 +209,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   """DIR/config.json: the config the run was trained with."""
   path = os.path.join(workdir, CONFIG)
   if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} not found: --workdir must be a run directory of `python -m train`")
+    raise UserError(f"{path}: no such file", hint="--workdir must be the run directory of a `python -m train` run")
   with open(path) as f:
     return ml_collections.ConfigDict(json.load(f))
 
@@ -329,8 +332,8 @@ def convert_hf(workdir: str, config) -> None:
   """configs/tools.py `convert()`: imports config.import_hf into `workdir`, or exports `workdir`'s
   latest params to config.export_hf."""
   if bool(config.import_hf) == bool(config.export_hf):
-    raise ValueError("give exactly one of config.import_hf=HF_DIR (a new run in --workdir) or "
-                     "config.export_hf=HF_DIR (--workdir's latest params)")
+    raise UserError("give exactly one of config.import_hf=HF_DIR (a new run in --workdir) or "
+                    "config.export_hf=HF_DIR (--workdir's latest params)")
   if config.import_hf:
     print(f"wrote {import_hf(config.import_hf, workdir)} (use --config.init_from={workdir})")
   else:

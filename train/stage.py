@@ -3,13 +3,20 @@
 Reading and writing the run directory (DIR/config.json, checkpoints) is train/rundir.py.
 """
 import dataclasses
+import json
+import os
 from typing import Any, Callable
 
 import jax
 
+from configs.errors import UserError
 from model import sharding
 from model.transformer import ModelConfig, Transformer
 from train import data, init_source, rundir
+
+# Keys (and sections) a resumed run may not change: its checkpoint holds params of their shape.
+FIXED_ON_RESUME = ("config.model.", "config.tokenizer.", "config.objective", "config.lora.rank",
+                   "config.lora.targets", "config.rl.value_model")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,17 +31,79 @@ class Run:
   mngr: Any                    # the orbax CheckpointManager of DIR/checkpoints
 
 
+def check_sources(config) -> None:
+  """Every run `config` starts from or reads (init_from, rl.reward_model, rl.value_init_from) has a
+  checkpoint: else a UserError naming the key, before anything is written."""
+  rl = config.get("rl") or {}
+  for key, path in (("init_from", config.init_from), ("rl.reward_model", rl.get("reward_model", "")),
+                    ("rl.value_init_from", rl.get("value_init_from", ""))):
+    if not path:
+      continue
+    if path.startswith(rundir.HF_PREFIX):
+      hf_dir = os.path.expanduser(path[len(rundir.HF_PREFIX):])
+      if not os.path.isfile(os.path.join(hf_dir, "config.json")):
+        raise UserError(f"config.{key}={path}: no config.json in {os.path.abspath(hf_dir)}",
+                        hint="hf:DIR is a Hugging Face checkpoint directory (config.json, *.safetensors)")
+    elif not os.path.isdir(path) or rundir.latest_step(path) is None:
+      what = "no such directory" if not os.path.isdir(path) else "no finished checkpoint there"
+      raise UserError(f"config.{key}={path}: {what}",
+                      hint="give the --workdir of a run that saved a checkpoint (or hf:DIR)")
+
+
+def flatten(tree: dict, prefix: str = "config") -> dict:
+  """{"config.a.b": value} of a nested dict (a config's JSON)."""
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(flatten(value, f"{prefix}.{key}"))
+    else:
+      out[f"{prefix}.{key}"] = value
+  return out
+
+
+def fixed(name: str) -> bool:
+  """Whether a key may not change on resume: it shapes the checkpoint (model, tokenizer, adapters,
+  objective, value head)."""
+  return name.startswith(FIXED_ON_RESUME)
+
+
+def check_resume(config, workdir: str) -> list:
+  """Compares `config` with DIR/config.json of a run that has a checkpoint: a key that shapes the
+  checkpoint and differs is a UserError listing each one; the others are returned as lines
+  `config.optim.lr: 0.003 (saved) -> 0.001` to log. [] for a fresh run."""
+  has = lambda name: os.path.exists(os.path.join(workdir, name))
+  if not has(rundir.CONFIG) or not has("checkpoints") or rundir.latest_step(workdir) is None:
+    return []
+  saved = flatten(rundir.load_config(workdir).to_dict())
+  now = flatten(json.loads(config.to_json()))
+  changes = [(k, saved.get(k, "(absent)"), now.get(k, "(absent)")) for k in sorted(set(saved) | set(now))
+             if saved.get(k) != now.get(k)]
+  lines = {k: f"{k}: {old!r} (saved) -> {new!r}" for k, old, new in changes}
+  bad = [line for k, line in lines.items() if fixed(k)]
+  if bad:
+    raise UserError(f"{workdir} holds checkpoints of another model: " + "; ".join(bad),
+                    hint="resume with the saved values, or start this config in another --workdir")
+  return list(lines.values())
+
+
 def start_run(config, workdir: str, check: Callable) -> Run:
-  """Resolves and checks the config (`check(config)` -> mesh shape, raising on a bad key), writes
-  DIR/config.json, and builds the mesh, tokenizer (its ids must fit the model's vocabulary),
-  model and checkpoint manager."""
-  config = init_source.resolve(config, workdir)
-  mesh_shape = check(config)
+  """Resolves and checks the config (`check(config)` -> mesh shape, raising on a bad key) and what it
+  starts from, compares it with the saved config of a resumed run (check_resume), then writes
+  DIR/config.json, and builds the mesh, tokenizer (its ids must fit the model's vocabulary), model
+  and checkpoint manager. A rejected launch leaves DIR/config.json as it was."""
+  check_sources(config)
+  resolved = init_source.resolve(config)
+  mesh_shape = check(resolved)
+  changed = check_resume(resolved, workdir)
+  if jax.process_index() == 0:
+    for line in changed:
+      print(f"resume: {line}", flush=True)
+  config = init_source.resolve(config, workdir)  # the same, now writing DIR/hf_config.json
   rundir.save_config(workdir, config)
   tokenizer = data.load_or_train_tokenizer(config)
   if tokenizer.vocab_size > config.model.vocab_size:
-    raise ValueError(f"config.model.vocab_size={config.model.vocab_size} is smaller than the "
-                     f"tokenizer's {tokenizer.vocab_size} ids")
+    raise UserError(f"config.model.vocab_size={config.model.vocab_size} is smaller than the "
+                    f"tokenizer's {tokenizer.vocab_size} ids")
   model_cfg = ModelConfig.from_config(config.model)
   return Run(config, mesh_shape, sharding.make_mesh(config.mesh), tokenizer, model_cfg, Transformer(model_cfg),
              rundir.manager(workdir, config.keep_checkpoints, config.async_checkpoints))

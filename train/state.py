@@ -10,6 +10,7 @@ from typing import Any, Optional
 import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from configs.errors import UserError
 from model import lora, sharding
 from train import rundir
 from train.params import abstract_params
@@ -46,7 +47,7 @@ def setup(config, model, tx, mesh, mngr, extra_params=None) -> State:
   frozen = None
   if use_lora:
     if not config.init_from:
-      raise ValueError("config.lora.rank > 0 needs config.init_from: the frozen base to adapt")
+      raise UserError("config.lora.rank > 0 needs config.init_from: the frozen base to adapt")
     frozen, _ = rundir.restore_params(config.init_from, abs_params, param_sh)
     abs_train = jax.eval_shape(lambda p: lora.init_adapters(p, config.lora, jax.random.key(0)), abs_params)
     train_sh = jax.tree.map(lambda _: NamedSharding(mesh, P()), abs_train)

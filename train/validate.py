@@ -1,56 +1,95 @@
-"""Config checks run at start: each failure names the key and what is wrong with it."""
+"""Config checks run at start: each failure names the key and what is wrong with it (a UserError)."""
+import math
+
 import ml_collections
 
 from configs import base
+from configs.errors import UserError, unknown
 from model import sharding
 from train import objectives, profile
 
+# The interval every numeric key of a stage config must lie in ("(0, inf)": > 0); rl/config.py
+# checks config.rl's the same way.
+RANGES = {
+    "steps": "(0, inf)", "batch_size": "(0, inf)", "seq_len": "(0, inf)", "log_every": "(0, inf)",
+    "checkpoint_every": "(0, inf)", "keep_checkpoints": "(0, inf)", "eval_every": "[0, inf)",
+    "eval_batches": "[0, inf)", "peak_flops_per_device": "[0, inf)",
+    "optim.lr": "(0, inf)", "optim.warmup_steps": "[0, inf)", "optim.end_lr_frac": "[0, 1]",
+    "optim.b1": "[0, 1)", "optim.b2": "[0, 1)", "optim.eps": "(0, inf)", "optim.weight_decay": "[0, inf)",
+    "optim.clip_norm": "[0, inf)",
+    "model.vocab_size": "(0, inf)", "model.d_model": "(0, inf)", "model.n_layers": "(0, inf)",
+    "model.n_heads": "(0, inf)", "model.n_kv_heads": "(0, inf)", "model.head_dim": "[0, inf)",
+    "model.mlp_dim": "(0, inf)", "model.rope_theta": "(0, inf)", "model.norm_eps": "(0, inf)",
+    "model.rope_scaling.factor": "[0, inf)",
+    "lora.rank": "[0, inf)", "lora.alpha": "(0, inf)",
+    "reward.margin": "[0, inf)", "dpo.gamma": "[0, inf)", "dpo.orpo_lambda": "[0, inf)",
+    "data.num_documents": "(0, inf)", "data.max_documents": "[0, inf)",
+    "tokenizer.max_training_chars": "[0, inf)",
+}
 
-def _unknown_keys(cfg, schema, prefix="config"):
-  out = []
+
+def _inside(x: float, interval: str) -> bool:
+  low, high = (float(v) for v in interval[1:-1].split(","))
+  above = low < x if interval[0] == "(" else low <= x
+  below = x < high if interval[-1] == ")" else x <= high
+  return math.isfinite(x) and above and below
+
+
+def check_ranges(section, ranges: dict, prefix: str = "config") -> None:
+  """Raises UserError naming the first key of `ranges` ({"a.b": "[0, 1)"}) whose value in `section`
+  lies outside its interval (keys the section lacks are skipped)."""
+  for key, interval in ranges.items():
+    value = section
+    for part in key.split("."):
+      value = value.get(part) if isinstance(value, (ml_collections.ConfigDict, dict)) else None
+    if value is None or isinstance(value, bool):
+      continue
+    if not _inside(float(value), interval):
+      low, high = interval[1:-1].split(", ")
+      want = f"{'>' if interval[0] == '(' else '>='} {low}" if high == "inf" else f"in {interval}"
+      raise UserError(f"{prefix}.{key}={value} must be {want}", hint=f"set --{prefix}.{key}=VALUE")
+
+
+def unknown_keys(cfg, schema, prefix="config") -> None:
+  """Raises UserError naming the first key of `cfg` that `schema` lacks, with the closest one."""
   for key, value in cfg.items():
     name = f"{prefix}.{key}"
     if key not in schema:
-      out.append(name)
-    elif isinstance(value, ml_collections.ConfigDict) and isinstance(schema[key], ml_collections.ConfigDict):
-      out += _unknown_keys(value, schema[key], name)
-  return out
+      raise unknown(name, key, list(schema.keys()), prefix=f"{prefix}.")
+    if isinstance(value, ml_collections.ConfigDict) and isinstance(schema[key], ml_collections.ConfigDict):
+      unknown_keys(value, schema[key], name)
 
 
 def validate(config, num_devices: int, num_processes: int = 1) -> dict:
-  """Raises ValueError naming the offending key; returns the resolved mesh shape."""
-  unknown = _unknown_keys(config, base.base_config())
-  if unknown:
-    raise ValueError(f"unknown config keys: {', '.join(unknown)} (not in configs/base.py)")
+  """Raises UserError naming the offending key; returns the resolved mesh shape."""
+  unknown_keys(config, base.base_config())
   objectives.get(config.objective)
+  check_ranges(config, RANGES)
   m = config.model
   if m.n_heads % m.n_kv_heads:
-    raise ValueError(f"config.model.n_heads={m.n_heads} is not divisible by "
-                     f"config.model.n_kv_heads={m.n_kv_heads}")
+    raise UserError(f"config.model.n_heads={m.n_heads} is not divisible by "
+                    f"config.model.n_kv_heads={m.n_kv_heads}")
   head_dim = m.head_dim or m.d_model // m.n_heads
   if head_dim % 2:
-    raise ValueError(f"config.model.head_dim={head_dim} must be even for rotary embeddings")
+    raise UserError(f"config.model.head_dim={head_dim} must be even for rotary embeddings")
   if m.remat not in ("none", "full", "dots"):
-    raise ValueError(f"config.model.remat={m.remat!r}: use none | full | dots")
+    raise UserError(f"config.model.remat={m.remat!r}: use none | full | dots")
   if m.attention not in ("auto", "xla", "cudnn"):
-    raise ValueError(f"config.model.attention={m.attention!r}: use auto | xla | cudnn")
+    raise UserError(f"config.model.attention={m.attention!r}: use auto | xla | cudnn")
   if m.attention == "cudnn" and m.dtype not in ("bfloat16", "float16"):
-    raise ValueError(f"config.model.attention='cudnn' needs config.model.dtype bfloat16 or float16, "
-                     f"not {m.dtype!r} (or use attention=auto)")
-  for key in ("steps", "batch_size", "seq_len", "log_every", "checkpoint_every", "keep_checkpoints"):
-    if config[key] <= 0:
-      raise ValueError(f"config.{key}={config[key]} must be positive")
+    raise UserError(f"config.model.attention='cudnn' needs config.model.dtype bfloat16 or float16, "
+                    f"not {m.dtype!r} (or use attention=auto)")
   profile.check(config)
   mesh = sharding.mesh_shape(config.mesh, num_devices)
   data_ways = mesh["data"] * mesh["fsdp"]
   if config.batch_size % data_ways:
-    raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the data axes "
-                     f"(config.mesh.data * config.mesh.fsdp = {data_ways})")
+    raise UserError(f"config.batch_size={config.batch_size} is not divisible by the data axes "
+                    f"(config.mesh.data * config.mesh.fsdp = {data_ways})")
   if config.batch_size % num_processes:
-    raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the "
-                     f"{num_processes} processes")
+    raise UserError(f"config.batch_size={config.batch_size} is not divisible by the "
+                    f"{num_processes} processes")
   accum = config.optim.grad_accum
   if accum < 1 or config.batch_size % accum or (config.batch_size // accum) % data_ways:
-    raise ValueError(f"config.optim.grad_accum={accum}: batch_size {config.batch_size} must split "
-                     f"into {accum} micro-batches each divisible by the data axes ({data_ways})")
+    raise UserError(f"config.optim.grad_accum={accum}: batch_size {config.batch_size} must split "
+                    f"into {accum} micro-batches each divisible by the data axes ({data_ways})")
   return mesh
