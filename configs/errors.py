@@ -17,10 +17,21 @@ class UserError(ValueError):
     self.hint = hint
 
 
+def _initials(name: str) -> str:
+  return "".join(word[0] for word in name.split("_") if word)
+
+
 def closest(name: str, choices) -> str:
-  """The choice spelled most like `name` ("" if none is close): the "did you mean" of an error."""
-  found = difflib.get_close_matches(name, [str(c) for c in choices], n=1, cutoff=0.6)
-  return found[0] if found else ""
+  """The choice spelled most like `name`, or whose initials it is (learning_rate -> lr), or that
+  contains it or is contained in it ("" if none): the "did you mean" of an error."""
+  choices = [str(c) for c in choices]
+  found = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
+  if found:
+    return found[0]
+  for c in choices:
+    if _initials(name) == c or _initials(c) == name or min(len(c), len(name)) > 2 and (c in name or name in c):
+      return c
+  return ""
 
 
 def unknown(what: str, name: str, choices, prefix: str = "", noun: str = "key") -> UserError:

@@ -13,7 +13,7 @@ import re
 import sys
 from typing import Callable
 
-from absl import app, flags
+from absl import app, flags, logging
 import ml_collections
 from ml_collections import config_flags
 
@@ -73,9 +73,10 @@ def _parse_flags(argv):
     raise UserError(str(e).splitlines()[0], hint="--helpshort lists the flags") from e
 
 
-def run(main: Callable, options=None) -> None:
+def run(main: Callable, options=None, define_flags: Callable = lambda: None) -> None:
   """app.run(main) of an entry point. `options`: the ConfigDict of the tool's `--config`, or None:
-  the config file that `--config` names."""
+  the config file that `--config` names; `define_flags()` runs once its overrides are checked (a
+  config-dict flag parses them when defined)."""
   flags.DEFINE_bool("debug", False, f"Show the traceback of an error (or set {DEBUG_ENV}=1).")
   argv = sys.argv
   try:
@@ -83,6 +84,7 @@ def run(main: Callable, options=None) -> None:
     config = options if options is not None else load_config_file(spec) if spec else None
     if config is not None:
       check_overrides(argv, config)
+    define_flags()
     app.run(main, flags_parser=_parse_flags)
   except UserError as e:
     if debugging(argv):
@@ -99,13 +101,15 @@ def no_arguments(argv) -> None:
 def run_on_workdir(action: Callable, options: ml_collections.ConfigDict, workdir_help: str) -> None:
   """Defines --workdir and --config (defaults: `options`), applies the CPU settings, then runs
   action(workdir, config). Flags are defined here, when a tool runs, never at import."""
-  flags.DEFINE_string("workdir", None, workdir_help)
-  config_flags.DEFINE_config_dict("config", options, "Options (configs/tools.py): --config.KEY=VALUE.")
-  flags.mark_flags_as_required(["workdir"])
+  def define_flags():
+    flags.DEFINE_string("workdir", None, workdir_help)
+    config_flags.DEFINE_config_dict("config", options, "Options (configs/tools.py): --config.KEY=VALUE.")
+    flags.mark_flags_as_required(["workdir"])
 
   def main(argv):
     no_arguments(argv)
+    logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint it opens at INFO
     action(flags.FLAGS.workdir, flags.FLAGS.config)
 
   cpu_tuning.apply()
-  run(main, options)
+  run(main, options, define_flags)

@@ -162,15 +162,14 @@ def restore_params(path: str, abstract_params, param_shardings, step=None, missi
     return convert.load_hf(path[len(HF_PREFIX):], abstract_params, param_shardings, missing_ok), 0
   directory = os.path.abspath(checkpoint_dir(path))
   if not os.path.isdir(directory):
-    raise UserError(f"{path}: no checkpoints/ directory (no run has saved a checkpoint here)",
-                    hint="train it first with python -m train --workdir, or give a run that has one")
+    raise UserError(f"{path}: no such directory", hint="give the --workdir of a run that saved a checkpoint")
   mngr = ocp.CheckpointManager(directory, item_names=("params", "opt_state", "meta"),
                                options=ocp.CheckpointManagerOptions(read_only=True, create=False,
                                                                    save_interval_steps=0))
   step = mngr.latest_step() if step is None else step
   if step is None:
-    raise UserError(f"{path}: no finished checkpoint in {directory}",
-                    hint="let its run save one (config.checkpoint_every, or Ctrl-C saves), or give another run")
+    raise UserError(f"{path}: no finished checkpoint yet",
+                    hint="let its run save one (config.checkpoint_every; Ctrl-C saves one), or give another run")
   meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta or {}
   if meta.get("lora"):
     frozen, _ = restore_params(meta["lora"]["base"], abstract_params, param_shardings, missing_ok=missing_ok)

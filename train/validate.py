@@ -47,7 +47,7 @@ def check_ranges(section, ranges: dict, prefix: str = "config") -> None:
     if not _inside(float(value), interval):
       low, high = interval[1:-1].split(", ")
       want = f"{'>' if interval[0] == '(' else '>='} {low}" if high == "inf" else f"in {interval}"
-      raise UserError(f"{prefix}.{key}={value} must be {want}", hint=f"set --{prefix}.{key}=VALUE")
+      raise UserError(f"{prefix}.{key}={value} must be {want}", hint="every key and its default: configs/sections.py")
 
 
 def unknown_keys(cfg, schema, prefix="config") -> None:
