@@ -309,7 +309,7 @@ def test_sft_runs_two_steps_from_an_hf_directory(tiny_config, tmp_path):
 
 @pytest.mark.eight_devices
 def test_bad_directories_name_the_file_and_key(tmp_path, mesh):
-  with pytest.raises(ValueError, match=r"empty/config.json")  # a UserError:
+  with pytest.raises(ValueError, match=r"empty/config.json"):  # a UserError
     hf_config.read(str(tmp_path / "empty"))
   with pytest.raises(ValueError, match=r"model_type='gpt2'"):
     hf_config.to_model({"model_type": "gpt2"}, "x/config.json")
