@@ -22,14 +22,16 @@ def _initials(name: str) -> str:
 
 
 def closest(name: str, choices) -> str:
-  """The choice spelled most like `name`, or whose initials it is (learning_rate -> lr), or that
-  contains it or is contained in it ("" if none): the "did you mean" of an error."""
+  """The choice spelled most like `name`, else one that is its initials (learning_rate -> lr) or one of
+  its words (lr_typo -> lr), or that contains it or is contained in it ("" if none): the "did you
+  mean" of an error."""
   choices = [str(c) for c in choices]
   found = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
   if found:
     return found[0]
   for c in choices:
-    if _initials(name) == c or _initials(c) == name or min(len(c), len(name)) > 2 and (c in name or name in c):
+    if c in (_initials(name), *name.split("_")) or _initials(c) == name or (
+        min(len(c), len(name)) > 2 and (c in name or name in c)):
       return c
   return ""
 

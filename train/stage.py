@@ -79,7 +79,7 @@ def check_resume(config, workdir: str) -> list:
   changes = [(k, saved.get(k, "(absent)"), now.get(k, "(absent)")) for k in sorted(set(saved) | set(now))
              if saved.get(k) != now.get(k)]
   lines = {k: f"{k}: {old!r} (saved) -> {new!r}" for k, old, new in changes}
-  bad = [line for k, line in lines.items() if fixed(k)]
+  bad = [line for k, line in lines.items() if fixed(k) and k in saved and k in now]  # a new key: logged
   if bad:
     raise UserError(f"{workdir} holds checkpoints of another model: " + "; ".join(bad),
                     hint="resume with the saved values, or start this config in another --workdir")
