@@ -23,6 +23,8 @@ import subprocess
 import sys
 import time
 
+from configs.errors import closest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # name: (python expression run in a child, metric, unit, what the peer is)
@@ -171,6 +173,11 @@ def main():
   ap.add_argument("--rounds", type=int, default=1, help="Kiln / peer pairs per bench (alternated)")
   args = ap.parse_args()
   names = [n for n in args.only.split(",") if n] or list(BENCHES)
+  for n in names:
+    if n not in BENCHES:  # argparse: usage and one line, exit 2
+      near = closest(n, BENCHES)
+      guess = f" (did you mean {near}?)" if near else ""
+      ap.error(f"--only {n}: no such bench{guess}; known: {', '.join(BENCHES)}")
   results = {}
   print("| bench | result | MFU | compile | peak memory | vs peer | peer |\n|---|---|---|---|---|---|---|",
         flush=True)
