@@ -208,7 +208,8 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   """DIR/config.json: the config the run was trained with."""
   path = os.path.join(workdir, CONFIG)
   if not os.path.exists(path):
-    raise UserError(f"{path}: no such file", hint="--workdir must be the run directory of a `python -m train` run")
+    raise UserError(f"{path}: no such file",
+                    hint="give the directory of a `python -m train` run (it has config.json)")
   with open(path) as f:
     return ml_collections.ConfigDict(json.load(f))
 
