@@ -30,6 +30,7 @@ import grain
 import numpy as np
 
 from configs import sections
+from configs.errors import UserError
 from model import hf_tokenizer
 from model import tokenizer as tokenizer_lib
 from train import corpus
@@ -74,6 +75,10 @@ def load_or_train_tokenizer(config) -> tokenizer_lib.Tokenizer:
   else:
     if not vocab:
       raise ValueError("config.model.vocab_size is needed to train a tokenizer (config.tokenizer.path is '')")
+    if config.data.source != "builtin" and config.objective not in ("pretrain", "sft"):
+      raise UserError(f"config.objective={config.objective!r} trains no tokenizer on its "
+                      f"config.data.source={config.data.source!r} data",
+                      "start from a run (config.init_from: its tokenizer) or give config.tokenizer.path")
     texts, identity = _tokenizer_texts(config)
     name = f"{sources.stable_hash(identity, vocab)}-{vocab}.model"
     path = os.path.join(sources.cache_dir(config), "tokenizers", name)

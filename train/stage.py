@@ -9,7 +9,7 @@ import jax
 
 from model import sharding
 from model.transformer import ModelConfig, Transformer
-from train import data, init_source, rundir
+from train import init_source, run_tokenizer, rundir
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,7 +18,8 @@ class Run:
   config: Any                  # resolved (init_from="hf:DIR" fills in the model shape)
   mesh_shape: dict             # {"data": ..., "fsdp": ..., "tensor": ...}
   mesh: jax.sharding.Mesh
-  tokenizer: Any
+  tokenizer: Any                # stored in DIR/tokenizer/ (train/run_tokenizer.py)
+  tokenizer_note: str          # where the tokenizer came from (the run's first log line)
   model_cfg: ModelConfig
   model: Transformer
   mngr: Any                    # the orbax CheckpointManager of DIR/checkpoints
@@ -26,16 +27,18 @@ class Run:
 
 def start_run(config, workdir: str, check: Callable) -> Run:
   """Resolves and checks the config (`check(config)` -> mesh shape, raising on a bad key), writes
-  DIR/config.json, and builds the mesh, tokenizer (its ids must fit the model's vocabulary),
+  DIR/config.json, picks the tokenizer (train/init_source.py `tokenizer`; its ids must fit the
+  model's vocabulary) and stores it in DIR/tokenizer/ before the first step, and builds the mesh,
   model and checkpoint manager."""
   config = init_source.resolve(config, workdir)
   mesh_shape = check(config)
   rundir.save_config(workdir, config)
-  tokenizer = data.load_or_train_tokenizer(config)
+  tokenizer, note = init_source.tokenizer(config, workdir)
   if tokenizer.vocab_size > config.model.vocab_size:
     raise ValueError(f"config.model.vocab_size={config.model.vocab_size} is smaller than the "
                      f"tokenizer's {tokenizer.vocab_size} ids")
+  run_tokenizer.save(workdir, tokenizer)
   model_cfg = ModelConfig.from_config(config.model)
-  return Run(config, mesh_shape, sharding.make_mesh(config.mesh), tokenizer, model_cfg, Transformer(model_cfg),
-             rundir.manager(workdir, config.keep_checkpoints, config.async_checkpoints))
+  return Run(config, mesh_shape, sharding.make_mesh(config.mesh), tokenizer, note, model_cfg,
+             Transformer(model_cfg), rundir.manager(workdir, config.keep_checkpoints, config.async_checkpoints))
 
