@@ -13,7 +13,8 @@ builtin corpus hashes its documents (generated, cheap); files and TFDS splits ar
 by names, sizes and mtimes (sources.fingerprint), never by reading them.
 
 The tokenizer (config.tokenizer.path '' = train one) is trained on the first
-`tokenizer.max_training_chars` characters of the training documents, cached likewise.
+`tokenizer.max_training_chars` characters of the training documents, cached likewise; a run
+keeps the one it started with in DIR/tokenizer/ (train/run_tokenizer.py), never rebuilding it.
 
 Batches: the train rows are shuffled per epoch with config.seed (forever). Global batch s
 is shuffled rows [s*B, (s+1)*B); process p of P gets rows [s*B + p*b, s*B + (p+1)*b) with
