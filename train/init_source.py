@@ -104,29 +104,32 @@ def _explicit(config):
   return hf_tokenizer.load_tokenizer(path)
 
 
+def _same(explicit, other, message: str, hint: str) -> None:
+  """Raises UserError(message) when tokenizers `explicit` and `other` (either may be None) differ."""
+  if explicit is not None and other is not None and run_tokenizer.identity(explicit) != run_tokenizer.identity(other):
+    raise UserError(message, hint)
+
+
 def tokenizer(config, workdir: str):
   """(the tokenizer of the stage `config` in `workdir`, a note saying where it came from); see the
   module's docstring. Raises UserError when config.tokenizer.path differs from what the run
   stored or from init_from's."""
-  mine = run_tokenizer.stored(workdir) if _has_checkpoint(workdir) else None
   explicit = _explicit(config) if config.tokenizer.path else None
-  if mine is not None:
-    if explicit is not None and run_tokenizer.identity(explicit) != run_tokenizer.identity(mine):
-      raise UserError(
-          f"config.tokenizer.path={config.tokenizer.path} differs from the tokenizer this run started "
+  path = config.tokenizer.path
+  if _has_checkpoint(workdir):  # resuming
+    mine = run_tokenizer.stored(workdir)
+    if mine is None:  # a run from before DIR/tokenizer/: as it was made
+      return data.load_or_train_tokenizer(config), f"{workdir} stored no tokenizer: rebuilt from its config"
+    _same(explicit, mine, f"config.tokenizer.path={path} differs from the tokenizer this run started "
           f"with ({run_tokenizer.directory(workdir)})",
           "resume without config.tokenizer.path, or start the new tokenizer in another --workdir")
     return mine, f"tokenizer stored in {run_tokenizer.directory(workdir)}"
-  if _has_checkpoint(workdir):  # resuming a run from before DIR/tokenizer/: as it was made
-    return data.load_or_train_tokenizer(config), f"{workdir} stored no tokenizer: rebuilt from its config"
   source, note = _init_from_tokenizer(config.init_from)
+  _same(explicit, source, f"config.tokenizer.path={path} differs from the tokenizer of "
+        f"config.init_from={config.init_from} ({source and source.path})",
+        "drop config.tokenizer.path to use init_from's tokenizer, or start from a run trained with it")
   if explicit is not None:
-    if source is not None and run_tokenizer.identity(explicit) != run_tokenizer.identity(source):
-      raise UserError(
-          f"config.tokenizer.path={config.tokenizer.path} differs from the tokenizer of "
-          f"config.init_from={config.init_from} ({source.path})",
-          "drop config.tokenizer.path to use init_from's tokenizer, or start from a run trained with it")
-    return explicit, f"tokenizer {config.tokenizer.path}"
+    return explicit, f"tokenizer {path}"
   if source is not None:
     return source, note
   return data.load_or_train_tokenizer(config), "tokenizer trained on config.data"

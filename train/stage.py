@@ -7,6 +7,7 @@ from typing import Any, Callable
 
 import jax
 
+from configs.errors import UserError
 from model import sharding
 from model.transformer import ModelConfig, Transformer
 from train import init_source, run_tokenizer, rundir
@@ -18,7 +19,7 @@ class Run:
   config: Any                  # resolved (init_from="hf:DIR" fills in the model shape)
   mesh_shape: dict             # {"data": ..., "fsdp": ..., "tensor": ...}
   mesh: jax.sharding.Mesh
-  tokenizer: Any                # stored in DIR/tokenizer/ (train/run_tokenizer.py)
+  tokenizer: Any               # stored in DIR/tokenizer/ (train/run_tokenizer.py)
   tokenizer_note: str          # where the tokenizer came from (the run's first log line)
   model_cfg: ModelConfig
   model: Transformer
@@ -35,8 +36,9 @@ def start_run(config, workdir: str, check: Callable) -> Run:
   rundir.save_config(workdir, config)
   tokenizer, note = init_source.tokenizer(config, workdir)
   if tokenizer.vocab_size > config.model.vocab_size:
-    raise ValueError(f"config.model.vocab_size={config.model.vocab_size} is smaller than the "
-                     f"tokenizer's {tokenizer.vocab_size} ids")
+    raise UserError(f"config.model.vocab_size={config.model.vocab_size} is smaller than the "
+                    f"tokenizer's {tokenizer.vocab_size} ids ({note})",
+                    f"set config.model.vocab_size >= {tokenizer.vocab_size}")
   run_tokenizer.save(workdir, tokenizer)
   model_cfg = ModelConfig.from_config(config.model)
   return Run(config, mesh_shape, sharding.make_mesh(config.mesh), tokenizer, note, model_cfg,
