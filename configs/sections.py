@@ -87,7 +87,8 @@ def data() -> ml_collections.ConfigDict:
 
 
 def tokenizer() -> ml_collections.ConfigDict:
-  """path '' = train one with vocab config.model.vocab_size (train/data.py)."""
+  """path '' = the init_from run's, else train one with vocab config.model.vocab_size (train/data.py);
+  a run stores its tokenizer in DIR/tokenizer/ and keeps it (train/init_source.py `tokenizer`)."""
   return _section(
       path="",
       max_training_chars=TOKENIZER_TRAINING_CHARS,  # train on the first N characters of the corpus; 0 = all

@@ -17,7 +17,7 @@ from configs.errors import UserError
 
 from model import sharding
 from model.transformer import ModelConfig, Transformer
-from train import cli, data, loop, objectives, pairs, rundir
+from train import cli, loop, objectives, pairs, run_tokenizer, rundir
 from train.params import abstract_params
 
 
@@ -28,7 +28,7 @@ def evaluate_pairs(workdir: str, data_path: str = "", step=None) -> dict:
   if objective.packed:
     raise UserError(f"{workdir} is a {config.objective!r} run: eval.preference needs reward_model or dpo")
   mesh = sharding.make_mesh(config.mesh)
-  tok = data.load_or_train_tokenizer(config)
+  tok = run_tokenizer.load(workdir, config)
   model = Transformer(ModelConfig.from_config(config.model))
   with sharding.use_mesh(mesh):
     abs_p, p_sh, _, _ = abstract_params(model, config.seq_len, mesh, objective.extra_params)

@@ -5,9 +5,10 @@
       --config.num=4 --config.temperature=0.8 --config.top_p=0.9 --config.max_new_tokens=64
 
 Options are configs/tools.py `sample()` (repeat --config.prompts=... for several prompts).
-Rebuilds the model and tokenizer from DIR/config.json, restores the params sharded over the run's
-mesh (or a data-parallel mesh of the local devices if that one does not fit), and samples with
-`model.decode.generate_text`. config.temperature 0 is greedy; config.beam K prints beam search instead.
+Rebuilds the model from DIR/config.json, takes the tokenizer the run stored in DIR/tokenizer/,
+restores the params sharded over the run's mesh (or a data-parallel mesh of the local devices if
+that one does not fit), and samples with `model.decode.generate_text`. config.temperature 0 is greedy;
+config.beam K prints beam search instead.
 """
 from absl import logging
 import jax

@@ -130,7 +130,7 @@ def train(config, workdir: str) -> dict:
     log = run_loop.open_log(config, workdir, start)
     log.write(f"kiln: {config.objective} | {model_cfg.num_params() / 1e6:.2f}M params | mesh {mesh_shape} | "
               f"{n_prompts} prompts x {g} completions, {updates_per_iter} updates per iteration | "
-              + " | ".join(ms.notes + [source.describe()]))
+              + " | ".join(ms.notes + [source.describe(), run.tokenizer_note]))
     shown = {}  # the first completion of the latest iteration, for the console at eval steps
 
     def iteration(state, step):

@@ -13,7 +13,8 @@ builtin corpus hashes its documents (generated, cheap); files and TFDS splits ar
 by names, sizes and mtimes (sources.fingerprint), never by reading them.
 
 The tokenizer (config.tokenizer.path '' = train one) is trained on the first
-`tokenizer.max_training_chars` characters of the training documents, cached likewise.
+`tokenizer.max_training_chars` characters of the training documents, cached likewise; a run
+keeps the one it started with in DIR/tokenizer/ (train/run_tokenizer.py), never rebuilding it.
 
 Batches: the train rows are shuffled per epoch with config.seed (forever). Global batch s
 is shuffled rows [s*B, (s+1)*B); process p of P gets rows [s*B + p*b, s*B + (p+1)*b) with
@@ -30,6 +31,7 @@ import grain
 import numpy as np
 
 from configs import sections
+from configs.errors import UserError
 from model import hf_tokenizer
 from model import tokenizer as tokenizer_lib
 from train import corpus
@@ -74,6 +76,10 @@ def load_or_train_tokenizer(config) -> tokenizer_lib.Tokenizer:
   else:
     if not vocab:
       raise ValueError("config.model.vocab_size is needed to train a tokenizer (config.tokenizer.path is '')")
+    if config.data.source != "builtin" and config.objective not in ("pretrain", "sft"):
+      raise UserError(f"config.objective={config.objective!r} trains no tokenizer on its "
+                      f"config.data.source={config.data.source!r} data",
+                      "start from a run (config.init_from: its tokenizer) or give config.tokenizer.path")
     texts, identity = _tokenizer_texts(config)
     name = f"{sources.stable_hash(identity, vocab)}-{vocab}.model"
     path = os.path.join(sources.cache_dir(config), "tokenizers", name)

@@ -172,7 +172,8 @@ def train(config, workdir: str) -> dict:
     log = run_loop.open_log(config, workdir, start)
     log.write(f"kiln: {config.objective} | {n_params / 1e6:.2f}M params, {n_train / 1e6:.3f}M trainable "
               f"| mesh {mesh_shape} | {jax.device_count()} {jax.default_backend()} devices x {pcount} "
-              f"processes | {st.source}" + "".join(f" | {n}" for n in (ref_note, _describe(train_iter)) if n))
+              f"processes | {st.source}"
+              + "".join(f" | {n}" for n in (ref_note, _describe(train_iter), run.tokenizer_note) if n))
     # Pairs: one row [prompt | chosen | rejected] each, and a reference forward (1/3 of a train step).
     row_len = config.seq_len if objective.packed else train_iter.row_len
     speed = run_loop.Speed(config.batch_size * row_len,

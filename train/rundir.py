@@ -5,7 +5,7 @@
                              data iterator state, LoRA base); async saves, keep K, resume the latest
     DIR/config.json          the run's full config (the template of its evaluation)
     DIR/hf_config.json       the Hugging Face config.json the run descends from, if any
-    DIR/tokenizer/           tokenizer files copied from a Hugging Face directory, if any
+    DIR/tokenizer/           the run's tokenizer, stored when it starts (train/run_tokenizer.py)
     DIR/.lock                held by the process training in DIR (`locked`): one run per directory
 
 `init_from` reads only `params` of another run, so any stage can start from any earlier stage
@@ -21,7 +21,6 @@ import fcntl
 import json
 import logging
 import os
-import shutil
 import socket
 from typing import Any
 
@@ -37,14 +36,13 @@ from configs.errors import UserError
 from model import convert, hf_config, lora, sharding
 from model.tokenizer import Tokenizer
 from model.transformer import ModelConfig, Transformer
-from train import cli, data
+from train import cli, run_tokenizer
 from train import params as params_lib
 
 HF_PREFIX = "hf:"  # init_from="hf:/path/to/dir": a Hugging Face checkpoint directory
 CONFIG = "config.json"
 HF_CONFIG = "hf_config.json"
 LOCK = ".lock"
-HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
 
 
 class _QuietReadOnly(logging.Filter):
@@ -201,7 +199,7 @@ def restore_params(path: str, abstract_params, param_shardings, step=None, missi
   return out.params, step
 
 
-# ----------------------------------------------------------------------------- config, tokenizer
+# ----------------------------------------------------------------------------- config
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
@@ -239,18 +237,6 @@ def save_hf_config(workdir: str, hf: dict) -> None:
       json.dump(hf, f, indent=2, sort_keys=True)
 
 
-def copy_hf_tokenizer(src: str, dst: str) -> bool:
-  """Copies the HF tokenizer files of directory `src` (or src's directory) into `dst`."""
-  src = src if os.path.isdir(src) else os.path.dirname(src)
-  names = [n for n in HF_TOKENIZER_FILES if os.path.isfile(os.path.join(src, n))]
-  if not names:
-    return False
-  os.makedirs(dst, exist_ok=True)
-  for n in names:
-    shutil.copyfile(os.path.join(src, n), os.path.join(dst, n))
-  return True
-
-
 # ----------------------------------------------------------------------------- a finished run
 
 
@@ -268,7 +254,8 @@ class LoadedRun:
 
 def load_run(workdir: str, step=None, mesh=None) -> LoadedRun:
   """A run's latest (or given) params restored straight into their sharded layout on `mesh`
-  (default: all devices on the data axis), merged with LoRA adapters if the run trained adapters."""
+  (default: all devices on the data axis), merged with LoRA adapters if the run trained adapters;
+  the tokenizer is the one the run stored (train/run_tokenizer.py)."""
   config = load_config(workdir)
   mesh = mesh if mesh is not None else sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1))
   model_cfg = ModelConfig.from_config(config.model)
@@ -276,7 +263,7 @@ def load_run(workdir: str, step=None, mesh=None) -> LoadedRun:
   abstract, shardings, _, _ = params_lib.abstract_params(model, 8, mesh)
   with sharding.use_mesh(mesh):
     params, step = restore_params(workdir, abstract, shardings, step)
-  return LoadedRun(config, model_cfg, model, params, data.load_or_train_tokenizer(config), mesh, step)
+  return LoadedRun(config, model_cfg, model, params, run_tokenizer.load(workdir, config), mesh, step)
 
 
 # ----------------------------------------------------------------------------- Hugging Face
@@ -288,8 +275,8 @@ def import_hf(hf_dir: str, workdir: str) -> str:
   hf = hf_config.read(hf_dir)
   config = base.base_config()
   config.model.update(hf_config.to_model(hf, os.path.join(hf_dir, "config.json")))
-  if copy_hf_tokenizer(hf_dir, os.path.join(workdir, "tokenizer")):
-    config.tokenizer.path = os.path.abspath(os.path.join(workdir, "tokenizer"))
+  if run_tokenizer.copy_hf_files(hf_dir, run_tokenizer.directory(workdir)):
+    config.tokenizer.path = os.path.abspath(run_tokenizer.directory(workdir))
   mesh = sharding.make_mesh(config.mesh)
   model = Transformer(ModelConfig.from_config(config.model))
   abstract, shardings, _, _ = params_lib.abstract_params(model, 8, mesh)
@@ -309,7 +296,8 @@ def export_hf(workdir: str, out_dir: str, max_shard_bytes: int = 2 << 30, dtype:
 
   The family and the other config.json entries come from the run's hf_config.json when it
   started from HF; otherwise qwen2 if the model has qkv bias, else llama. The run's tokenizer
-  files are copied when it used a HF tokenizer. `dtype` ("bfloat16", ...) casts on the way out.
+  files are copied when it used a HF tokenizer (the stored ones; a run from before
+  DIR/tokenizer/: those of its config.tokenizer.path). `dtype` ("bfloat16", ...) casts on the way out.
   """
   config = load_config(workdir)
   model = dict(config.model)
@@ -323,8 +311,10 @@ def export_hf(workdir: str, out_dir: str, max_shard_bytes: int = 2 << 30, dtype:
   out_dtype = str(next(iter(tensors.values())).dtype)
   hf = hf_config.from_model(model, read_hf_config(workdir), out_dtype)
   files = convert.save_hf(tensors, hf, out_dir, max_shard_bytes)
-  if config.tokenizer.path:
-    copy_hf_tokenizer(os.path.expanduser(config.tokenizer.path), out_dir)
+  if os.path.isdir(run_tokenizer.directory(workdir)):
+    run_tokenizer.copy_hf_files(run_tokenizer.directory(workdir), out_dir)
+  elif config.tokenizer.path:
+    run_tokenizer.copy_hf_files(os.path.expanduser(config.tokenizer.path), out_dir)
   return files
 
 

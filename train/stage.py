@@ -12,7 +12,7 @@ import jax
 from configs.errors import UserError
 from model import sharding
 from model.transformer import ModelConfig, Transformer
-from train import data, init_source, rundir
+from train import init_source, run_tokenizer, rundir
 
 # Keys (and sections) a resumed run may not change: its checkpoint holds params of their shape.
 FIXED_ON_RESUME = ("config.model.", "config.tokenizer.", "config.objective", "config.lora.rank",
@@ -25,7 +25,8 @@ class Run:
   config: Any                  # resolved (init_from="hf:DIR" fills in the model shape)
   mesh_shape: dict             # {"data": ..., "fsdp": ..., "tensor": ...}
   mesh: jax.sharding.Mesh
-  tokenizer: Any
+  tokenizer: Any               # stored in DIR/tokenizer/ (train/run_tokenizer.py)
+  tokenizer_note: str          # where the tokenizer came from (the run's first log line)
   model_cfg: ModelConfig
   model: Transformer
   mngr: Any                    # the orbax CheckpointManager of DIR/checkpoints
@@ -89,8 +90,9 @@ def check_resume(config, workdir: str) -> list:
 def start_run(config, workdir: str, check: Callable) -> Run:
   """Resolves and checks the config (`check(config)` -> mesh shape, raising on a bad key) and what it
   starts from, compares it with the saved config of a resumed run (check_resume), then writes
-  DIR/config.json, and builds the mesh, tokenizer (its ids must fit the model's vocabulary), model
-  and checkpoint manager. A rejected launch leaves DIR/config.json as it was."""
+  DIR/config.json, picks the tokenizer (train/init_source.py `tokenizer`; its ids must fit the
+  model's vocabulary) and stores it in DIR/tokenizer/ before the first step, and builds the mesh,
+  model and checkpoint manager. A rejected launch leaves DIR/config.json as it was."""
   check_sources(config)
   resolved = init_source.resolve(config)
   mesh_shape = check(resolved)
@@ -99,12 +101,14 @@ def start_run(config, workdir: str, check: Callable) -> Run:
     for line in changed:
       print(f"resume: {line}", flush=True)
   config = init_source.resolve(config, workdir)  # the same, now writing DIR/hf_config.json
-  rundir.save_config(workdir, config)
-  tokenizer = data.load_or_train_tokenizer(config)
+  tokenizer, note = init_source.tokenizer(config, workdir)
   if tokenizer.vocab_size > config.model.vocab_size:
     raise UserError(f"config.model.vocab_size={config.model.vocab_size} is smaller than the "
-                    f"tokenizer's {tokenizer.vocab_size} ids")
+                    f"tokenizer's {tokenizer.vocab_size} ids ({note})",
+                    f"set config.model.vocab_size >= {tokenizer.vocab_size}")
+  rundir.save_config(workdir, config)
+  run_tokenizer.save(workdir, tokenizer)
   model_cfg = ModelConfig.from_config(config.model)
-  return Run(config, mesh_shape, sharding.make_mesh(config.mesh), tokenizer, model_cfg, Transformer(model_cfg),
-             rundir.manager(workdir, config.keep_checkpoints, config.async_checkpoints))
+  return Run(config, mesh_shape, sharding.make_mesh(config.mesh), tokenizer, note, model_cfg,
+             Transformer(model_cfg), rundir.manager(workdir, config.keep_checkpoints, config.async_checkpoints))
 
