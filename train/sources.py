@@ -133,9 +133,9 @@ class Counts:
   def check(self, origin: str) -> None:
     """UserError naming `origin` when records were read but none is left to train on."""
     if self.total and not self.kept:
-      why = (f"longer than {self.limit}" if self.dropped == self.total
-             else f"longer than {self.limit} or with chosen == rejected")
-      raise UserError(f"{origin}: all {self.total:,} {self.what} are {why}; nothing is left",
+      why = " or ".join(w for n, w in ((self.dropped, f"are longer than {self.limit}"),
+                                       (self.identical, "have chosen == rejected")) if n)
+      raise UserError(f"{origin}: all {self.total:,} {self.what} {why}; nothing is left",
                       hint=f"raise {self.limit.split('=')[0]} or set config.data.overlong=truncate"
                       if self.dropped else "give pairs whose chosen and rejected answers differ")
 
