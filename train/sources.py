@@ -135,9 +135,11 @@ class Counts:
     if self.total and not self.kept:
       why = " or ".join(w for n, w in ((self.dropped, f"are longer than {self.limit}"),
                                        (self.identical, "have chosen == rejected")) if n)
+      key = self.limit.split("=")[0]
+      hint = {"drop": f"raise {key} or set config.data.overlong=truncate",
+              "truncate": f"raise {key}: cut to it, none keeps a token to train on"}[self.mode]
       raise UserError(f"{origin}: all {self.total:,} {self.what} {why}; nothing is left",
-                      hint=f"raise {self.limit.split('=')[0]} or set config.data.overlong=truncate"
-                      if self.dropped else "give pairs whose chosen and rejected answers differ")
+                      hint=hint if self.dropped else "give pairs whose chosen and rejected answers differ")
 
 
 def origin(config, split: str) -> str:
