@@ -9,7 +9,7 @@
 A prompt is rendered with `data.chat_template` and its generation prompt, then left-padded to
 `rl.max_prompt_len`. A JSONL prompt longer than that is dropped at start (`data.overlong` "drop")
 or cut from the left ("truncate", so the generation prompt survives), and counted (`describe`,
-`warning`); a built-in problem is never longer.
+`warning`). A built-in problem is cut, uncounted (1 in 5,000 passes 64 tokens, by one).
 """
 import dataclasses
 from typing import Optional
