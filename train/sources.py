@@ -349,17 +349,23 @@ def _tfds_docs(source, config, name: str):
   d = config.data
   for i in range(min(len(source), d.max_documents or len(source))):
     ex, where = source[i], f"tfds {name}[{i}]"
-    raw = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in ex.items()}
+    raw = {k: (_str(v, where) if isinstance(v, bytes) else v) for k, v in ex.items()}
     msgs = raw.get("messages")
     if isinstance(msgs, dict):  # {"role": [...], "content": [...]}
-      msgs = [{"role": _str(r), "content": _str(c)} for r, c in zip(msgs["role"], msgs["content"])]
+      msgs = [{"role": _str(r, where), "content": _str(c, where)} for r, c in zip(msgs["role"], msgs["content"])]
       raw["messages"] = msgs or None
     raw = {k: v for k, v in raw.items() if not (v is None or (isinstance(v, str) and not v))}
     yield _select(_normalize(raw, d.text_key, where), config.objective, where)
 
 
-def _str(x) -> str:
-  return x.decode() if isinstance(x, bytes) else str(x)
+def _str(x, where: str) -> str:
+  """A TFDS Text value as str; bytes that are not UTF-8 raise UserError naming `where`."""
+  if not isinstance(x, bytes):
+    return str(x)
+  try:
+    return x.decode()
+  except UnicodeDecodeError as e:
+    raise UserError(f"{where}: not UTF-8 (byte 0x{x[e.start]:02x} at offset {e.start})") from None
 
 
 # ----------------------------------------------------------------------------- documents
