@@ -17,7 +17,7 @@ from configs.errors import UserError
 
 from model import sharding
 from model.transformer import ModelConfig, Transformer
-from train import cli, loop, objectives, pairs, run_tokenizer, rundir
+from train import cli, loop, objectives, pairs, run_tokenizer, rundir, sources
 from train.params import abstract_params
 
 
@@ -37,7 +37,8 @@ def evaluate_pairs(workdir: str, data_path: str = "", step=None) -> dict:
     if objective.needs_reference(config):
       abs_m, m_sh, _, _ = abstract_params(model, config.seq_len, mesh)
       ref, _ = rundir.restore_params(config.init_from, abs_m, m_sh)
-    ps = (pairs.load_file(data_path, tok, config.seq_len, config.data.chat_template) if data_path
+    ps = (pairs.load_file(data_path, tok, config.seq_len, config.data.chat_template,
+                          sources.overlong(config)) if data_path
           else pairs.load(config, tok, "eval"))
     batches = pairs.ordered_batches(ps, config.batch_size, jax.process_index(), jax.process_count())
     fn = jax.jit(lambda p, r, b: objective.loss(p, b, model, objectives.Context(config, r)))

@@ -9,7 +9,11 @@ Rebuilds the model from DIR/config.json, takes the tokenizer the run stored in D
 restores the params sharded over the run's mesh (or a data-parallel mesh of the local devices if
 that one does not fit), and samples with `model.decode.generate_text`. config.temperature 0 is greedy;
 config.beam K prints beam search instead.
+A prompt whose tokens + config.max_new_tokens pass the run's config.seq_len (positions it was never
+trained on) gets a warning line on stderr.
 """
+import sys
+
 from absl import logging
 import jax
 import numpy as np
@@ -31,13 +35,29 @@ def load(workdir: str, step=None) -> rundir.LoadedRun:
   return rundir.load_run(workdir, step, mesh)
 
 
+def prompt_ids(tok, prompt: str, chat: bool, template: str) -> list[int]:
+  """A prompt's token ids as sampling encodes them (chat: template + generation prompt; else bos + text)."""
+  if chat:
+    return apply_chat_template(tok, [{"role": "user", "content": prompt}], template, True)[0]
+  return tok.encode(prompt, add_bos=True)
+
+
+def context_warnings(tok, prompts, chat: bool, template: str, max_new_tokens: int, seq_len: int) -> list[str]:
+  """One line per prompt whose tokens + max_new_tokens pass seq_len, the context the run was trained on."""
+  out = []
+  for i, p in enumerate(prompts):
+    n = len(prompt_ids(tok, p, chat, template))
+    if n + max_new_tokens > seq_len:
+      out.append(f"warning: prompt {i + 1} is {n:,} tokens; with config.max_new_tokens={max_new_tokens} it "
+                 f"reaches {n + max_new_tokens:,} positions, past the config.seq_len={seq_len} the run was "
+                 f"trained on ({(n + max_new_tokens) / seq_len:.1f}x): shorten it or expect degraded text")
+  return out
+
+
 def beam_text(params, cfg, tok, prompt: str, chat: bool, template: str, width: int, max_new_tokens: int):
   """[(text, score)] of the beams of one prompt, best first."""
-  if chat:
-    ids = apply_chat_template(tok, [{"role": "user", "content": prompt}], template, True)[0]
-    stops = [stop_id(tok, template), tok.eos_id]
-  else:
-    ids, stops = tok.encode(prompt, add_bos=True), [tok.eos_id]
+  ids = prompt_ids(tok, prompt, chat, template)
+  stops = [stop_id(tok, template), tok.eos_id] if chat else [tok.eos_id]
   seqs, scores, _, lengths = decode.beam_generate(params, cfg, np.array([ids]), width=width,
                                                   max_new_tokens=max_new_tokens, stop_ids=stops,
                                                   pad_id=tok.pad_id)
@@ -55,6 +75,8 @@ def print_samples(workdir: str, a) -> None:
   config, cfg, params, tok, mesh, step = run.config, run.model_cfg, run.params, run.tokenizer, run.mesh, run.step
   template = config.data.get("chat_template", "chatml")
   print(f"# {workdir} step {step} | {cfg.num_params() / 1e6:.2f}M params")
+  for line in context_warnings(tok, a.prompts, a.chat, template, a.max_new_tokens, config.seq_len):
+    print(line, file=sys.stderr)
   if a.beam:  # one prompt at a time: width rows need not divide over the mesh
     for p in a.prompts:
       for i, (text, score) in enumerate(beam_text(params, cfg, tok, p, a.chat, template, a.beam,

@@ -105,7 +105,7 @@ def train(config, workdir: str) -> dict:
   with sharding.use_mesh(mesh):
     ms = setup_models(config, workdir, model, tx, mesh, mngr)
     frozen, start, meta, cmngr, ref, rm = ms.frozen, ms.start, ms.meta, ms.cmngr, ms.ref, ms.rm
-    source = prompts.make_source(config, need_answer=any(k in weights for k in ANSWER_REWARDS))
+    source = prompts.make_source(config, any(k in weights for k in ANSWER_REWARDS), tok)
     eval_problems = prompts.heldout_problems(config) if r.num_eval_problems else []
     kl_state = kl.init_kl_controller(r.beta if use_ref else 0.0, r.kl_target or None, r.kl_horizon)
     key = jax.random.key(config.seed)
@@ -131,6 +131,8 @@ def train(config, workdir: str) -> dict:
     log.write(f"kiln: {config.objective} | {model_cfg.num_params() / 1e6:.2f}M params | mesh {mesh_shape} | "
               f"{n_prompts} prompts x {g} completions, {updates_per_iter} updates per iteration | "
               + " | ".join(ms.notes + [source.describe(), run.tokenizer_note]))
+    if warning := source.warning():
+      log.write(warning)
     shown = {}  # the first completion of the latest iteration, for the console at eval steps
 
     def iteration(state, step):

@@ -7,13 +7,16 @@
   endless per-epoch shuffle (seed config.seed). State = prompts consumed. Errors name file:line.
 
 A prompt is rendered with `data.chat_template` and its generation prompt, then left-padded to
-`rl.max_prompt_len` (cut from the left if longer, so the generation prompt survives).
+`rl.max_prompt_len`. A JSONL prompt longer than that is dropped at start (`data.overlong` "drop")
+or cut from the left ("truncate", so the generation prompt survives), and counted (`describe`,
+`warning`). A built-in problem is cut, uncounted (1 in 5,000 passes 64 tokens, by one).
 """
 import dataclasses
 from typing import Optional
 
 import numpy as np
 
+from configs.errors import UserError
 from model import tokenizer as tokenizer_lib
 from model.decode import left_pad
 from train import corpus, sources
@@ -30,8 +33,8 @@ def from_problem(p: corpus.Problem) -> Prompt:
 
 
 def parse_record(rec, where: str) -> Prompt:
-  """A JSON record -> Prompt; ValueError names `where` (file:line)."""
-  bad = lambda msg: ValueError(f"{where}: {msg}")
+  """A JSON record -> Prompt; UserError names `where` (file:line)."""
+  bad = lambda msg: UserError(f"{where}: {msg}")
   if not isinstance(rec, dict):
     raise bad(f"expected a JSON object, got {type(rec).__name__}")
   if ("prompt" in rec) == ("messages" in rec):
@@ -62,18 +65,21 @@ def read_jsonl(path: str, need_answer: bool = False) -> list:
   for where, rec in sources.jsonl_records(path):
     p = parse_record(rec, where)
     if need_answer and p.answer is None:
-      raise ValueError(f"{where}: needs an 'answer' (a reward function compares against it)")
+      raise UserError(f"{where}: needs an 'answer' (a reward function compares against it)",
+                      hint="add \"answer\" to every record, or set the answer rewards' weights to 0")
     out.append(p)
   if not out:
-    raise ValueError(f"{path}: no prompts")
+    raise UserError(f"{path}: no prompts")
   return out
 
 
 class PromptSource:
-  """`next()` -> the prompts of one iteration; get_state / set_state for resuming."""
+  """`next()` -> the prompts of one iteration; get_state / set_state for resuming. `counts`: what
+  became of the JSONL records (sources.Counts)."""
 
-  def __init__(self, n: int, seed: int, records: Optional[list] = None):
-    self.n, self.seed, self.records = n, seed, records
+  def __init__(self, n: int, seed: int, records: Optional[list] = None,
+               counts: Optional[sources.Counts] = None):
+    self.n, self.seed, self.records, self.counts = n, seed, records, counts
     self.iteration = 0   # builtin
     self.consumed = 0    # jsonl
 
@@ -100,14 +106,31 @@ class PromptSource:
   def describe(self) -> str:
     if self.records is None:
       return f"prompts: {self.n} fresh built-in problems per iteration"
-    return f"prompts: {self.n} per iteration from {len(self.records)} jsonl records"
+    note = self.counts.note() if self.counts else f"{len(self.records)} jsonl prompts"
+    return f"prompts: {self.n} per iteration from {note}"
+
+  def warning(self) -> str:
+    return self.counts.warning() if self.counts else ""
 
 
-def make_source(config, need_answer: bool) -> PromptSource:
+def fit(records: list, tok, template: str, width: int, overlong: str, path: str):
+  """(the records kept, their sources.Counts): prompts longer than `width` tokens are dropped
+  (overlong "drop") or kept to be cut from the left by `encode` ("truncate")."""
+  long = [len(_ids(tok, p, template)) > width for p in records]
+  counts = sources.Counts("jsonl prompts", f"config.rl.max_prompt_len={width}", overlong, len(records),
+                          **({"dropped": sum(long)} if overlong == "drop" else {"truncated": sum(long)}))
+  counts.check(path)
+  return [p for p, cut in zip(records, long) if not (cut and overlong == "drop")], counts
+
+
+def make_source(config, need_answer: bool, tok) -> PromptSource:
   n = config.batch_size // config.rl.num_generations
   if config.rl.prompts == "builtin":
     return PromptSource(n, config.seed)
-  return PromptSource(n, config.seed, read_jsonl(config.rl.prompts_path, need_answer))
+  path = config.rl.prompts_path
+  records, counts = fit(read_jsonl(path, need_answer), tok, config.data.chat_template,
+                        config.rl.max_prompt_len, sources.overlong(config), path)
+  return PromptSource(n, config.seed, records, counts)
 
 
 def heldout_problems(config) -> list:
@@ -118,14 +141,18 @@ def heldout_problems(config) -> list:
   recs = read_jsonl(config.rl.eval_path, need_answer=True)[:n]
   for i, p in enumerate(recs):
     if len(p.messages) != 1 or p.messages[0]["role"] != "user":
-      raise ValueError(f"{config.rl.eval_path}: record {i + 1} must be a {{'prompt', 'answer'}} record")
+      raise UserError(f"{config.rl.eval_path}: record {i + 1} must be a {{'prompt', 'answer'}} record")
   return [corpus.Problem(p.messages[0]["content"], "", p.answer) for p in recs]
+
+
+def _ids(tok, prompt: Prompt, template: str) -> list[int]:
+  """The token ids of a prompt with its generation prompt."""
+  return tokenizer_lib.apply_chat_template(tok, list(prompt.messages), template, add_generation_prompt=True)[0]
 
 
 def encode(tok, prompts: list, template: str, width: int):
   """(tokens, mask) int32 [len(prompts), width], left-padded; longer prompts lose their start."""
-  seqs = [tokenizer_lib.apply_chat_template(tok, list(p.messages), template,
-                                            add_generation_prompt=True)[0][-width:] for p in prompts]
+  seqs = [_ids(tok, p, template)[-width:] for p in prompts]
   tokens, mask = left_pad(seqs, tok.pad_id)
   pad = width - tokens.shape[1]
   return (np.pad(tokens, ((0, 0), (pad, 0)), constant_values=tok.pad_id),

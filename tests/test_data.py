@@ -56,13 +56,15 @@ def test_pack_concat_by_hand():
 
 
 def test_pack_best_fit_by_hand():
-  examples = [ex(100, 5), ex(200, 6), ex(300, 3), ex(400, 2), ex(500, 11)]  # the last -> 8 + 3
+  examples = [ex(100, 5), ex(200, 6), ex(300, 3), ex(400, 2), ex(500, 8), ex(600, 3)]
   rows = list(P.pack_rows(examples, seq_len=8, pad_id=0, buffer=3))
   firsts = [[int(r[0][r[3] == 0][s]) for s in range(r[2].max())] for r in rows]
-  assert firsts == [[100, 300], [200, 400], [500], [508]]
-  assert [r[2].tolist() for r in rows][:2] == [[1] * 5 + [2] * 3, [1] * 6 + [2] * 2]
+  assert firsts == [[100, 300], [200, 400], [500], [600]]
+  assert [r[2].tolist() for r in rows][:3] == [[1] * 5 + [2] * 3, [1] * 6 + [2] * 2, [1] * 8]
   assert rows[3][2].tolist() == [1, 1, 1, 0, 0, 0, 0, 0] and rows[3][3].tolist() == [0, 1, 2, 0, 0, 0, 0, 0]
   assert rows[1][4].tolist() == [1] * 8 and not rows[3][4][3:].any()
+  with pytest.raises(ValueError, match="11 positions"):  # a conversation is never split: fit() it first
+    list(P.pack_rows([ex(500, 11)], seq_len=8))
 
 
 def next_fit_rows(lengths, seq_len):
@@ -76,11 +78,12 @@ def next_fit_rows(lengths, seq_len):
 @pytest.mark.parametrize("objective", ["pretrain", "sft"])
 def test_packing_keeps_every_token_once(tok, tmp_path, objective):
   c = make_config(tmp_path, tok, objective)
+  c.seq_len = L = 64 if objective == "pretrain" else 192  # sft: 14 of 200 conversations are longer
   path = D.prepare_split(c, tok, "train")
   rows = read_rows(path)
   got = []  # per segment: [3, k] inputs, targets, loss_mask
   for r in rows:
-    assert all(v.shape == (64,) for v in r.values())
+    assert all(v.shape == (L,) for v in r.values())
     seg, pad = r["segment_ids"], r["segment_ids"] == 0
     assert np.all(np.diff(seg[~pad]) == (np.diff(seg[~pad]) > 0)) and (not pad.any() or pad[np.argmax(pad):].all())
     assert not r["loss_mask"][pad].any() and not r["positions"][pad].any()
@@ -102,11 +105,12 @@ def test_packing_keeps_every_token_once(tok, tmp_path, objective):
     np.testing.assert_array_equal(np.concatenate(got, 1), np.concatenate(want, 1))
     assert all((r["segment_ids"] > 0).all() for r in rows[:-1])
     assert len(want) <= len(got) < len(want) + len(rows)
-  else:  # whole conversations (chunked only when longer than a row), in any order
-    chunks = [w[:, i:i + 64] for w in want for i in range(0, w.shape[1], 64)]
-    assert sorted(g.tobytes() for g in got) == sorted(w.tobytes() for w in chunks)
-    lengths = [w.shape[1] for w in want]
-    assert len(rows) < 0.9 * next_fit_rows(lengths, 64)
+  else:  # whole conversations that fit a row, in any order; longer ones dropped and counted
+    fits = [w for w in want if w.shape[1] <= L]
+    assert sorted(g.tobytes() for g in got) == sorted(w.tobytes() for w in fits)
+    assert meta["dropped"] == len(want) - len(fits) > 0 and meta["truncated"] == 0
+    lengths = [w.shape[1] for w in fits]
+    assert len(rows) < 0.9 * next_fit_rows(lengths, L)
     assert 0 < np.concatenate(got, 1)[2].mean() < 0.7  # the prompt is masked
   assert meta["fill"] > (0.99 if objective == "pretrain" else 0.8)
 

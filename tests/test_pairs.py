@@ -77,7 +77,7 @@ def test_one_row_per_pair_and_targets_are_exactly_the_completions(tok, template,
 
 def test_too_long_cuts_the_prompt_from_the_left_and_both_share_it(tok):
   recs = [("r", ([{"role": "user", "content": "word " * 60}], "short answer", "a much much longer answer"))]
-  ps = pairs.encode_records(tok, recs, 40, "chatml")
+  ps = pairs.encode_records(tok, recs, 40, "chatml", overlong="truncate")
   assert ps.truncated == 1
   b = pairs.make_batch(ps, np.array([0]))
   p = int(ps.columns["prompt_lengths"][0])
@@ -122,7 +122,7 @@ def test_jsonl_source_holds_out_every_50th_record(tmp_path, tok):
 
 
 def test_process_slices_resume_and_epochs(tmp_path, tok):
-  c = make_config(tmp_path, tok, batch_size=8, num_documents=60)
+  c = make_config(tmp_path, tok, batch_size=8, num_documents=60, overlong="truncate")
   ps = pairs.load(c, tok, "train")
   one = pairs.make_batches(c, tok, "train")
   parts = [pairs.make_batches(c, tok, "train", p, 2) for p in range(2)]
@@ -143,7 +143,7 @@ def test_process_slices_resume_and_epochs(tmp_path, tok):
 
 
 def test_eval_batches_cover_every_pair_once(tmp_path, tok):
-  c = make_config(tmp_path, tok, batch_size=8, num_documents=1000)   # 20 held-out pairs
+  c = make_config(tmp_path, tok, batch_size=8, num_documents=1000, overlong="truncate")  # 20 held-out pairs
   batches = pairs.make_batches(c, tok, "eval")
   assert len(batches) == 3 and sum(b["weight"].sum() for b in batches) == 20
   assert batches[-1]["weight"].tolist() == [1] * 4 + [0] * 4

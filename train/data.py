@@ -2,13 +2,15 @@
 
 Documents come from train/sources.py (`config.data.source`: builtin, text, jsonl, tfds)
 and are packed by train/packing.py: pretraining concatenates documents and splits them
-at row ends (every row full but the last), SFT packs whole conversations best-fit.
+at row ends (every row full but the last), SFT packs whole conversations best-fit; one
+longer than seq_len is dropped or cut to fit (config.data.overlong), and counted.
 
 Preparation streams: documents are read, tokenized, packed and written one at a time, so
 a split never has to fit in memory. It runs once per (documents, tokenizer, seq_len,
-objective, template, PACK_VERSION) and is cached in
+objective, template, overlong, PACK_VERSION) and is cached in
 `data.cache_dir/packed/<key>/rows.array_record` (one record per row, int32 [5, seq_len],
-see packing.FIELDS) next to meta.json (rows, documents, tokens, fill). The key of the
+see packing.FIELDS) next to meta.json (rows, documents, dropped, truncated, tokens, fill),
+which the train iterator's `describe` and `warning` report. The key of the
 builtin corpus hashes its documents (generated, cheap); files and TFDS splits are keyed
 by names, sizes and mtimes (sources.fingerprint), never by reading them.
 
@@ -103,11 +105,17 @@ def _documents_and_identity(config, split: str):
   return sources.iter_documents(config, split), sources.fingerprint(config, split)
 
 
+def _overlong(config) -> str:
+  """data.overlong for SFT; "" for pretraining, whose documents are always split."""
+  return sources.overlong(config) if config.objective == "sft" else ""
+
+
 def _split_key(config, tok, split: str, identity) -> str:
   d = config.data
   return sources.stable_hash(
       packing.PACK_VERSION, d.source, config.objective, split, config.seq_len, d.num_documents,
-      d.chat_template, bool(d.train_on_prompt), hashlib.sha1(tok.model_proto).hexdigest(), identity)
+      d.chat_template, bool(d.train_on_prompt), _overlong(config),
+      hashlib.sha1(tok.model_proto).hexdigest(), identity)
 
 
 def _write_rows(path: str, rows) -> dict:
@@ -127,7 +135,7 @@ def _write_rows(path: str, rows) -> dict:
 
 def prepare_split(config, tokenizer, split: str) -> str:
   """Tokenizes and packs a split once, streaming; returns the cached rows.array_record path."""
-  d, tok, seq_len = config.data, tokenizer, config.seq_len
+  d, tok, seq_len, overlong = config.data, tokenizer, config.seq_len, _overlong(config)
   docs, identity = _documents_and_identity(config, split)
   key = _split_key(config, tok, split, identity)
   final = os.path.join(sources.cache_dir(config), "packed", key)
@@ -136,19 +144,26 @@ def prepare_split(config, tokenizer, split: str) -> str:
     return path
   os.makedirs(os.path.dirname(final), exist_ok=True)
   tmp = tempfile.mkdtemp(dir=os.path.dirname(final), prefix=f".{key}.")
-  count = {"documents": 0}
+  count = {"documents": 0, "dropped": 0, "truncated": 0}
 
   def examples():
     for doc in docs:
       count["documents"] += 1
-      yield packing.tokenize_document(tok, doc, config.objective, d.chat_template, d.train_on_prompt)
+      example = packing.tokenize_document(tok, doc, config.objective, d.chat_template, d.train_on_prompt)
+      if overlong:  # sft
+        fate, example = packing.fit(example, seq_len, overlong)
+        if fate != "kept":
+          count[fate] += 1
+      if example is not None:
+        yield example
 
   try:
     rows = packing.pack_rows(examples(), seq_len, tok.pad_id,
                              split_documents=config.objective == "pretrain")
     stats = _write_rows(os.path.join(tmp, "rows.array_record"), rows)
+    split_counts(config, split, count).check(sources.origin(config, split))
     if stats["rows"] == 0:
-      raise ValueError(f"{split} split of config.data.source={d.source!r} has no tokens")
+      raise UserError(f"the {split} split of {sources.origin(config, split)} has no tokens")
     with open(os.path.join(tmp, "meta.json"), "w") as f:
       json.dump(dict(stats, split=split, seq_len=seq_len, fill=stats["tokens"] / (stats["rows"] * seq_len),
                      **count), f)
@@ -157,6 +172,13 @@ def prepare_split(config, tokenizer, split: str) -> str:
     raise
   sources.publish(tmp, final)
   return path
+
+
+def split_counts(config, split: str, meta: dict) -> sources.Counts:
+  """The documents of a split (meta.json of its rows) as Counts: read, dropped, cut to seq_len."""
+  what = f"{split} " + ("conversations" if config.objective == "sft" else "documents")
+  return sources.Counts(what, f"config.seq_len={config.seq_len}", _overlong(config) or "drop",
+                        meta["documents"], meta.get("dropped", 0), meta.get("truncated", 0))
 
 
 def prepare(config) -> dict:
@@ -178,16 +200,25 @@ def _local_batch(config, process_index: int, process_count: int) -> int:
   return B // process_count
 
 
-def _rows(config, tok, split: str) -> grain.MapDataset:
-  return grain.MapDataset.source(grain.sources.ArrayRecordDataSource([prepare_split(config, tok, split)]))
+def _meta(rows_path: str) -> dict:
+  with open(os.path.join(os.path.dirname(rows_path), "meta.json")) as f:
+    return json.load(f)
 
 
 class BatchIterator:
-  """This process's slices of the global train batches, forever; state = global batches consumed."""
+  """This process's slices of the global train batches, forever; state = global batches consumed.
+  `counts`: what became of the split's documents (sources.Counts), for the start line."""
 
-  def __init__(self, batches: grain.MapDataset, read_options: grain.ReadOptions):
-    self._batches, self._read_options = batches, read_options
+  def __init__(self, batches: grain.MapDataset, read_options: grain.ReadOptions,
+               counts: sources.Counts):
+    self._batches, self._read_options, self.counts = batches, read_options, counts
     self.set_state({"step": 0})
+
+  def describe(self) -> str:
+    return self.counts.note()
+
+  def warning(self) -> str:
+    return self.counts.warning()
 
   def __iter__(self):
     return self
@@ -210,11 +241,14 @@ def make_batch_iterator(config, tokenizer, split: str = "train", process_index: 
   """Endless shuffled batches {inputs, targets, segment_ids, positions, loss_mask}, each [b, seq_len]."""
   b = _local_batch(config, process_index, process_count)
   seed = int(np.random.SeedSequence(config.seed).generate_state(1)[0])  # grain reseeds epoch e with seed+e
-  rows = _rows(config, tokenizer, split).shuffle(seed).repeat().map(packing.parse_row)
+  path = prepare_split(config, tokenizer, split)
+  rows = grain.MapDataset.source(grain.sources.ArrayRecordDataSource([path]))
+  rows = rows.shuffle(seed).repeat().map(packing.parse_row)
   # Batch s*P + p = rows [s*B + p*b, s*B + (p+1)*b). drop_remainder=True because grain
   # sizes a batched infinite dataset with math.ceil(float), which overflows for b = 1.
   batches = rows.batch(b, drop_remainder=True)[process_index::process_count]
-  return BatchIterator(batches, grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
+  return BatchIterator(batches, grain.ReadOptions(num_threads=2, prefetch_buffer_size=4),
+                       split_counts(config, split, _meta(path)))
 
 
 def make_eval_batches(config, tokenizer, process_index: int = 0, process_count: int = 1,

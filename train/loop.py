@@ -133,6 +133,11 @@ def _describe(batches) -> str:
   return batches.describe() if hasattr(batches, "describe") else ""
 
 
+def _warning(batches) -> str:
+  """The iterator's line on training records it dropped, cut or skipped ("" = none)."""
+  return batches.warning() if hasattr(batches, "warning") else ""
+
+
 def _check(config) -> dict:
   mesh_shape = validate(config, jax.device_count(), jax.process_count())
   objectives.get(config.objective).check(config)
@@ -174,6 +179,8 @@ def train(config, workdir: str) -> dict:
               f"| mesh {mesh_shape} | {jax.device_count()} {jax.default_backend()} devices x {pcount} "
               f"processes | {st.source}"
               + "".join(f" | {n}" for n in (ref_note, _describe(train_iter), run.tokenizer_note) if n))
+    if warning := _warning(train_iter):
+      log.write(warning)
     # Pairs: one row [prompt | chosen | rejected] each, and a reference forward (1/3 of a train step).
     row_len = config.seq_len if objective.packed else train_iter.row_len
     speed = run_loop.Speed(config.batch_size * row_len,

@@ -9,12 +9,12 @@ Two packers (`pack_rows` picks one):
 - concatenate and split (pretraining): pieces fill every row to the last position; a
   document that does not fit ends the current row and continues in the next ones.
   Only the final row has padding.
-- best fit from a buffer (SFT): a conversation is never split unless it is longer than
-  seq_len (then into seq_len chunks, each its own piece). Pieces wait in a buffer of
-  `buffer` pending pieces; each row takes the oldest one, then the longest ones that
-  still fit. Memory stays O(buffer * seq_len) for any number of documents, and on
-  short conversations the fill is within a fraction of a percent of first-fit-decreasing
-  over the whole split.
+- best fit from a buffer (SFT): a conversation is never split; one longer than seq_len is
+  dropped or cut to its first seq_len positions first (`fit`, config.data.overlong). Pieces
+  wait in a buffer of `buffer` pending pieces; each row takes the oldest one, then the
+  longest ones that still fit. Memory stays O(buffer * seq_len) for any number of
+  documents, and on short conversations the fill is within a fraction of a percent of
+  first-fit-decreasing over the whole split.
 """
 import bisect
 import collections
@@ -26,7 +26,7 @@ import numpy as np
 from model import tokenizer as tokenizer_lib
 
 FIELDS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
-PACK_VERSION = 2  # bump when rows change for the same documents (it is in every cache key)
+PACK_VERSION = 3  # bump when rows change for the same documents (it is in every cache key)
 BUFFER = 256  # pending pieces the SFT packer chooses from
 
 
@@ -82,16 +82,31 @@ def pack_concat(examples, seq_len: int, pad_id: int = 0):
     yield row
 
 
-def _chunks(examples, seq_len: int):
-  """Yields the pieces [3, k], k <= seq_len, of each example: itself, or seq_len chunks if longer."""
+def fit(example, seq_len: int, overlong: str):
+  """(what became of an SFT example (ids, mask), the example or None): an example of n + 1 tokens
+  with n <= seq_len predicted positions is "kept"; a longer one is "dropped" (overlong "drop"), or
+  "truncated" to its first seq_len + 1 tokens ("truncate"; "dropped" if no loss token is left)."""
+  ids, mask = example
+  if len(ids) - 1 <= seq_len:
+    return "kept", example
+  if overlong == "drop" or not any(mask[1:seq_len + 1]):
+    return "dropped", None
+  return "truncated", (ids[:seq_len + 1], mask[:seq_len + 1])
+
+
+def _pieces(examples, seq_len: int):
+  """Yields each non-empty example as a piece [3, n], n <= seq_len (longer: ValueError, `fit` first)."""
   for example in examples:
     x = _shifted(example)  # [3, n]
-    for start in range(0, x.shape[1], seq_len):
-      yield x[:, start:start + seq_len]
+    if x.shape[1] > seq_len:
+      raise ValueError(f"an example of {x.shape[1]} positions does not fit in a row of {seq_len}: fit() it")
+    if x.shape[1]:
+      yield x
 
 
 def pack_best_fit(examples, seq_len: int, pad_id: int = 0, buffer: int = BUFFER):
-  """Greedy packing from a buffer of pending pieces; yields rows [5, seq_len].
+  """Greedy packing of examples of at most seq_len positions from a buffer of pending pieces;
+  yields rows [5, seq_len].
 
   Each row takes the oldest pending piece (so none waits more than `buffer` rows), then
   the longest pending pieces that still fit. buffer=1 gives every piece its own row.
@@ -99,7 +114,7 @@ def pack_best_fit(examples, seq_len: int, pad_id: int = 0, buffer: int = BUFFER)
   pending = []  # sorted (length, arrival, piece [3, k])
   arrivals = collections.deque()  # (length, arrival) of pending and placed pieces, oldest first
   placed = set()  # arrivals already in a row but not yet dropped from `arrivals`
-  stream = itertools.chain(enumerate(_chunks(examples, seq_len)), [(None, None)])
+  stream = itertools.chain(enumerate(_pieces(examples, seq_len)), [(None, None)])
   for arrival, piece in stream:
     if piece is not None:
       bisect.insort(pending, (piece.shape[1], arrival, piece))

@@ -11,9 +11,11 @@ Records (`config.data.source`):
   number, or the right number without its <answer> tag.
 
 A prompt is rendered with `data.chat_template` and the generation prompt; a completion ends with the
-template's end token. Each of prompt + chosen and prompt + rejected is fitted to `seq_len` (too long:
-the prompt is cut from the left, then the completion from the right); the pair then shares the
-shorter of the two prompts (a suffix of the other), so both completions see the same x. A pair is
+template's end token. A pair whose prompt + chosen or prompt + rejected is longer than `seq_len` is
+dropped (`data.overlong` "drop") or fitted ("truncate": the prompt is cut from the left, then the
+completion from the right; the pair then shares the shorter of the two prompts, a suffix of the
+other, so both completions see the same x). A pair whose chosen and rejected tokens are the same
+teaches nothing and is skipped. Both are counted (`PairSet.counts`, sources.Counts). A pair is
 stored as ONE row [prompt | chosen | rejected] (right-padded to the set's longest row, rounded up to
 a multiple of 8): tokens [L], prompt_length, lengths [2] (completion tokens). Prepared once, cached in
 `data.cache_dir/pairs/<key>.npz`.
@@ -37,12 +39,14 @@ import tempfile
 
 import numpy as np
 
+from configs.errors import UserError
 from model import tokenizer as tokenizer_lib
 from train import corpus, sources
 from train.reward_loss import ranking_to_pairs
 
-PAIRS_VERSION = 2   # bump when the arrays change for the same records (it is in every cache key)
+PAIRS_VERSION = 3   # bump when the arrays change for the same records (it is in every cache key)
 PAIRS_SEED = 7      # which rejected completion each built-in problem gets
+COUNTS = ("total", "dropped", "truncated", "identical")  # scalars of the cached .npz next to the columns
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +54,12 @@ class PairSet:
   columns: dict     # tokens [N, L], prompt_lengths [N], lengths [N, 2] int32, extras [N, ...]
   pad_id: int
   key: str = ""     # cache identity of the arrays
-  truncated: int = 0  # pairs cut to fit seq_len
+  counts: sources.Counts | None = None  # pairs read, dropped / cut for seq_len, skipped as identical
+
+  @property
+  def truncated(self) -> int:
+    """Pairs cut to fit seq_len."""
+    return self.counts.truncated if self.counts else 0
 
   def __len__(self):
     return len(self.columns["tokens"])
@@ -66,11 +75,11 @@ class PairSet:
 
 
 def _bad(where, msg):
-  return ValueError(f"{where}: {msg}")
+  return UserError(f"{where}: {msg}")
 
 
 def parse_record(rec, where: str) -> list[tuple[list, str, str]]:
-  """A JSON record -> [(prompt messages, chosen, rejected)]; ValueError names `where`."""
+  """A JSON record -> [(prompt messages, chosen, rejected)]; UserError names `where`."""
   if not isinstance(rec, dict):
     raise _bad(where, f"expected a JSON object, got {type(rec).__name__}")
   if ("prompt" in rec) == ("messages" in rec):
@@ -204,53 +213,71 @@ def encode_pair(tok, messages, chosen, rejected, seq_len: int, template: str):
   return ids[n - n_prompt:n], ids[n:], fitted[1][0][fitted[1][1]:], cut
 
 
-def pair_set(triples, pad_id: int, key: str = "", truncated: int = 0) -> PairSet:
+def pair_set(triples, pad_id: int, key: str = "", counts: sources.Counts | None = None) -> PairSet:
   """[(prompt, chosen, rejected) id lists] -> PairSet of rows [prompt | chosen | rejected]."""
   if not triples:
-    raise ValueError("no preference pairs")
+    raise UserError("no preference pairs")
   rows = [list(p) + list(c) + list(r) for p, c, r in triples]
   tokens = np.full((len(rows), _round_up(max(map(len, rows)))), pad_id, np.int32)  # [N, L]
   for i, row in enumerate(rows):
     tokens[i, :len(row)] = row
   cols = {"tokens": tokens, "prompt_lengths": np.array([len(p) for p, _, _ in triples], np.int32),
           "lengths": np.array([[len(c), len(r)] for _, c, r in triples], np.int32)}
-  return PairSet(cols, pad_id, key, truncated)
+  return PairSet(cols, pad_id, key, counts)
 
 
-def encode_records(tok, recs, seq_len: int, template: str, key: str = "") -> PairSet:
-  """[(where, (messages, chosen, rejected))] -> PairSet; a template error names `where`."""
-  encoded = []
+def encode_records(tok, recs, seq_len: int, template: str, key: str = "", overlong: str = "drop",
+                   what: str = "pairs", origin: str = "") -> PairSet:
+  """[(where, (messages, chosen, rejected))] -> PairSet of the pairs that fit (`overlong` "drop") or
+  were fitted ("truncate") to seq_len and whose completions differ, with their Counts. A template
+  error names `where`; none left names `origin` (default: the first record's file)."""
+  kept, fate = [], {"dropped": 0, "truncated": 0, "identical": 0}
   for where, (messages, chosen, rejected) in recs:
     try:
-      encoded.append(encode_pair(tok, messages, chosen, rejected, seq_len, template))
+      prompt, c, r, cut = encode_pair(tok, messages, chosen, rejected, seq_len, template)
     except ValueError as e:
       raise _bad(where, str(e)) from None
-  return pair_set([e[:3] for e in encoded], tok.pad_id, key, sum(e[3] for e in encoded))
+    if cut and overlong == "drop":
+      fate["dropped"] += 1
+    elif c == r:
+      fate["identical"] += 1
+    else:
+      fate["truncated"] += cut
+      kept.append((prompt, c, r))
+  counts = sources.Counts(what, f"config.seq_len={seq_len}", overlong, len(recs), **fate)
+  if recs:
+    counts.check(origin or recs[0][0].rsplit(":", 1)[0])
+  return pair_set(kept, tok.pad_id, key, counts)
 
 
 def load(config, tok, split: str) -> PairSet:
   """The pairs of a split, tokenized once and cached in data.cache_dir/pairs/<key>.npz."""
   d = config.data
   recs, identity = records(config, split)
-  key = sources.stable_hash(PAIRS_VERSION, d.source, split, config.seq_len, d.chat_template,
+  overlong = sources.overlong(config)
+  key = sources.stable_hash(PAIRS_VERSION, d.source, split, config.seq_len, d.chat_template, overlong,
                             hashlib.sha1(tok.model_proto).hexdigest(), identity)
   path = os.path.join(sources.cache_dir(config), "pairs", f"{key}.npz")
   if os.path.isfile(path):
     with np.load(path) as z:
-      cols = {k: z[k] for k in z.files if k != "truncated"}
-      return PairSet(cols, tok.pad_id, key, int(z["truncated"]))
-  ps = encode_records(tok, recs, config.seq_len, d.chat_template, key)
+      cols = {k: z[k] for k in z.files if k not in COUNTS}
+      counts = sources.Counts(f"{split} pairs", f"config.seq_len={config.seq_len}", overlong,
+                              **{k: int(z[k]) for k in COUNTS})
+      return PairSet(cols, tok.pad_id, key, counts)
+  ps = encode_records(tok, recs, config.seq_len, d.chat_template, key, overlong, f"{split} pairs",
+                      sources.origin(config, split))
   os.makedirs(os.path.dirname(path), exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".npz.tmp")
   with os.fdopen(fd, "wb") as f:
-    np.savez(f, truncated=ps.truncated, **ps.columns)
+    np.savez(f, **{k: getattr(ps.counts, k) for k in COUNTS}, **ps.columns)
   os.replace(tmp, path)
   return ps
 
 
-def load_file(path: str, tok, seq_len: int, template: str) -> PairSet:
-  """Every pair of one JSONL file (no hold-out, no cache): for evaluation."""
-  return encode_records(tok, [(w, p) for w, ps in read_jsonl(path) for p in ps], seq_len, template)
+def load_file(path: str, tok, seq_len: int, template: str, overlong: str = "drop") -> PairSet:
+  """Every pair of one JSONL file (no hold-out, no cache) that fits seq_len per `overlong`: for evaluation."""
+  return encode_records(tok, [(w, p) for w, ps in read_jsonl(path) for p in ps], seq_len, template,
+                        overlong=overlong)
 
 
 # ----------------------------------------------------------------------------- batches
@@ -328,7 +355,10 @@ class PairIterator:
     return {"step": self._step}
 
   def describe(self) -> str:
-    return f"{len(self.ps)} train pairs" + (f" ({self.ps.truncated} cut to seq_len)" if self.ps.truncated else "")
+    return self.ps.counts.note() if self.ps.counts else f"{len(self.ps)} train pairs"
+
+  def warning(self) -> str:
+    return self.ps.counts.warning() if self.ps.counts else ""
 
   def set_state(self, state: dict) -> None:
     self._step = int(state["step"])

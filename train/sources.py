@@ -6,7 +6,7 @@ Sources (`config.data.source`):
 - "text": files matching `data.path` (glob); one document per blank-line-separated paragraph.
 - "jsonl": one record per line; pretrain `{"text": ...}` (key = data.text_key), sft
   `{"messages": [{"role", "content"}, ...]}` or `{"prompt": ..., "completion": ...}`.
-  Bad records raise ValueError naming `file:line`.
+  Bad records raise UserError naming `file:line`.
 - "tfds": `data.tfds_name` read with `tfds.data_source`, or (name empty) the local
   `data.path` / `data.eval_path` files converted once into a TFDS array_record dataset by
   `KilnFiles` (files ending .jsonl are JSONL, others text) and read back with
@@ -14,10 +14,16 @@ Sources (`config.data.source`):
 Without an eval file / eval split, every 50th document (index % 50 == 0) is held out;
 data.max_documents caps how many documents of a split are read (before the hold-out).
 
+Files are UTF-8: a byte that is not raises UserError naming `file:line` and the byte's offset.
 A document is a string (pretrain) or a list of {"role", "content"} messages (sft).
 `iter_documents` streams them, so a split never has to fit in memory; `fingerprint`
 identifies a file / TFDS split by names, sizes and mtimes without reading it.
+
+What happens to an SFT conversation, a preference pair or an RL prompt longer than its limit is
+`data.overlong` (`overlong`); `Counts` says how many of a split were dropped or cut, for the start
+line of a stage and its one warning line (`Counts.warning`).
 """
+import dataclasses
 import functools
 import glob
 import hashlib
@@ -29,6 +35,7 @@ import tempfile
 
 from etils import epath
 
+from configs.errors import UserError
 from model import tokenizer as tokenizer_lib
 from train import corpus
 
@@ -67,32 +74,109 @@ def _stats(paths) -> list:
   return [(os.path.abspath(p), os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in paths]
 
 
+# ----------------------------------------------------------------------------- over-long records
+
+OVERLONG = ("drop", "truncate")
+
+
+def overlong(config) -> str:
+  """config.data.overlong, checked: what becomes of an SFT conversation, a preference pair or a
+  JSONL RL prompt longer than its limit ("drop" | "truncate"); pretraining text is always split."""
+  mode = config.data.get("overlong", "drop")
+  if mode not in OVERLONG:
+    raise UserError(f"config.data.overlong={mode!r}: use drop | truncate")
+  return mode
+
+
+@dataclasses.dataclass(frozen=True)
+class Counts:
+  """What became of the `total` records of a split: `dropped` / `truncated` for being longer than
+  `limit` ("config.seq_len=128"), `identical` pairs (chosen == rejected) skipped; `mode` is
+  data.overlong. Every process reads the same files, so every process counts the same."""
+  what: str                # "train conversations"
+  limit: str
+  mode: str = "drop"
+  total: int = 0
+  dropped: int = 0
+  truncated: int = 0
+  identical: int = 0
+
+  @property
+  def kept(self) -> int:
+    return self.total - self.dropped - self.identical
+
+  def _parts(self, verb: bool) -> list[str]:
+    out = []
+    if self.dropped:
+      out.append(f"{self.dropped:,} longer than {self.limit} " + ("were dropped" if verb else "dropped"))
+    if self.truncated:
+      out.append(f"{self.truncated:,} " + ("were cut to " if verb else "cut to ") + self.limit)
+    if self.identical:
+      out.append(f"{self.identical:,} with chosen == rejected " + ("were skipped" if verb else "skipped"))
+    return out
+
+  def note(self) -> str:
+    """For the start line: "19,446 train conversations (154 longer than config.seq_len=128 dropped)"."""
+    parts = self._parts(verb=False)
+    return f"{self.kept:,} {self.what}" + (f" ({', '.join(parts)})" if parts else "")
+
+  def warning(self) -> str:
+    """One line when records were dropped, cut or skipped, saying which key changes it; else ""."""
+    parts = self._parts(verb=True)
+    if not parts:
+      return ""
+    fix = {"drop": "config.data.overlong=truncate keeps them, cut to fit",
+           "truncate": "config.data.overlong=drop skips them instead"}[self.mode]
+    return (f"warning: of {self.total:,} {self.what}, {'; '.join(parts)}"
+            + (f" ({fix})" if self.dropped or self.truncated else ""))
+
+  def check(self, origin: str) -> None:
+    """UserError naming `origin` when records were read but none is left to train on."""
+    if self.total and not self.kept:
+      why = " or ".join(w for n, w in ((self.dropped, f"are longer than {self.limit}"),
+                                       (self.identical, "have chosen == rejected")) if n)
+      key = self.limit.split("=")[0]
+      hint = {"drop": f"raise {key} or set config.data.overlong=truncate",
+              "truncate": f"raise {key}: cut to it, none keeps a token to train on"}[self.mode]
+      raise UserError(f"{origin}: all {self.total:,} {self.what} {why}; nothing is left",
+                      hint=hint if self.dropped else "give pairs whose chosen and rejected answers differ")
+
+
+def origin(config, split: str) -> str:
+  """Where a split's records come from, for errors: the file pattern, or the built-in corpus."""
+  d = config.data
+  if d.source in ("text", "jsonl") or (d.source == "tfds" and not d.tfds_name):
+    key = "eval_path" if (split == "eval" and d.eval_path) else "path"
+    return f"config.data.{key}={d[key]!r}"
+  return f"config.data.tfds_name={d.tfds_name!r}" if d.source == "tfds" else f"the built-in {split} data"
+
+
 # ----------------------------------------------------------------------------- records
 
 
 def _normalize(rec, text_key: str, where: str) -> dict:
-  """A raw record as {"text": str | None, "messages": list | None}; ValueError names `where`."""
+  """A raw record as {"text": str | None, "messages": list | None}; UserError names `where`."""
   if not isinstance(rec, dict):
-    raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    raise UserError(f"{where}: expected a JSON object, got {type(rec).__name__}")
   text, messages = rec.get(text_key), rec.get("messages")
   if "prompt" in rec or "completion" in rec:
     if not isinstance(rec.get("prompt"), str) or not isinstance(rec.get("completion"), str):
-      raise ValueError(f"{where}: 'prompt' and 'completion' must both be strings")
+      raise UserError(f"{where}: 'prompt' and 'completion' must both be strings")
     messages = [{"role": "user", "content": rec["prompt"]},
                 {"role": "assistant", "content": rec["completion"]}]
   if text is not None and not isinstance(text, str):
-    raise ValueError(f"{where}: {text_key!r} must be a string, got {type(text).__name__}")
+    raise UserError(f"{where}: {text_key!r} must be a string, got {type(text).__name__}")
   if messages is not None:
     if not isinstance(messages, list) or not messages:
-      raise ValueError(f"{where}: 'messages' must be a non-empty list")
+      raise UserError(f"{where}: 'messages' must be a non-empty list")
     for i, m in enumerate(messages):
       if not isinstance(m, dict) or m.get("role") not in tokenizer_lib.ROLES:
-        raise ValueError(f"{where}: message {i} needs a role in {tokenizer_lib.ROLES}, got {m!r}")
+        raise UserError(f"{where}: message {i} needs a role in {tokenizer_lib.ROLES}, got {m!r}")
       if not isinstance(m.get("content"), str):
-        raise ValueError(f"{where}: message {i} needs a string 'content'")
+        raise UserError(f"{where}: message {i} needs a string 'content'")
     messages = [{"role": m["role"], "content": m["content"]} for m in messages]
   if text is None and messages is None:
-    raise ValueError(f"{where}: record has none of {text_key!r}, 'messages', 'prompt'/'completion'")
+    raise UserError(f"{where}: record has none of {text_key!r}, 'messages', 'prompt'/'completion'")
   return {"text": text, "messages": messages}
 
 
@@ -101,7 +185,7 @@ def _select(rec: dict, objective: str, where: str):
   doc = rec["text"] if objective == "pretrain" else rec["messages"]
   if not doc:
     want = "text" if objective == "pretrain" else "'messages' or 'prompt'/'completion'"
-    raise ValueError(f"{where}: objective {objective!r} needs {want} in every record")
+    raise UserError(f"{where}: objective {objective!r} needs {want} in every record")
   return doc
 
 
@@ -112,18 +196,44 @@ def _files(pattern: str, key: str) -> list[str]:
   return files
 
 
+def utf8_lines(path: str):
+  """Yields (line number, line) of a UTF-8 text file; a byte that is not UTF-8 raises UserError
+  naming the file, the line and the byte's offset. Every reader of text and JSONL files uses it."""
+  with open(path, encoding="utf-8") as f:
+    try:
+      yield from enumerate(f, 1)
+    except UnicodeDecodeError:
+      raise _not_utf8(path) from None
+
+
+def _not_utf8(path: str) -> UserError:
+  """The error of the first line of `path` that does not decode (read again, as bytes)."""
+  offset = 0
+  with open(path, "rb") as f:
+    for n, raw in enumerate(f, 1):
+      try:
+        raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        return UserError(f"{path}:{n}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}, "
+                         f"byte offset {offset + e.start} of the file)",
+                         hint="save the file as UTF-8, e.g. `iconv -f latin1 -t utf-8`")
+      offset += len(raw)
+  return UserError(f"{path}: not UTF-8 (a multi-byte character is cut at the end of the file)",
+                   hint="save the file as UTF-8")
+
+
 def jsonl_records(path: str):
   """Yields ("path:line", parsed object) for every non-empty line of a JSONL file; a line that
-  is not JSON raises ValueError naming the file, line and column. Every JSONL reader uses it."""
-  with open(path, encoding="utf-8") as f:
-    for n, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        rec = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{n}: invalid JSON ({e.msg} at column {e.colno})") from None
-      yield f"{path}:{n}", rec
+  is not JSON (or not UTF-8) raises UserError naming the file and line. Every JSONL reader uses it."""
+  for n, line in utf8_lines(path):
+    if not line.strip():
+      continue
+    try:
+      rec = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise UserError(f"{path}:{n}: invalid JSON ({e.msg} at column {e.colno})",
+                      hint="a JSONL file holds one JSON object per line") from None
+    yield f"{path}:{n}", rec
 
 
 def _file_records(path: str, text_key: str, jsonl: bool):
@@ -132,9 +242,9 @@ def _file_records(path: str, text_key: str, jsonl: bool):
     for where, rec in jsonl_records(path):
       yield where, _normalize(rec, text_key, where)
     return
-  with open(path, encoding="utf-8") as f:
-    for i, para in enumerate(_paragraphs(f)):
-      yield f"{path}:paragraph {i}", {"text": para, "messages": None}
+  lines = (line for _, line in utf8_lines(path))
+  for i, para in enumerate(_paragraphs(lines)):
+    yield f"{path}:paragraph {i}", {"text": para, "messages": None}
 
 
 def _paragraphs(lines):
@@ -239,17 +349,23 @@ def _tfds_docs(source, config, name: str):
   d = config.data
   for i in range(min(len(source), d.max_documents or len(source))):
     ex, where = source[i], f"tfds {name}[{i}]"
-    raw = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in ex.items()}
+    raw = {k: (_str(v, where) if isinstance(v, bytes) else v) for k, v in ex.items()}
     msgs = raw.get("messages")
     if isinstance(msgs, dict):  # {"role": [...], "content": [...]}
-      msgs = [{"role": _str(r), "content": _str(c)} for r, c in zip(msgs["role"], msgs["content"])]
+      msgs = [{"role": _str(r, where), "content": _str(c, where)} for r, c in zip(msgs["role"], msgs["content"])]
       raw["messages"] = msgs or None
     raw = {k: v for k, v in raw.items() if not (v is None or (isinstance(v, str) and not v))}
     yield _select(_normalize(raw, d.text_key, where), config.objective, where)
 
 
-def _str(x) -> str:
-  return x.decode() if isinstance(x, bytes) else str(x)
+def _str(x, where: str) -> str:
+  """A TFDS Text value as str; bytes that are not UTF-8 raise UserError naming `where`."""
+  if not isinstance(x, bytes):
+    return str(x)
+  try:
+    return x.decode()
+  except UnicodeDecodeError as e:
+    raise UserError(f"{where}: not UTF-8 (byte 0x{x[e.start]:02x} at offset {e.start})") from None
 
 
 # ----------------------------------------------------------------------------- documents
@@ -262,9 +378,9 @@ def _check(config, split: str) -> None:
   if split not in ("train", "eval"):
     raise ValueError(f"split must be 'train' or 'eval', not {split!r}")
   if d.source not in ("builtin", "text", "jsonl", "tfds"):
-    raise ValueError(f"config.data.source={d.source!r}; expected builtin, text, jsonl or tfds")
+    raise UserError(f"config.data.source={d.source!r}; expected builtin, text, jsonl or tfds")
   if d.source == "text" and objective == "sft":
-    raise ValueError("config.data.source='text' has no conversations; sft needs 'jsonl', 'tfds' or 'builtin'")
+    raise UserError("config.data.source='text' has no conversations; sft needs 'jsonl', 'tfds' or 'builtin'")
 
 
 def _holdout(docs, split: str, held_out: bool):
