@@ -187,6 +187,7 @@ def small_disk(tmp_path):
   subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # orbax's event loop, after the failure
 def test_full_disk_stops_within_a_step_and_keeps_the_earlier_checkpoint(straight, small_disk, tmp_path):
   config, _ = straight
   workdir = str(small_disk / "run")

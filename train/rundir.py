@@ -165,11 +165,16 @@ class Manager(ocp.CheckpointManager):
     return os.path.join(str(self.directory), str(step))
 
   def _failed(self, step, error: BaseException) -> UserError:
+    """The UserError of a failed save of `step`; the manager is closed (one process: the run ends)."""
     self._unsummed = []
     good = [s for s in self.all_steps() if s != step and os.path.isdir(self._step_dir(s))]
+    if jax.process_count() == 1:
+      with contextlib.suppress(Exception):
+        super().close()  # its background threads, else they outlive the run's end
     last = (f"the last good checkpoint is step {max(good)} in {self.directory}" if good else
             f"no checkpoint of this run is saved in {self.directory}")
-    return UserError(f"saving checkpoint {self._step_dir(step)} failed: {_first_line(error)}; {last}",
+    where = self._step_dir(step) if step is not None else self.directory
+    return UserError(f"saving checkpoint {where} failed: {_first_line(error)}; {last}",
                      hint="free disk space (or fix the folder's permissions) and rerun the same command: "
                           "it resumes from the last good checkpoint")
 
@@ -261,11 +266,8 @@ def restore_newest(mngr: ocp.CheckpointManager, abstract_params, param_shardings
       directory, mngr.all_steps(),
       lambda s: restore(mngr, s, abstract_params, param_shardings, abstract_opt, opt_shardings))
   moved = [b for b in bad if step is not None or b[3] is None]
-  if jax.process_index() == 0:
-    moved = [(s, reason, f"moved to {checksums.set_aside(directory, s, reason)}: {detail}", e)
-             for s, reason, detail, e in moved]
-  if bad:
-    mngr.reload()
+  where = set_aside(mngr, {s: reason for s, reason, *_ in moved})
+  moved = [(s, reason, f"moved to {where[s]}: {detail}", e) for s, reason, detail, e in moved]
   if step is None:
     if bad:
       raise _none_restores(directory, moved + [b for b in bad if b[3] is not None]) from bad[0][3]
@@ -274,6 +276,21 @@ def restore_newest(mngr: ocp.CheckpointManager, abstract_params, param_shardings
   if verdict == checksums.UNVERIFIED:
     notes.append(f"step {step} has no {checksums.FILE} (saved before checksums): not verified")
   return (step, *out, "; ".join(notes))
+
+
+def set_aside(mngr: ocp.CheckpointManager, reasons: dict) -> dict:
+  """Moves each step of `reasons` ({step: reason}) to DIR/checkpoints-corrupt/<step>-<reason>
+  (process 0; all processes wait for it) and rereads the step list; returns {step: new path}."""
+  if not reasons:
+    return {}
+  directory = str(mngr.directory)
+  where = {s: os.path.join(directory + "-corrupt", f"{s}-{r}") for s, r in reasons.items()}
+  if jax.process_index() == 0:
+    where = {s: checksums.set_aside(directory, s, r) for s, r in reasons.items()}
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("kiln: checkpoints set aside")
+  mngr.reload()
+  return where
 
 
 def checkpoint_dir(path: str) -> str:
