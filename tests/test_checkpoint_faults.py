@@ -19,6 +19,7 @@ from model import sharding
 from model.transformer import ModelConfig, Transformer
 from train import checksums, loop, optim, rundir
 from train.params import abstract_params
+from tests import _cli
 
 STEPS, EVERY = 20, 10
 
@@ -216,3 +217,36 @@ def test_every_fault_resumes_with_the_losses_of_an_uninterrupted_run(straight, t
   resumed, want = _losses(workdir), _losses(straight[1])
   assert sorted(resumed) == list(range(EVERY + 1, STEPS + 1))
   np.testing.assert_array_equal([resumed[s] for s in resumed], [want[s] for s in resumed])
+
+
+def _two_processes(workdir: str, cache: str) -> list:
+  """Runs the tiny pretraining in `workdir` as two processes (6 steps, checkpoints at 3 and 6)."""
+  port = _cli.free_port()
+  procs = [subprocess.Popen(
+      _cli.command(workdir, cache, "--config.steps=6", "--config.log_every=1", "--config.checkpoint_every=3",
+                   "--config.eval_every=0", f"--coordinator=127.0.0.1:{port}", "--num_processes=2",
+                   f"--process_id={i}"),
+      env=_cli.env(2), cwd=_cli.ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      for i in range(2)]
+  outs = [p.communicate(timeout=600)[0] for p in procs]
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-3000:]
+  return outs
+
+
+@pytest.mark.slow
+def test_two_processes_agree_on_the_step_to_resume(data_cache, tmp_path):
+  """Process 0 checks the checksums and moves the bad step aside; both resume from the one before."""
+  workdir = str(tmp_path / "multi")
+  _two_processes(workdir, data_cache)
+  want = _losses(workdir)
+  path = max(glob.glob(os.path.join(workdir, "checkpoints", "6", "params", "ocdbt.process_*", "d", "*")),
+             key=os.path.getsize)
+  os.truncate(path, 100)
+  os.remove(os.path.join(workdir, "metrics.jsonl"))
+  outs = _two_processes(workdir, data_cache)
+  assert "resumed from step 3 (step 6 truncated, moved to " in outs[0]
+  assert os.path.isdir(os.path.join(workdir, "checkpoints-corrupt", "6-truncated"))
+  resumed = _losses(workdir)
+  assert sorted(resumed) == [4, 5, 6]
+  np.testing.assert_allclose([resumed[s] for s in resumed], [want[s] for s in resumed], rtol=1e-6)
