@@ -2,7 +2,12 @@
 (The trainers add their logs: metrics.jsonl, tb/, samples.jsonl, profile/.)
 
     DIR/checkpoints/<step>/  orbax: `params`, `opt_state` (sharded arrays), `meta` (JSON: step,
-                             data iterator state, LoRA base); async saves, keep K, resume the latest
+                             data iterator state, LoRA base), kiln_checksums.json; async saves, keep K
+    DIR/checkpoints-corrupt/ steps that failed their checksums or did not restore (train/checksums.py)
+
+A resume takes the newest step that restores completely: a newer bad one is named and moved aside
+(`restore_newest`); a reader (`restore_params`) skips it. A save that fails (disk full) stops the
+run at the next step with a UserError naming the path and the last good step (`Manager`).
     DIR/config.json          the run's full config (the template of its evaluation)
     DIR/hf_config.json       the Hugging Face config.json the run descends from, if any
     DIR/tokenizer/           tokenizer files copied from a Hugging Face directory, if any
