@@ -7,7 +7,7 @@
 
 A resume takes the newest step that restores completely: a newer bad one is named and moved aside
 (`restore_newest`); a reader (`restore_params`) skips it. A save that fails (disk full) stops the
-run at the next step with a UserError naming the path and the last good step (`Manager`).
+run at the next step with a UserError naming the path and the last good step (train/checkpoints.py).
     DIR/config.json          the run's full config (the template of its evaluation)
     DIR/hf_config.json       the Hugging Face config.json the run descends from, if any
     DIR/tokenizer/           tokenizer files copied from a Hugging Face directory, if any
@@ -26,7 +26,6 @@ import fcntl
 import json
 import logging
 import os
-import re
 import shutil
 import socket
 import sys
@@ -35,18 +34,15 @@ from typing import Any
 from etils import epath
 import jax
 import jax.numpy as jnp
-from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 import ml_collections
-import numpy as np
 import orbax.checkpoint as ocp
 
 from configs import base, tools
-from configs.errors import UserError
 from model import convert, hf_config, lora, sharding
 from model.tokenizer import Tokenizer
 from model.transformer import ModelConfig, Transformer
-from train import checksums, cli, data
+from train import checkpoints, checksums, cli, data
 from train import params as params_lib
 
 HF_PREFIX = "hf:"  # init_from="hf:/path/to/dir": a Hugging Face checkpoint directory
@@ -63,18 +59,7 @@ class _QuietReadOnly(logging.Filter):
     return not record.getMessage().startswith("Given directory is read only")
 
 
-class _QuietOrbaxErrors(logging.Filter):
-  """Drops orbax's error tracebacks (pages of TensorStore context per failed save or restore):
-  Manager raises a failed save as one line, restore_newest names a step it could not read.
-  KILN_DEBUG=1 keeps them."""
-
-  def filter(self, record):
-    return (record.levelno < logging.ERROR or f"{os.sep}orbax{os.sep}" not in record.pathname
-            or bool(os.environ.get("KILN_DEBUG")))
-
-
 logging.getLogger("absl").addFilter(_QuietReadOnly())
-logging.getLogger("absl").addFilter(_QuietOrbaxErrors())
 
 
 def absolute(path: str) -> str:
@@ -116,88 +101,8 @@ def locked(workdir: str):
       fcntl.flock(f, fcntl.LOCK_UN)
 
 
-ITEMS = ("params", "opt_state", "meta")
-
-
-class Manager(ocp.CheckpointManager):
-  """orbax's CheckpointManager of DIR/checkpoints, plus: each step it commits gets checksums
-  (train/checksums.py), and a save that fails (disk full, no permission) raises a UserError naming
-  the path and the last good checkpoint, from `check()` at the latest: the loop calls it every step.
-  The failed step's partial files are orbax's temporary folder; older steps stay as they were."""
-
-  def __init__(self, directory: str, keep: int, async_save: bool):
-    super().__init__(directory, item_names=ITEMS, options=ocp.CheckpointManagerOptions(
-        max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
-        cleanup_tmp_directories=True))
-    self._unsummed = []  # steps saved since the last checksums were written
-
-  def save(self, step: int, *args, **kwargs) -> bool:
-    try:
-      saved = super().save(step, *args, **kwargs)  # waits for the previous save first
-    except UserError:
-      raise
-    except Exception as e:  # a synchronous save, or the start of an async one
-      raise self._failed(step, e) from e
-    if saved:
-      self._unsummed.append(step)
-      if not self.is_saving_in_progress():  # synchronous: committed already
-        self._checksum()
-    return saved
-
-  def check(self) -> None:
-    """Raises the UserError of a background save that failed; writes the checksums of the steps
-    committed since the last call. Returns at once while a save is in progress."""
-    if not self.is_saving_in_progress():
-      self.wait_until_finished()
-
-  def wait_until_finished(self) -> None:
-    try:
-      super().wait_until_finished()
-    except Exception as e:
-      raise self._failed(self._unsummed[-1] if self._unsummed else None, e) from e
-    self._checksum()
-
-  def _checksum(self) -> None:
-    steps, self._unsummed = self._unsummed, []
-    try:
-      for step in steps:
-        if jax.process_index() == 0 and os.path.isdir(self._step_dir(step)):
-          checksums.write(self._step_dir(step))
-    except OSError as e:
-      raise self._failed(step, e) from e
-
-  def _step_dir(self, step: int) -> str:
-    return os.path.join(str(self.directory), str(step))
-
-  def _failed(self, step, error: BaseException) -> UserError:
-    """The UserError of a failed save of `step`; the manager is closed (one process: the run ends)."""
-    self._unsummed = []
-    good = [s for s in self.all_steps() if s != step and os.path.isdir(self._step_dir(s))]
-    if jax.process_count() == 1:
-      with contextlib.suppress(Exception):
-        super().close()  # its background threads, else they outlive the run's end
-    last = (f"the last good checkpoint is step {max(good)} in {self.directory}" if good else
-            f"no checkpoint of this run is saved in {self.directory}")
-    where = self._step_dir(step) if step is not None else self.directory
-    return UserError(f"saving checkpoint {where} failed: {_first_line(error)}; {last}",
-                     hint="free disk space (or fix the folder's permissions) and rerun the same command: "
-                          "it resumes from the last good checkpoint")
-
-
-def _first_line(error: BaseException, limit: int = 300) -> str:
-  """The innermost cause's first line, or just the OS error when TensorStore names one ("No space
-  left on device (errno 28)" out of a paragraph about the OCDBT database)."""
-  while error.__cause__ is not None or (error.__context__ is not None and not str(error)):
-    error = error.__cause__ or error.__context__
-  text = (str(error).strip().splitlines() or [type(error).__name__])[0]
-  code = re.search(r"os_error_code='?(\d+)", text)
-  if code:
-    return f"{os.strerror(int(code.group(1)))} (errno {code.group(1)})"
-  return text if len(text) <= limit else text[:limit] + "..."
-
-
-def manager(workdir: str, keep: int, async_save: bool = True) -> Manager:
-  return Manager(os.path.abspath(os.path.join(workdir, "checkpoints")), keep, async_save)
+def manager(workdir: str, keep: int, async_save: bool = True) -> checkpoints.Manager:
+  return checkpoints.Manager(os.path.abspath(os.path.join(workdir, "checkpoints")), keep, async_save)
 
 
 def save(mngr: ocp.CheckpointManager, step: int, params, opt_state, meta: dict, force=False) -> bool:
@@ -220,45 +125,6 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_params, param_shard
   return out.params, out.opt_state, out.meta
 
 
-def _agree(ok: bool) -> bool:
-  """Process 0's verdict on every process (only process 0 reads the checksums)."""
-  if jax.process_count() == 1:
-    return ok
-  return bool(multihost_utils.broadcast_one_to_all(np.array(ok)))
-
-
-def _newest_that_restores(directory: str, steps, restore_one, skip=()):
-  """(step, restore_one(step), bad, verdict) for the newest of `steps` whose files match their
-  checksums (or have none: verdict "unverified"; items in `skip` are not checked) and that
-  restores; `bad`: [(step, reason, detail, the error or None)] of the newer ones that did not;
-  step None if none does. With several processes an error is raised at once (they raise together)."""
-  bad = []
-  for step in sorted(steps, reverse=True):
-    verdict, detail = (checksums.verify(os.path.join(directory, str(step)), skip)
-                       if jax.process_index() == 0 else (checksums.OK, ""))
-    if not _agree(verdict in (checksums.OK, checksums.UNVERIFIED)):
-      bad.append((step, verdict, detail, None))
-      continue
-    try:
-      return step, restore_one(step), bad, verdict
-    except Exception as e:  # any failure to read it: try the step before
-      if jax.process_count() > 1:
-        raise
-      bad.append((step, "unreadable", _first_line(e), e))
-  return None, None, bad, ""
-
-
-def _describe(bad) -> str:
-  return "; ".join(f"step {b[0]}: {b[2]}" for b in bad)
-
-
-def _none_restores(directory: str, bad) -> UserError:
-  return UserError(f"no checkpoint in {directory} restores ({_describe(bad)})",
-                   hint="if the config changed since these were saved (model shape, optimizer, LoRA), "
-                        "rerun with the run's own config.json; a corrupt step is moved to "
-                        f"{directory}-corrupt/ when the run resumes")
-
-
 def restore_newest(mngr: ocp.CheckpointManager, abstract_params, param_shardings, abstract_opt,
                    opt_shardings):
   """Resume: (step, params, opt_state, meta, note) of the newest step of `mngr` that restores
@@ -267,35 +133,20 @@ def restore_newest(mngr: ocp.CheckpointManager, abstract_params, param_shardings
   in `note`. Raises UserError if steps exist and none restores (then only steps that failed their
   checksums are moved: an error on every step is a config that does not fit, not corruption)."""
   directory = str(mngr.directory)
-  step, out, bad, verdict = _newest_that_restores(
+  step, out, bad, verdict = checkpoints.newest_that_restores(
       directory, mngr.all_steps(),
       lambda s: restore(mngr, s, abstract_params, param_shardings, abstract_opt, opt_shardings))
   moved = [b for b in bad if step is not None or b[3] is None]
-  where = set_aside(mngr, {s: reason for s, reason, *_ in moved})
+  where = checkpoints.set_aside(mngr, {s: reason for s, reason, *_ in moved})
   moved = [(s, reason, f"moved to {where[s]}: {detail}", e) for s, reason, detail, e in moved]
   if step is None:
     if bad:
-      raise _none_restores(directory, moved + [b for b in bad if b[3] is not None]) from bad[0][3]
+      raise checkpoints.none_restores(directory, moved + [b for b in bad if b[3] is not None]) from bad[0][3]
     return None
   notes = [f"step {s} {reason}, {detail}" for s, reason, detail, _ in moved]
   if verdict == checksums.UNVERIFIED:
     notes.append(f"step {step} has no {checksums.FILE} (saved before checksums): not verified")
   return (step, *out, "; ".join(notes))
-
-
-def set_aside(mngr: ocp.CheckpointManager, reasons: dict) -> dict:
-  """Moves each step of `reasons` ({step: reason}) to DIR/checkpoints-corrupt/<step>-<reason>
-  (process 0; all processes wait for it) and rereads the step list; returns {step: new path}."""
-  if not reasons:
-    return {}
-  directory = str(mngr.directory)
-  where = {s: os.path.join(directory + "-corrupt", f"{s}-{r}") for s, r in reasons.items()}
-  if jax.process_index() == 0:
-    where = {s: checksums.set_aside(directory, s, r) for s, r in reasons.items()}
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices("kiln: checkpoints set aside")
-  mngr.reload()
-  return where
 
 
 def checkpoint_dir(path: str) -> str:
@@ -306,7 +157,7 @@ def checkpoint_dir(path: str) -> str:
 
 
 def _reader(directory: str) -> ocp.CheckpointManager:
-  return ocp.CheckpointManager(directory, item_names=ITEMS, options=ocp.CheckpointManagerOptions(
+  return ocp.CheckpointManager(directory, item_names=checkpoints.ITEMS, options=ocp.CheckpointManagerOptions(
       read_only=True, create=False, save_interval_steps=0))
 
 
@@ -319,7 +170,7 @@ def latest_step(path: str):
   mngr = _reader(directory)
   steps = mngr.all_steps()
   mngr.close()
-  step, _, _, _ = _newest_that_restores(directory, steps, lambda s: None, skip=("opt_state",))
+  step, _, _, _ = checkpoints.newest_that_restores(directory, steps, lambda s: None, skip=("opt_state",))
   return step
 
 
@@ -352,15 +203,15 @@ def restore_params(path: str, abstract_params, param_shardings, step=None, missi
     mngr.close()
     raise FileNotFoundError(f"config.init_from: {directory} holds no finished checkpoint")
   try:
-    found, params, bad, _ = _newest_that_restores(
+    found, params, bad, _ = checkpoints.newest_that_restores(
         directory, steps, lambda s: _restore_params_at(mngr, directory, s, abstract_params,
                                                        param_shardings, missing_ok), skip=("opt_state",))
   finally:
     mngr.close()
   if found is None:
-    raise _none_restores(directory, bad) from next((b[3] for b in bad if b[3] is not None), None)
+    raise checkpoints.none_restores(directory, bad) from next((b[3] for b in bad if b[3] is not None), None)
   if bad and jax.process_index() == 0:
-    print(f"kiln: {directory}: {_describe(bad)}; using step {found}", file=sys.stderr)
+    print(f"kiln: {directory}: {checkpoints.describe(bad)}; using step {found}", file=sys.stderr)
   return params, found
 
 
