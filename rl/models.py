@@ -16,7 +16,7 @@ from typing import Any
 from model import heads
 from model.transformer import ModelConfig, Transformer
 from rl import algorithms, config as rl_config, value
-from train import rundir
+from train import checkpoints, rundir
 from train import state as state_lib
 from train.params import abstract_params
 
@@ -61,6 +61,8 @@ def setup_models(config, workdir, model, tx, mesh, mngr) -> Models:
   if where_values == "critic":
     m.cmngr = rundir.manager(os.path.join(workdir, "critic"), config.keep_checkpoints,
                                  config.async_checkpoints)
+    # The policy's newest steps were bad (moved aside by its resume): the critic resumes with it.
+    checkpoints.set_aside(m.cmngr, {s: "after-policy" for s in m.cmngr.all_steps() if s > m.start})
     cst = state_lib.setup(value.critic_config(config), model, tx, mesh, m.cmngr, value.value_head_params)
     if cst.start != m.start:
       raise ValueError(f"{workdir}: the critic's checkpoint is at iteration {cst.start} but the policy's "

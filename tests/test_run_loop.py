@@ -24,6 +24,9 @@ class Manager:
   def wait_until_finished(self):
     pass
 
+  def check(self):
+    pass
+
   def close(self):
     self.closed = True
 

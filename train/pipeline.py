@@ -32,10 +32,12 @@ STAGE_REFS = ("init_from", "rl.reward_model", "rl.value_init_from")  # keys that
 
 
 def finished_step(stage_dir: str) -> int:
-  """Latest finalised checkpoint step in stage_dir (orbax renames a step dir only once complete)."""
-  ckpt = os.path.join(stage_dir, "checkpoints")
-  steps = [int(d) for d in os.listdir(ckpt) if d.isdigit()] if os.path.isdir(ckpt) else []
-  return max(steps, default=-1)
+  """Latest finalised checkpoint step in stage_dir that passes its checksums (-1: none); a stage
+  whose last step is corrupt is unfinished: it reruns from the step before."""
+  if not os.path.isdir(os.path.join(stage_dir, "checkpoints")):
+    return -1
+  step = rundir.latest_step(stage_dir)
+  return -1 if step is None else step
 
 
 def _get(cfg, dotted: str):

@@ -11,7 +11,8 @@ the rest, the same for every stage:
   metrics since the last write, with the median step time, throughput and MFU when the trainer
   says how many tokens and FLOPs a step is (`Speed`);
 - the cadence of checkpoints (every `checkpoint_every` steps, and the last one) and of
-  evaluations (every `eval_every` steps, and the last one);
+  evaluations (every `eval_every` steps, and the last one); a background save that failed (disk
+  full) stops the run at the next step, naming the path and the last good checkpoint;
 - the progress bar, the profiler (train/profile.py), the "already finished" message, and waiting
   for and closing the checkpoint managers and the logger at the end.
 """
@@ -128,6 +129,8 @@ def run(steps: Steps, state: Any, start: int, config, workdir: str, log: Metrics
       prof.before(step)
       state, metrics = steps.step(state, step)
       step += 1
+      for mngr in managers:  # a background save that failed stops the run here (train/rundir.py)
+        mngr.check()
       prof.after(step, metrics)
       done = [pending] if pending else []
       pending = (step, metrics)

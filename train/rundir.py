@@ -2,11 +2,16 @@
 (The trainers add their logs: metrics.jsonl, tb/, samples.jsonl, profile/.)
 
     DIR/checkpoints/<step>/  orbax: `params`, `opt_state` (sharded arrays), `meta` (JSON: step,
-                             data iterator state, LoRA base); async saves, keep K, resume the latest
+                             data iterator state, LoRA base), kiln_checksums.json; async saves, keep K
+    DIR/checkpoints-corrupt/ steps that failed their checksums or did not restore (train/checksums.py)
     DIR/config.json          the run's full config (the template of its evaluation)
     DIR/hf_config.json       the Hugging Face config.json the run descends from, if any
     DIR/tokenizer/           the run's tokenizer, stored when it starts (train/run_tokenizer.py)
     DIR/.lock                held by the process training in DIR (`locked`): one run per directory
+
+A resume takes the newest step that restores completely: a newer bad one is named and moved aside
+(`restore_newest`); a reader (`restore_params`) skips it. A save that fails (disk full) stops the
+run at the next step with a UserError naming the path and the last good step (train/checkpoints.py).
 
 `init_from` reads only `params` of another run, so any stage can start from any earlier stage
 whatever optimizer it used; "hf:DIR" reads a Hugging Face directory instead. Import and export of
@@ -22,6 +27,7 @@ import json
 import logging
 import os
 import socket
+import sys
 from typing import Any
 
 from etils import epath
@@ -36,7 +42,7 @@ from configs.errors import UserError
 from model import convert, hf_config, lora, sharding
 from model.tokenizer import Tokenizer
 from model.transformer import ModelConfig, Transformer
-from train import cli, run_tokenizer
+from train import checkpoints, checksums, cli, run_tokenizer
 from train import params as params_lib
 
 HF_PREFIX = "hf:"  # init_from="hf:/path/to/dir": a Hugging Face checkpoint directory
@@ -94,12 +100,8 @@ def locked(workdir: str):
       fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def manager(workdir: str, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
-      cleanup_tmp_directories=True)
-  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
-                               item_names=("params", "opt_state", "meta"), options=options)
+def manager(workdir: str, keep: int, async_save: bool = True) -> checkpoints.Manager:
+  return checkpoints.Manager(os.path.abspath(os.path.join(workdir, "checkpoints")), keep, async_save)
 
 
 def save(mngr: ocp.CheckpointManager, step: int, params, opt_state, meta: dict, force=False) -> bool:
@@ -122,6 +124,30 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_params, param_shard
   return out.params, out.opt_state, out.meta
 
 
+def restore_newest(mngr: ocp.CheckpointManager, abstract_params, param_shardings, abstract_opt,
+                   opt_shardings):
+  """Resume: (step, params, opt_state, meta, note) of the newest step of `mngr` that restores
+  completely, or None when the run has no checkpoint. Each newer step that failed its checksums
+  or did not restore is moved to DIR/checkpoints-corrupt/ (by process 0; never deleted) and named
+  in `note`. Raises UserError if steps exist and none restores (then only steps that failed their
+  checksums are moved: an error on every step is a config that does not fit, not corruption)."""
+  directory = str(mngr.directory)
+  step, out, bad, verdict = checkpoints.newest_that_restores(
+      directory, mngr.all_steps(),
+      lambda s: restore(mngr, s, abstract_params, param_shardings, abstract_opt, opt_shardings))
+  moved = [b for b in bad if step is not None or b[3] is None]
+  where = checkpoints.set_aside(mngr, {s: reason for s, reason, *_ in moved})
+  moved = [(s, reason, f"moved to {where[s]}: {detail}", e) for s, reason, detail, e in moved]
+  if step is None:
+    if bad:
+      raise checkpoints.none_restores(directory, moved + [b for b in bad if b[3] is not None]) from bad[0][3]
+    return None
+  notes = [f"step {s} {reason}, {detail}" for s, reason, detail, _ in moved]
+  if verdict == checksums.UNVERIFIED:
+    notes.append(f"step {step} has no {checksums.FILE} (saved before checksums): not verified")
+  return (step, *out, "; ".join(notes))
+
+
 def checkpoint_dir(path: str) -> str:
   """The absolute checkpoints/ folder of `path`, a run's workdir or that folder itself (orbax reads
   absolute paths only: a relative `init_from` of a PPO stage failed reading the reward head)."""
@@ -129,15 +155,21 @@ def checkpoint_dir(path: str) -> str:
   return os.path.abspath(sub if os.path.isdir(sub) else path)
 
 
+def _reader(directory: str) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(directory, item_names=checkpoints.ITEMS, options=ocp.CheckpointManagerOptions(
+      read_only=True, create=False, save_interval_steps=0))
+
+
 def latest_step(path: str):
-  """The latest finished step of a run's checkpoints (None if none; 0 for a hf: directory)."""
+  """The latest finished step of a run's checkpoints (None if none; 0 for a hf: directory); a
+  newest step that fails its checksums does not count (restore_params skips it)."""
   if path.startswith(HF_PREFIX):
     return 0
-  mngr = ocp.CheckpointManager(os.path.abspath(checkpoint_dir(path)),
-                               options=ocp.CheckpointManagerOptions(read_only=True, create=False,
-                                                                   save_interval_steps=0))
-  step = mngr.latest_step()
+  directory = checkpoint_dir(path)
+  mngr = _reader(directory)
+  steps = mngr.all_steps()
   mngr.close()
+  step, _, _, _ = checkpoints.newest_that_restores(directory, steps, lambda s: None, skip=("opt_state",))
   return step
 
 
@@ -155,19 +187,36 @@ def restore_params(path: str, abstract_params, param_shardings, step=None, missi
   does not have) may be absent from the checkpoint: they are left out of the result, and the
   caller initialises them. Stored entries that `abstract_params` lacks are not read.
   `path` = "hf:DIR" reads a Hugging Face directory instead (step 0).
+  The latest step is the newest that passes its checksums and restores (train/checksums.py): a
+  newer bad one is skipped with a line on stderr, and left where it is (the run that owns it moves
+  it aside when it resumes).
   """
   if path.startswith(HF_PREFIX):
     return convert.load_hf(path[len(HF_PREFIX):], abstract_params, param_shardings, missing_ok), 0
   directory = os.path.abspath(checkpoint_dir(path))
   if not os.path.isdir(directory):
     raise UserError(f"{path}: no such directory", hint="give the --workdir of a run that saved a checkpoint")
-  mngr = ocp.CheckpointManager(directory, item_names=("params", "opt_state", "meta"),
-                               options=ocp.CheckpointManagerOptions(read_only=True, create=False,
-                                                                   save_interval_steps=0))
-  step = mngr.latest_step() if step is None else step
-  if step is None:
+  mngr = _reader(directory)
+  steps = mngr.all_steps() if step is None else [step]
+  if not steps:
+    mngr.close()
     raise UserError(f"{path}: no finished checkpoint yet",
                     hint="let its run save one (config.checkpoint_every; Ctrl-C saves one), or give another run")
+  try:
+    found, params, bad, _ = checkpoints.newest_that_restores(
+        directory, steps, lambda s: _restore_params_at(mngr, directory, s, abstract_params,
+                                                       param_shardings, missing_ok), skip=("opt_state",))
+  finally:
+    mngr.close()
+  if found is None:
+    raise checkpoints.none_restores(directory, bad) from next((b[3] for b in bad if b[3] is not None), None)
+  if bad and jax.process_index() == 0:
+    print(f"kiln: {directory}: {checkpoints.describe(bad)}; using step {found}", file=sys.stderr)
+  return params, found
+
+
+def _restore_params_at(mngr, directory: str, step: int, abstract_params, param_shardings, missing_ok):
+  """restore_params of one step."""
   meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta or {}
   if meta.get("lora"):
     frozen, _ = restore_params(meta["lora"]["base"], abstract_params, param_shardings, missing_ok=missing_ok)
@@ -179,9 +228,8 @@ def restore_params(path: str, abstract_params, param_shardings, step=None, missi
     ad_sh = jax.tree.map(lambda _: NamedSharding(mesh, P()), abs_ad)
     adapters = mngr.restore(step, args=ocp.args.Composite(
         params=ocp.args.StandardRestore(_abstract(abs_ad, ad_sh)))).params
-    mngr.close()
     merged = jax.jit(lambda b, a: lora.merge(b, a, lora_cfg), out_shardings=param_shardings)
-    return merged(frozen, adapters), step
+    return merged(frozen, adapters)
   stored = stored_keys(directory, step)
   missing = set(abstract_params) - stored
   if missing - set(missing_ok):
@@ -194,9 +242,7 @@ def restore_params(path: str, abstract_params, param_shardings, step=None, missi
                                   partial_restore=True)
   else:
     args = ocp.args.StandardRestore(target)
-  out = mngr.restore(step, args=ocp.args.Composite(params=args))
-  mngr.close()
-  return out.params, step
+  return mngr.restore(step, args=ocp.args.Composite(params=args)).params
 
 
 # ----------------------------------------------------------------------------- config

@@ -38,7 +38,7 @@ def lora_enabled(config) -> bool:
 
 
 def setup(config, model, tx, mesh, mngr, extra_params=None) -> State:
-  """Resumes from `mngr`'s latest step, or starts from `config.init_from`, or from scratch.
+  """Resumes from `mngr`'s newest step that restores, or starts from `config.init_from`, or from scratch.
 
   `extra_params` (see abstract_params) that `init_from` lacks are initialised here.
   """
@@ -58,10 +58,11 @@ def setup(config, model, tx, mesh, mngr, extra_params=None) -> State:
   boxed_opt = jax.eval_shape(tx.init, abs_train if use_lora else boxed)
   abs_opt, opt_sh = sharding.unbox(boxed_opt), sharding.tree_shardings(boxed_opt, mesh)
 
-  start = mngr.latest_step()
-  if start is not None:
-    trainable, opt_state, meta = rundir.restore(mngr, start, abs_train, train_sh, abs_opt, opt_sh)
-    return State(trainable, opt_state, frozen, train_sh, opt_sh, start, meta, f"resumed from step {start}")
+  resumed = rundir.restore_newest(mngr, abs_train, train_sh, abs_opt, opt_sh)
+  if resumed is not None:  # the newest step that restores completely (bad newer ones moved aside)
+    start, trainable, opt_state, meta, note = resumed
+    return State(trainable, opt_state, frozen, train_sh, opt_sh, start, meta,
+                 f"resumed from step {start}" + (f" ({note})" if note else ""))
 
   rng = jax.random.key(config.seed)
   if use_lora:
