@@ -26,6 +26,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it renames at INFO
+  cpu_tuning.skip_absent_tpu()  # before distributed.initialize starts the backends
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   cpu_tuning.apply()
   import jax
