@@ -84,7 +84,8 @@ def test_the_tiny_config_compiles_for_a_v5p_slice_and_fits(objective):
   ref = 4 / 3 if objective == "dpo" else 1
   assert out["flops_per_step"] == pytest.approx(cfg.train_flops_per_token(c.seq_len) * tokens * ref)
   assert out["collectives"]["all-gather"]["count"] > 0  # fsdp: weights are gathered before use
-  assert out["est_step_s"] == max(out["roofline"].values()) > 0
+  r = out["roofline"]
+  assert out["est_step_s"] >= max(r["compute_s"], r["hbm_s"]) + r["ici_sync_s"] > 0
   assert math.isclose(out["est_mfu"], out["roofline"]["compute_s"] / out["est_step_s"])
 
 
