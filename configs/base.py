@@ -13,6 +13,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.steps = 1000
   c.batch_size = 16                  # global rows per step, over all hosts and devices
   c.seq_len = 128
+  c.logits_chunk = 0                 # positions per piece of the LM head + loss (no [b, t, vocab]); 0 = one
   c.seed = 0
   c.init_from = ""                   # a run's workdir: start from its latest params
   c.log_every = 10

@@ -66,6 +66,13 @@ def llama3_8b():  # Llama 3.1 8B
                                  original_max_positions=8192))
 
 
+def llama3_70b():  # Llama 3.1 70B
+  return _base(vocab_size=128256, d_model=8192, n_layers=80, n_heads=64, n_kv_heads=8,
+               head_dim=128, mlp_dim=28672, rope_theta=500_000.0,
+               rope_scaling=dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                 original_max_positions=8192))
+
+
 def qwen2_0_5b():
   return _base(vocab_size=151936, d_model=896, n_layers=24, n_heads=14, n_kv_heads=2,
                head_dim=64, mlp_dim=4864, rope_theta=1_000_000.0, norm_eps=1e-6,
@@ -73,7 +80,7 @@ def qwen2_0_5b():
 
 
 PRESETS = dict(tiny=tiny, demo=demo, small=small, medium=medium, llama3_1b=llama3_1b,
-               llama3_8b=llama3_8b, qwen2_0_5b=qwen2_0_5b)
+               llama3_8b=llama3_8b, llama3_70b=llama3_70b, qwen2_0_5b=qwen2_0_5b)
 
 
 def get(name: str) -> ml_collections.ConfigDict:

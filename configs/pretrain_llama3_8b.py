@@ -5,6 +5,10 @@ Run the same command on every host (multi-host setup is detected, see README):
   python -m train --config configs/pretrain_llama3_8b.py --workdir gs://BUCKET/llama3_8b \
       --config.data.tfds_name=c4/en --config.tokenizer.path=/path/to/tokenizer.model
 
+Check that it compiles and fits first, on any machine with the `tpu` extra installed:
+
+  python -m train.aot --config configs/pretrain_llama3_8b.py --topology v5p-256 --out aot_8b.json
+
 Mesh: fsdp over all 128 devices x tensor 1 (8B fits comfortably with full FSDP); global batch
 512 x 8192 tokens = 4M tokens/step, bf16 compute, scanned + rematerialised layers.
 `arg` may give the device count to plan for (default 128).
@@ -26,6 +30,7 @@ def get_config(arg=None):
   c.steps = 250_000
   c.batch_size = 4 * devices        # 512 on 128 devices: divisible by data * fsdp
   c.seq_len = 8192
+  c.logits_chunk = 1024             # no [rows, 8192, 128256] fp32 logits: 1024 positions at a time
   c.optim.lr = 3e-4
   c.optim.warmup_steps = 2000
   c.optim.end_lr_frac = 0.1

@@ -52,3 +52,32 @@ def logits(h, kernel, tied: bool):
     return one_dot(h, w)
   blocked = lambda h, w: blocked_matmul(h.reshape(b * t, d), w).reshape(b, t, -1)
   return jax.lax.platform_dependent(h, w, cpu=blocked, default=one_dot)
+
+
+def kernel_of(params, cfg):
+  """The head's weight in compute dtype: lm_head [d, vocab], or the embedding [vocab, d] if tied."""
+  return (params["embedding"] if cfg.tie_embeddings else params["lm_head"]).astype(cfg.dtype)
+
+
+def token_nll(h, kernel, tied: bool, targets, chunk: int = 0):
+  """Next-token NLL in fp32 and whether the argmax is the target, from final hidden states.
+
+  h [b, t, d], targets [b, t] -> (nll [b, t] float32, hit [b, t] bool). chunk > 0 (a divisor of
+  t): the head runs on `chunk` positions at a time under jax.checkpoint, so no [b, t, vocab]
+  array exists in the forward or the backward pass, only [b, chunk, vocab] (the backward
+  recomputes each chunk's logits). Same values and gradients as chunk = 0 (one piece)."""
+  def stats(h_c, y_c):  # [b, c, d], [b, c]
+    z = sharding.constrain(logits(h_c, kernel, tied).astype(jnp.float32), ("batch", "length", "act_vocab"))
+    target = jnp.take_along_axis(z, y_c[..., None], axis=-1)[..., 0]
+    return jax.nn.logsumexp(z, axis=-1) - target, jnp.argmax(z, axis=-1) == y_c
+
+  b, t, d = h.shape
+  if chunk <= 0 or chunk >= t:
+    return stats(h, targets)
+  if t % chunk:
+    raise ValueError(f"config.logits_chunk={chunk} must divide the sequence length {t}")
+  n = t // chunk
+  hs = h.reshape(b, n, chunk, d).swapaxes(0, 1)       # [n, b, c, d]
+  ys = targets.reshape(b, n, chunk).swapaxes(0, 1)    # [n, b, c]
+  _, (nll, hit) = jax.lax.scan(lambda _, xs: (None, jax.checkpoint(stats)(*xs)), None, (hs, ys))
+  return nll.swapaxes(0, 1).reshape(b, t), hit.swapaxes(0, 1).reshape(b, t)

@@ -25,6 +25,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   cli.no_arguments(argv)
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it renames at INFO
+  cpu_tuning.skip_absent_tpu()  # before distributed.initialize starts the backends
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   cpu_tuning.apply()
   import jax

@@ -21,9 +21,15 @@ train.pipeline`, the eval/ commands, eval/bench.py's child processes and tests/c
    decoding 13% slower through lock contention). The cost: freed memory stays with the process
    (its peak RSS is what it keeps) instead of returning to the OS. KILN_MALLOC=system keeps
    glibc's and JAX's defaults.
+3. A host without a TPU never starts libtpu: installed (by the `tpu` or `test` extras, for
+   `python -m train.aot`), JAX would try it first on every start and print pages of warnings about
+   TPU workers it cannot find. `skip_absent_tpu` leaves it out of jax_platforms unless the host has
+   a TPU device file; JAX_PLATFORMS set by the user wins.
 """
 import ctypes
 import ctypes.util
+import glob
+import importlib.util
 import os
 
 import jax
@@ -66,6 +72,16 @@ def keep_freed_memory() -> bool:
   return all(libc.mallopt(param, value) == 1 for param, value in settings)
 
 
+def skip_absent_tpu() -> None:
+  """jax_platforms without tpu where libtpu is installed but no TPU is attached. Must run before
+  JAX starts its backends (`jax.distributed.initialize` starts them)."""
+  if jax.config.jax_platforms or importlib.util.find_spec("libtpu") is None:
+    return
+  if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):  # TPU VMs: v4/v5e, v5p/v6e
+    return
+  jax.config.update("jax_platforms", "cuda,cpu" if glob.glob("/dev/nvidia[0-9]*") else "cpu")
+
+
 def apply() -> str:
   """Applies the settings above; returns the default backend ("cpu", "gpu", "tpu").
 
@@ -73,6 +89,7 @@ def apply() -> str:
   backends), before anything else does. Async dispatch is read when JAX creates its CPU client, so
   it is turned off before the backend is known; it only concerns computations placed on that
   client, which on a GPU/TPU host are not the model's. Calling it again changes nothing."""
+  skip_absent_tpu()
   os.environ["XLA_FLAGS"] = xla_flags(os.environ.get("XLA_FLAGS", ""))
   reuse_memory = os.environ.get("KILN_MALLOC") != "system" and glibc() is not None
   if reuse_memory:

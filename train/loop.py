@@ -16,14 +16,10 @@ import jax.numpy as jnp
 import optax
 
 from model import sharding
-from train import data, objectives, optim, reference, rundir, run_loop
+from train import chips, data, objectives, optim, reference, rundir, run_loop
 from train import state as state_lib
 from train.stage import start_run
 from train.validate import validate
-
-# Dense peak FLOP/s per device by device kind (bf16), for MFU. CPUs have no such table: see below.
-PEAK_FLOPS = {"h100": 989e12, "h200": 989e12, "a100": 312e12, "v5p": 459e12, "v5 lite": 197e12,
-              "v5e": 197e12, "v4": 275e12, "v6": 918e12}
 
 
 @functools.cache
@@ -49,14 +45,13 @@ def cpu_matmul_peak(n: int = 1024, repeats: int = 10) -> float:
 
 
 def peak_flops(config) -> float:
-  """Peak FLOP/s of one device: config.peak_flops_per_device, the table above, or on CPU the
-  measured matmul peak shared by the host's CPU devices (0: unknown, no MFU)."""
+  """Peak FLOP/s of one device: config.peak_flops_per_device, its chip's (train/chips.py), or on
+  CPU the measured matmul peak shared by the host's CPU devices (0: unknown, no MFU)."""
   if config.peak_flops_per_device > 0:
     return config.peak_flops_per_device
-  kind = jax.devices()[0].device_kind.lower()
-  for name, flops in PEAK_FLOPS.items():
-    if name in kind:
-      return flops
+  chip = chips.chip_of(jax.devices()[0].device_kind)
+  if chip is not None:
+    return chip.peak_flops
   return cpu_matmul_peak() / jax.local_device_count() if jax.default_backend() == "cpu" else 0.0
 
 

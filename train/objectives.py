@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from configs.errors import UserError, closest
-from model import heads
+from model import heads, lm_head
 from train import dpo_loss as dpo
 from train import pairs
 from train import reward_loss as rm
@@ -32,25 +32,19 @@ class Context:
   ref_params: Any = None  # the frozen reference model's params, or None
 
 
-def token_nll(logits, targets):
-  """Per-token negative log-likelihood in fp32. logits [b, t, v], targets [b, t] -> [b, t]."""
-  logits = logits.astype(jnp.float32)
-  lse = jax.nn.logsumexp(logits, axis=-1)
-  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  return lse - target_logit
-
-
 def next_token_loss(params, batch, model, ctx=None):
   """Masked next-token cross-entropy over a packed batch (pretraining and SFT).
 
   batch: inputs, targets, segment_ids, positions [b, t] int32; loss_mask [b, t] float32.
+  The head runs in `config.logits_chunk` positions at a time (model/lm_head.py `token_nll`).
   """
-  logits = model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"])
+  _, hidden = model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"],
+                          return_hidden=True, head=False)  # [b, t, d]
+  chunk = ctx.config.logits_chunk if ctx is not None and ctx.config is not None else 0
+  nll, hit = lm_head.token_nll(hidden, lm_head.kernel_of(params, model.cfg), model.cfg.tie_embeddings,
+                               batch["targets"], chunk)  # [b, t] each
   mask = batch["loss_mask"].astype(jnp.float32)
-  nll = token_nll(logits, batch["targets"])  # [b, t]
-  total = jnp.sum(nll * mask)
-  correct = jnp.sum((jnp.argmax(logits, -1) == batch["targets"]) * mask)
-  return total, jnp.sum(mask), {"accuracy": correct}
+  return jnp.sum(nll * mask), jnp.sum(mask), {"accuracy": jnp.sum(hit * mask)}
 
 
 # ----------------------------------------------------------------------------- pairs

@@ -12,10 +12,9 @@ def abstract_params(model, seq_len: int, mesh, extra_params=None):
   `extra_params(model_cfg, rng) -> {name: params}` (an objective's heads) are added at the top
   level of the tree, replicated.
   """
-  dummy = jnp.zeros((1, seq_len), jnp.int32)  # [1, seq]
-  model_init = lambda rng: model.init(rng, dummy)["params"]
+  model_init = lambda rng: model.init(rng, jnp.zeros((1, seq_len), jnp.int32))["params"]  # tokens [1, seq]
   init_boxed = model_init
   if extra_params is not None:
     init_boxed = lambda rng: {**model_init(rng), **extra_params(model.cfg, jax.random.fold_in(rng, 1))}
-  boxed = jax.eval_shape(init_boxed, jax.random.key(0))
+  boxed = jax.eval_shape(lambda: init_boxed(jax.random.key(0)))
   return sharding.unbox(boxed), sharding.tree_shardings(boxed, mesh), init_boxed, boxed

@@ -13,7 +13,7 @@ from train import objectives, profile
 RANGES = {
     "steps": "(0, inf)", "batch_size": "(0, inf)", "seq_len": "(0, inf)", "log_every": "(0, inf)",
     "checkpoint_every": "(0, inf)", "keep_checkpoints": "(0, inf)", "eval_every": "[0, inf)",
-    "eval_batches": "[0, inf)", "peak_flops_per_device": "[0, inf)",
+    "eval_batches": "[0, inf)", "peak_flops_per_device": "[0, inf)", "logits_chunk": "[0, inf)",
     "optim.lr": "(0, inf)", "optim.warmup_steps": "[0, inf)", "optim.end_lr_frac": "[0, 1]",
     "optim.b1": "[0, 1)", "optim.b2": "[0, 1)", "optim.eps": "(0, inf)", "optim.weight_decay": "[0, inf)",
     "optim.clip_norm": "[0, inf)",
@@ -79,6 +79,9 @@ def validate(config, num_devices: int, num_processes: int = 1) -> dict:
   if m.attention == "cudnn" and m.dtype not in ("bfloat16", "float16"):
     raise UserError(f"config.model.attention='cudnn' needs config.model.dtype bfloat16 or float16, "
                     f"not {m.dtype!r} (or use attention=auto)")
+  if config.logits_chunk and config.seq_len % config.logits_chunk:
+    raise UserError(f"config.logits_chunk={config.logits_chunk} must divide config.seq_len={config.seq_len}",
+                    hint="0 runs the LM head on the whole sequence at once")
   profile.check(config)
   mesh = sharding.mesh_shape(config.mesh, num_devices)
   data_ways = mesh["data"] * mesh["fsdp"]

@@ -1,0 +1,46 @@
+"""Pretrain Llama-3 70B on a TPU v5p-512 pod slice (256 chips).
+
+Run the same command on every host (multi-host setup is detected, see README):
+
+  python -m train --config configs/pretrain_llama3_70b.py --workdir gs://BUCKET/llama3_70b \
+      --config.data.tfds_name=c4/en --config.tokenizer.path=/path/to/tokenizer.model
+
+Check that it compiles and fits first, on any machine with the `tpu` extra installed:
+
+  python -m train.aot --config configs/pretrain_llama3_70b.py --topology v5p-512 --out aot_70b.json
+
+Mesh: fsdp over all 256 chips (parameters and Adam state split 256 ways: ~3.3 GB of the 840 GB per
+chip), one row of 8192 tokens per chip (global batch 256 x 8192 = 2M tokens/step), bf16 compute,
+scanned + fully rematerialised layers, the LM head and loss 1024 positions at a time.
+`arg` may give the device count to plan for (default 256).
+"""
+from configs import base, models
+
+PLANNED_DEVICES = 256  # tests validate the mesh and batch against this many devices
+
+
+def get_config(arg=None):
+  devices = int(arg or PLANNED_DEVICES)
+  c = base.base_config()
+  c.objective = "pretrain"
+  c.model = models.llama3_70b()
+  c.model.dtype = "bfloat16"
+  c.model.scan_layers = True
+  c.model.remat = "full"
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
+  c.steps = 500_000
+  c.batch_size = devices            # 256 on 256 chips: divisible by data * fsdp
+  c.seq_len = 8192
+  c.logits_chunk = 1024
+  c.optim.lr = 1.5e-4
+  c.optim.warmup_steps = 2000
+  c.optim.end_lr_frac = 0.1
+  c.optim.weight_decay = 0.1
+  c.log_every = 10
+  c.eval_every = 2000
+  c.checkpoint_every = 500
+  c.keep_checkpoints = 3
+  c.data.source = "tfds"
+  c.data.tfds_name = "c4/en"
+  c.data.tfds_eval_split = "validation"
+  return c

@@ -1,0 +1,98 @@
+"""train.aot: the train step compiled for a TPU slice on this CPU host (libtpu, from the test
+extra), and what is read off the compiled program."""
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from configs import pretrain_tiny
+from model.transformer import ModelConfig
+from train import aot, chips, hlo_stats, topology
+
+
+def test_slice_names_follow_cloud_tpu():
+  assert topology.parse("v5p-256") == ("v5p", "4x4x8", True)  # 256 TensorCores = 128 chips
+  assert topology.parse("v4-8") == ("v4", "2x2x1", True)
+  assert topology.parse("v5e-16") == ("v5e", "4x4", False)
+  assert topology.parse("v5litepod-8") == ("v5e", "2x4", False)
+  assert topology.parse("v6e-256") == ("v6e", "16x16", False)
+  assert topology.parse("v5p:4x4x8") == ("v5p", "4x4x8", True)
+  with pytest.raises(ValueError, match="no such slice; known: v5p-8, v5p-16"):
+    topology.parse("v5p-12")
+  with pytest.raises(ValueError, match="use v4-N, v5p-N"):
+    topology.parse("tpu7-8")
+
+
+def test_device_kinds_name_their_chips():
+  kinds = {"TPU v4": "v4", "TPU v5 lite": "v5e", "TPU v5": "v5p", "TPU v6 lite": "v6e",
+           "NVIDIA A100-SXM4-80GB": "a100", "NVIDIA H100 80GB HBM3": "h100", "NVIDIA H200": "h200",
+           "NVIDIA B200": "b200"}
+  for kind, name in kinds.items():
+    assert chips.chip_of(kind) is chips.CHIPS[name], kind
+  assert chips.chip_of("cpu") is None
+  assert chips.chip_of("TPU v5").peak_flops == 459e12 and chips.chip_of("TPU v5 lite").peak_flops == 197e12
+  devices = topology.devices("v5p-8")
+  assert len(devices) == 4 and chips.chip_of(devices[0].device_kind) is chips.CHIPS["v5p"]
+
+
+def test_a_scanned_loop_counts_its_collectives_once_per_iteration():
+  """Forward of L scanned layers whose weights are split over 4 chips: each layer gathers its
+  [512, 512] bf16 weight once, so L all-gathers of 512 KiB per step, though the HLO holds one."""
+  layers = 6
+  mesh = jax.sharding.Mesh(np.array(topology.devices("v5p-8")), ("x",))
+
+  def forward(ws, x):
+    return jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, ws)[0].sum()
+
+  ws = jax.ShapeDtypeStruct((layers, 512, 512), jnp.bfloat16, sharding=NamedSharding(mesh, P(None, "x")))
+  x = jax.ShapeDtypeStruct((64, 512), jnp.bfloat16, sharding=NamedSharding(mesh, P("x")))
+  hlo = jax.jit(forward).lower(ws, x).compile().as_text()
+  assert hlo.count("all-gather(") + hlo.count("all-gather-start(") == 1
+  gathers = hlo_stats.stats(hlo)["collectives"]["all-gather"]
+  assert gathers["count"] == layers
+  assert gathers["bytes"] == layers * 512 * 512 * 2
+
+
+def test_array_bytes_of_shapes():
+  assert hlo_stats.array_bytes("(f32[2,3]{1,0}, s32[])") == 28
+  assert hlo_stats.array_bytes("bf16[4,8192,128256]{2,1,0:T(8,128)(2,1)}") == 4 * 8192 * 128256 * 2
+
+
+@pytest.mark.parametrize("objective", ["pretrain", "dpo"])
+def test_the_tiny_config_compiles_for_a_v5p_slice_and_fits(objective):
+  c = pretrain_tiny.get_config()
+  c.objective = objective
+  c.model.dtype = "bfloat16"
+  c.mesh.data, c.mesh.fsdp = 1, -1
+  if objective == "dpo":
+    c.init_from, c.data.source = "/nonexistent/sft", "builtin"  # only checked, never read
+  out = aot.report(c, "v5p-8")
+  assert out["chips"] == 4 and out["chip"] == "TPU v5p" and out["fits"]
+  mem = out["per_chip"]
+  assert 0 < mem["peak_bytes"] < mem["hbm_bytes"]
+  cfg = ModelConfig.from_config(c.model)
+  # fp32 params split 4 ways over fsdp where the axis divides them: between a quarter and all.
+  assert 4 * cfg.num_params() / 4 <= mem["params_bytes"] <= 4 * cfg.num_params()
+  assert mem["opt_state_bytes"] >= 2 * mem["params_bytes"]  # Adam's mu and nu
+  tokens = c.batch_size * c.seq_len
+  ref = 4 / 3 if objective == "dpo" else 1
+  assert out["flops_per_step"] == pytest.approx(cfg.train_flops_per_token(c.seq_len) * tokens * ref)
+  assert out["collectives"]["all-gather"]["count"] > 0  # fsdp: weights are gathered before use
+  r = out["roofline"]
+  assert out["est_step_s"] >= max(r["compute_s"], r["hbm_s"]) + r["ici_sync_s"] > 0
+  assert math.isclose(out["est_mfu"], out["roofline"]["compute_s"] / out["est_step_s"])
+
+
+def test_cpu_runs_skip_an_installed_libtpu():
+  """With libtpu installed and no TPU attached, JAX starts on the CPU without a word about TPUs."""
+  code = "from train import cpu_tuning; cpu_tuning.apply(); import jax; print(jax.devices()[0].platform)"
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS" and k not in topology.QUIET_ENV}
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+  assert out.stdout.strip() == "cpu"
+  assert "TPU" not in out.stderr, out.stderr

@@ -1,0 +1,179 @@
+"""What a compiled step does per chip, read from its optimized HLO text: collectives, HBM traffic,
+the largest arrays, each counted as often as it runs.
+
+XLA's own cost analysis counts a while loop's body once, so a scanned 32-layer model looks like a
+1-layer one. Here every computation gets a multiplicity: 1 for the entry, the trip count of each
+while loop that runs it (read from its condition, `i < N`), the caller's for calls, conditionals
+and async wrappers. The HLO is SPMD-partitioned, so every shape in it is one device's shape.
+"""
+import dataclasses
+import math
+import re
+from collections import defaultdict
+
+DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "f8e4m3": 1,
+               "f8e4m3b11fnuz": 1, "f8e4m3fnuz": 1, "f8e5m2fnuz": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
+               "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+# Instructions that move no HBM bytes of their own.
+NO_TRAFFIC = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "while", "conditional",
+              "call", "after-all", "partition-id", "replica-id", "opt-barrier", "async-start", "async-update",
+              "async-done", "all-gather-done", "all-reduce-done", "collective-permute-done", "copy-done",
+              "send-done", "recv-done"}
+
+_ARRAY = re.compile(r"\b(" + "|".join(sorted(DTYPE_BYTES, key=len, reverse=True)) + r")\[([\d,]*)\]")
+_HEADER = re.compile(r"^(ENTRY )?%([\w.\-]+) \(.*\) -> .*\{$")
+_INSTR = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = ")
+_CALLED = re.compile(r"\b(body|condition|calls|to_apply|true_computation|false_computation)=%([\w.\-]+)")
+_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+
+
+def array_bytes(shape: str) -> float:
+  """Bytes of every array in a shape string, e.g. "(f32[2,3]{1,0}, s32[])" -> 28."""
+  return sum(DTYPE_BYTES[d] * math.prod(int(x) for x in dims.split(",") if x) for d, dims in _ARRAY.findall(shape))
+
+
+@dataclasses.dataclass
+class Instr:
+  name: str
+  shape: str       # result shape text
+  opcode: str
+  operands: list   # names of operand instructions
+  args: str        # the text between the parentheses (a constant's value)
+  rest: str        # attributes after the operands
+
+
+def _split_shape(text: str) -> tuple[str, str]:
+  """"(a, b) op(...)..." or "f32[2]{0} op(...)" -> (shape, the rest)."""
+  if text.startswith("("):
+    depth = 0
+    for i, ch in enumerate(text):
+      depth += ch == "("
+      depth -= ch == ")"
+      if depth == 0:
+        return text[:i + 1], text[i + 2:]
+  shape, _, rest = text.partition(" ")
+  return shape, rest
+
+
+def _parse_instr(line: str) -> Instr:
+  m = _INSTR.match(line)
+  shape, rest = _split_shape(line[m.end():])
+  opcode, _, args = rest.partition("(")
+  depth, i = 1, 0
+  while depth and i < len(args):
+    depth += (args[i] == "(") - (args[i] == ")")
+    i += 1
+  inside = args[:i - 1]
+  return Instr(m.group(1), shape, opcode.strip(), re.findall(r"%([\w.\-]+)", inside), inside, args[i:])
+
+
+def parse(hlo: str) -> tuple[dict, str]:
+  """{computation name: [Instr]} and the entry computation's name."""
+  comps, entry, current = {}, None, None
+  for line in hlo.splitlines():
+    header = _HEADER.match(line)
+    if header:
+      current = header.group(2)
+      comps[current] = []
+      entry = current if header.group(1) else entry
+    elif current is not None and _INSTR.match(line):
+      comps[current].append(_parse_instr(line))
+  return comps, entry
+
+
+def trip_count(cond: list) -> int:
+  """N of a loop condition `i < N` (scans count from 0); 1 when it is not that simple."""
+  consts = {i.name: i for i in cond if i.opcode == "constant"}
+  for ins in cond:
+    if ins.opcode == "compare" and "direction=LT" in ins.rest:
+      bound = [consts[op].args for op in ins.operands[1:] if op in consts]
+      if bound and re.fullmatch(r"-?\d+", bound[0].strip()):
+        return max(int(bound[0]), 1)
+  return 1
+
+
+def multiplicities(comps: dict, entry: str) -> tuple[dict, set, set]:
+  """(how often each computation runs per step, the fused ones, the async-wrapped ones)."""
+  mult, fused, wrapped = defaultdict(float), set(), set()
+  mult[entry] = 1.0
+  order = [entry]
+  for name in order:  # callers come before callees in this walk
+    for ins in comps.get(name, []):
+      called = _CALLED.findall(ins.rest)
+      branches = _BRANCHES.search(ins.rest)
+      if branches:
+        called += [("branch", b.strip().lstrip("%")) for b in branches.group(1).split(",")]
+      for role, callee in called:
+        if callee not in comps:
+          continue
+        times = mult[name]
+        if ins.opcode == "while" and role == "body":
+          cond = dict(_CALLED.findall(ins.rest)).get("condition")
+          times *= trip_count(comps.get(cond, []))
+        if ins.opcode == "fusion" or role == "to_apply":
+          fused.add(callee)
+        if ins.opcode.startswith("async-") or ins.opcode.endswith("-start"):
+          wrapped.add(callee)
+        mult[callee] += times
+        if callee not in order:
+          order.append(callee)
+  return mult, fused, wrapped
+
+
+def _kind(opcode: str):
+  base = opcode[:-len("-start")] if opcode.endswith("-start") else opcode
+  return base if base in COLLECTIVES else None
+
+
+def _traffic(ins: Instr, op_name: str, sizes: dict) -> float:
+  """HBM bytes one instruction reads and writes. A slice of a stacked buffer (the scanned layers'
+  weights, activations, gradients) moves the slice, not the stack: reading one reads the slice's
+  bytes; an in-place update writes them (the stack is the largest operand, aliased to the result)."""
+  operands = [sizes.get(op, 0.0) for op in ins.operands]
+  if "dynamic_update_slice" in op_name or ins.opcode == "dynamic-update-slice":
+    return 2 * (sum(operands) - max(operands, default=0.0))
+  if "dynamic_slice" in op_name or ins.opcode == "dynamic-slice":
+    return 2 * sizes[ins.name]
+  return sizes[ins.name] + sum(operands)
+
+
+def stats(hlo: str, top: int = 8) -> dict:
+  """Collectives {kind: {count, bytes, async_bytes}}, hbm_bytes and the largest arrays, per chip
+  per step, of an optimized (SPMD-partitioned) HLO module's text."""
+  comps, entry = parse(hlo)
+  mult, fused, wrapped = multiplicities(comps, entry)
+  collectives = {k: {"count": 0, "bytes": 0.0, "async_bytes": 0.0} for k in COLLECTIVES}
+  hbm, largest = 0.0, {}
+  for name, instrs in comps.items():
+    times = mult.get(name, 0.0)
+    if not times:
+      continue
+    sizes = {i.name: array_bytes(i.shape) for i in instrs}
+    for ins in instrs:
+      kind = _kind(ins.opcode)
+      if kind:
+        shape = ins.shape
+        if ins.opcode.endswith("-start") and shape.startswith("("):  # (operand, result[, ...]) -> result
+          shape = _ARRAY.findall(shape)
+          out = shape[1] if len(shape) > 1 else shape[0]
+          nbytes = DTYPE_BYTES[out[0]] * math.prod(int(x) for x in out[1].split(",") if x)
+        else:
+          nbytes = array_bytes(shape)
+        c = collectives[kind]
+        c["count"] += times
+        c["bytes"] += times * nbytes
+        if ins.opcode.endswith("-start") or name in wrapped:
+          c["async_bytes"] += times * nbytes
+      if name in fused or ins.opcode in NO_TRAFFIC:
+        continue
+      op = _OP_NAME.search(ins.rest)
+      op = op.group(1) if op else ins.opcode
+      hbm += times * _traffic(ins, op, sizes)
+      if not ins.shape.startswith("("):
+        key = (ins.shape.split("{")[0], op)
+        largest[key] = sizes[ins.name]
+  biggest = sorted(largest.items(), key=lambda kv: -kv[1])[:top]
+  return {"collectives": collectives, "hbm_bytes": hbm,
+          "largest_buffers": [{"shape": s, "bytes": int(b), "op": op} for (s, op), b in biggest]}
