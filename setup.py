@@ -3,6 +3,7 @@ from setuptools import find_packages, setup
 
 TORCH = ["torch==2.13.0", "transformers>=5.0,<6"]  # the Hugging Face models Kiln converts and is compared with
 TFDS = ["tensorflow-datasets>=4.9.8,<5"]  # config.data.source=tfds only (train/sources.py imports it there)
+TPU = ["jax[tpu]>=0.10.2,<0.13"]  # libtpu: TPU VMs, and compiling for TPU slices on any host (train.aot)
 
 setup(
     name="kiln-lm",
@@ -33,10 +34,11 @@ setup(
     extras_require={
         # tests/test_convert.py builds tiny HF models and tokenizers locally and compares against them;
         # tests/test_data.py builds a local TFDS dataset; ruff lints
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6"] + TORCH + TFDS,
+        # tests/test_aot.py compiles for TPU slices on the CPU: libtpu (from jax[tpu]) gives the devices
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6"] + TORCH + TFDS + TPU,
         "tfds": TFDS,
         "gpu": ["jax[cuda12]>=0.10.2,<0.13"],
-        "tpu": ["jax[tpu]>=0.10.2,<0.13"],
+        "tpu": TPU,  # TPU VMs, and `python -m train.aot` anywhere
         "hf": TORCH,
         # eval/bench_peer.py --which trl_dpo / trl_grpo / trl_ppo: TRL's own trainers as peers in
         # `make bench`; 1.12 is TRL's last release with a PPOTrainer
