@@ -1,0 +1,103 @@
+"""Non-finite updates never reach the weights: the guard inside every jitted update step, and the
+check of a state before it is checkpointed.
+
+An update is applied only if its loss and gradient norm are finite; otherwise the step returns the
+params and optimizer state it was given, bit for bit, and reports `skipped` = 1 (the loop of
+train/run_loop.py counts and logs those, and stops after too many in a row). No counter lives in
+the optimizer state, so the checkpoint layout is the same with or without the guard.
+"""
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from configs.errors import UserError
+
+
+def update_ok(*scalars):
+  """True (a traced bool) if every scalar (loss, gradient norms) is finite."""
+  ok = jnp.bool_(True)
+  for x in scalars:
+    ok = ok & jnp.isfinite(x)
+  return ok
+
+
+def guarded(ok, new, old):
+  """`new` where `ok`, else `old`, leaf by leaf (same tree structure); fuses into the update."""
+  return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+
+@jax.jit
+def all_finite(tree):
+  """True if every leaf of `tree` is finite (integer leaves always are): one scalar on device."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def is_skipped(metrics: dict) -> bool:
+  """Whether a step (its metrics read back) left the state as it was: train/skipped, or for a
+  step without the guard, a non-finite train/loss."""
+  if "train/skipped" in metrics:
+    return metrics["train/skipped"] > 0
+  return not np.isfinite(metrics["train/loss"])
+
+
+def describe(metrics: dict) -> str:
+  """The non-finite quantities of a skipped step: 'train/loss nan, train/grad_norm nan'."""
+  bad = [f"{k} {v}" for k, v in metrics.items() if k.startswith("train/") and not np.isfinite(v)]
+  return ", ".join(bad) or f"train/skipped {metrics.get('train/skipped')}"
+
+
+def last_good(mngr, unit: str, workdir: str) -> str:
+  """'the last good checkpoint is step N in DIR/checkpoints', or that there is none yet."""
+  mngr.wait_until_finished()
+  latest = mngr.latest_step()
+  if latest is None:
+    return "there is no checkpoint yet"
+  return f"the last good checkpoint is {unit} {latest} in {os.path.join(workdir, 'checkpoints')}"
+
+
+class Streak:
+  """Skipped steps in a row, as the loop reads their metrics: each one is logged, and more than
+  `limit` in a row stop the run (`stop`)."""
+
+  def __init__(self, limit: int, unit: str, write):
+    self.limit, self.unit, self.write = limit, unit, write
+    self.first, self.count = None, 0  # the first step of the current streak, its length
+
+  def read(self, metrics: dict, step: int) -> bool:
+    """Counts step `step` (skipped or not); returns True if the run must stop."""
+    if not is_skipped(metrics):
+      self.first, self.count = None, 0
+      return False
+    self.first, self.count = self.first or step, self.count + 1
+    self.write(f"{self.unit} {step}: non-finite {describe(metrics)}: update skipped ({self.count} in a "
+               f"row; the run stops after config.max_nonfinite_steps={self.limit})")
+    return self.count > self.limit
+
+  def stop(self, managers, start: int, workdir: str, step: int) -> UserError:
+    """The error that ends the run. The params of the step before the streak gave every step of it,
+    so this run's checkpoints from that step on are removed (if an earlier one is left): a rerun
+    resumes from the last checkpoint whose params trained on."""
+    u, main = self.unit, managers[0]
+    for m in managers:
+      m.wait_until_finished()
+    suspect = [s for s in main.all_steps() if s >= self.first - 1 and s > start]
+    removed = suspect if len(suspect) < len(main.all_steps()) else []
+    for m in managers:
+      for s in removed:
+        if s in m.all_steps():
+          m.delete(s)
+    what = (f"{self.count} non-finite {u}s in a row ({u}s {self.first}-{step}), more than "
+            f"config.max_nonfinite_steps={self.limit}: stopping")
+    if removed:
+      what += f"; removed the checkpoints of {u}s {removed}, whose params gave them"
+    latest = main.latest_step()
+    where = last_good(main, u, workdir)
+    if latest is not None and latest >= self.first - 1:
+      where += f" (the params these {u}s started from; if a lower learning rate fails too, check the data)"
+    rerun = f"rerunning resumes from {u} {latest}" if latest is not None else "rerunning starts over"
+    return UserError(f"{what}; {where}",
+                     hint=f"lower config.optim.lr (or raise config.optim.warmup_steps), or check the data "
+                          f"of those {u}s; {rerun}")
