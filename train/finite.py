@@ -15,6 +15,10 @@ import numpy as np
 from configs.errors import UserError
 
 
+# What the update steps check, as the loop reads it (an RL iteration: means over its updates).
+CHECKED = ("train/loss", "train/grad_norm", "train/critic_grad_norm")
+
+
 def update_ok(*scalars):
   """True (a traced bool) if every scalar (loss, gradient norms) is finite."""
   ok = jnp.bool_(True)
@@ -44,8 +48,8 @@ def is_skipped(metrics: dict) -> bool:
 
 
 def describe(metrics: dict) -> str:
-  """The non-finite quantities of a skipped step: 'train/loss nan, train/grad_norm nan'."""
-  bad = [f"{k} {v}" for k, v in metrics.items() if k.startswith("train/") and not np.isfinite(v)]
+  """The non-finite quantities the guard checks of a skipped step: 'train/loss nan, train/grad_norm nan'."""
+  bad = [f"{k} {metrics[k]}" for k in CHECKED if k in metrics and not np.isfinite(metrics[k])]
   return ", ".join(bad) or f"train/skipped {metrics.get('train/skipped')}"
 
 
@@ -89,15 +93,16 @@ class Streak:
       for s in removed:
         if s in m.all_steps():
           m.delete(s)
-    what = (f"{self.count} non-finite {u}s in a row ({u}s {self.first}-{step}), more than "
+    span = f"{u} {step}" if self.first == step else f"{u}s {self.first}-{step}"
+    what = (f"{self.count} non-finite {u}{'s' if self.count > 1 else ''} in a row ({span}), more than "
             f"config.max_nonfinite_steps={self.limit}: stopping")
     if removed:
       what += f"; removed the checkpoints of {u}s {removed}, whose params gave them"
     latest = main.latest_step()
-    where = last_good(main, u, workdir)
-    if latest is not None and latest >= self.first - 1:
-      where += f" (the params these {u}s started from; if a lower learning rate fails too, check the data)"
-    rerun = f"rerunning resumes from {u} {latest}" if latest is not None else "rerunning starts over"
-    return UserError(f"{what}; {where}",
-                     hint=f"lower config.optim.lr (or raise config.optim.warmup_steps), or check the data "
-                          f"of those {u}s; {rerun}")
+    hint = (f"lower config.optim.lr (or raise config.optim.warmup_steps), or check the data of those "
+            f"{u}s; rerunning " + ("starts over" if latest is None else f"resumes from {u} {latest}"))
+    if latest is not None and latest >= self.first - 1:  # kept: this run resumed from it, or the only one
+      where = os.path.join(workdir, "checkpoints", str(latest))
+      return UserError(f"{what}; the latest checkpoint, {where}, holds the params they started from",
+                       hint=hint + f"; if that fails again, delete {where} to go back to an earlier one")
+    return UserError(f"{what}; {last_good(main, u, workdir)}", hint=hint)
