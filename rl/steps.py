@@ -123,19 +123,24 @@ def make_update_step(cfg, config, tx, lr_fn, lora_cfg, critic_cfg=None):
   def step(trainable, opt_state, critic, critic_opt, frozen, batch, beta, count):
     (loss, (m, logp)), (grads, critic_grads) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
         trainable, critic, frozen, batch, beta)
-    updates, new_opt = tx.update(grads, opt_state, trainable)
-    new_trainable = optax.apply_updates(trainable, updates)
     m = {**m, "loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr_fn(count)}
     norms = [m["grad_norm"]]
     if critic is not None:
-      critic_updates, new_critic_opt = tx.update(critic_grads, critic_opt, critic)
-      new_critic = optax.apply_updates(critic, critic_updates)
       m["critic_grad_norm"] = optax.tree.norm(critic_grads)
       norms.append(m["critic_grad_norm"])
+
+    def update(state):
+      trainable, opt_state, critic, critic_opt = state
+      updates, opt_state = tx.update(grads, opt_state, trainable)
+      trainable = optax.apply_updates(trainable, updates)
+      if critic is not None:
+        updates, critic_opt = tx.update(critic_grads, critic_opt, critic)
+        critic = optax.apply_updates(critic, updates)
+      return trainable, opt_state, critic, critic_opt
+
     ok = finite.update_ok(loss, *norms)  # else: policy and critic stay as they were
-    trainable, opt_state = finite.guarded(ok, (new_trainable, new_opt), (trainable, opt_state))
-    if critic is not None:
-      critic, critic_opt = finite.guarded(ok, (new_critic, new_critic_opt), (critic, critic_opt))
+    trainable, opt_state, critic, critic_opt = finite.apply_if(ok, update, (trainable, opt_state, critic,
+                                                                            critic_opt))
     m["skipped"] = (~ok).astype(jnp.float32)
     return trainable, opt_state, critic, critic_opt, logp, m
 

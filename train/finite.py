@@ -2,7 +2,7 @@
 check of a state before it is checkpointed.
 
 An update is applied only if its loss and gradient norm are finite; otherwise the step returns the
-params and optimizer state it was given, bit for bit, and reports `skipped` = 1 (the loop of
+params and optimizer state it was given, bit for bit (`apply_if`), and reports `skipped` = 1 (the loop of
 train/run_loop.py counts and logs those, and stops after too many in a row). No counter lives in
 the optimizer state, so the checkpoint layout is the same with or without the guard.
 """
@@ -27,9 +27,10 @@ def update_ok(*scalars):
   return ok
 
 
-def guarded(ok, new, old):
-  """`new` where `ok`, else `old`, leaf by leaf (same tree structure); fuses into the update."""
-  return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+def apply_if(ok, update, state):
+  """update(state) if `ok`, else `state` bit for bit. A lax.cond, not a select per leaf: a skipped
+  update is not computed, and donated buffers are updated in place (a select cost extra copies)."""
+  return jax.lax.cond(ok, update, lambda s: s, state)
 
 
 @jax.jit

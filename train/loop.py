@@ -93,11 +93,15 @@ def make_train_step(model, objective, tx, lr_fn, accum: int, lora_cfg=None, conf
       (num, den, sums, grads), _ = jax.lax.scan(body, zeros, micro)
     den = jnp.maximum(den, 1.0)
     grads = jax.tree.map(lambda g: g / den, grads)
-    updates, new_opt_state = tx.update(grads, opt_state, params)
     loss, grad_norm = num / den, optax.tree.norm(grads)
-    ok = finite.update_ok(loss, grad_norm)  # else: the step leaves params and opt_state as they were
-    params, opt_state = finite.guarded(ok, (optax.apply_updates(params, updates), new_opt_state),
-                                       (params, opt_state))
+
+    def update(state):
+      params, opt_state = state
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state
+
+    ok = finite.update_ok(loss, grad_norm)  # else: params and opt_state stay as they were
+    params, opt_state = finite.apply_if(ok, update, (params, opt_state))
     metrics = {"train/loss": loss, "train/grad_norm": grad_norm, "train/skipped": (~ok).astype(jnp.float32),
                "train/lr": lr_fn(step), f"train/{objective.unit}": den}
     metrics.update({f"train/{k}": v / den for k, v in sums.items()})
