@@ -78,7 +78,7 @@ class Streak:
       return False
     self.first, self.count = self.first or step, self.count + 1
     self.write(f"{self.unit} {step}: non-finite {describe(metrics)}: update skipped ({self.count} in a "
-               f"row; the run stops after config.max_nonfinite_steps={self.limit})")
+               f"row; more than config.max_nonfinite_steps={self.limit} stop the run)")
     return self.count > self.limit
 
   def stop(self, managers, start: int, workdir: str, step: int) -> UserError:
