@@ -2,8 +2,8 @@
 check of a state before it is checkpointed.
 
 An update is applied only if its loss and gradient norm are finite; otherwise the step returns the
-params and optimizer state it was given, bit for bit (`apply_if`), and reports `skipped` = 1 (the loop of
-train/run_loop.py counts and logs those, and stops after too many in a row). No counter lives in
+params and optimizer state it was given, bit for bit (`apply_if`), and reports `skipped` = 1 (the
+loop of train/run_loop.py counts and logs those, and stops after too many in a row). No counter lives in
 the optimizer state, so the checkpoint layout is the same with or without the guard.
 """
 import os
@@ -29,7 +29,7 @@ def update_ok(*scalars):
 
 def apply_if(ok, update, state):
   """update(state) if `ok`, else `state` bit for bit. A lax.cond, not a select per leaf: a skipped
-  update is not computed, and donated buffers are updated in place (a select cost extra copies)."""
+  update is not computed, and donated buffers are updated in place (a select per leaf cost extra copies)."""
   return jax.lax.cond(ok, update, lambda s: s, state)
 
 
@@ -41,8 +41,8 @@ def all_finite(tree):
 
 
 def is_skipped(metrics: dict) -> bool:
-  """Whether a step (its metrics read back) left the state as it was: train/skipped, or for a
-  step without the guard, a non-finite train/loss."""
+  """Whether a step (its metrics read back) counts as non-finite: train/skipped > 0 (its update was
+  not applied), or, from a step without the guard, a non-finite train/loss."""
   if "train/skipped" in metrics:
     return metrics["train/skipped"] > 0
   return not np.isfinite(metrics["train/loss"])
