@@ -17,6 +17,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.init_from = ""                   # a run's workdir: start from its latest params
   c.log_every = 10
+  c.max_nonfinite_steps = 5          # skipped (NaN / inf) updates in a row before the run stops; 0 = stop at the first
   c.eval_every = 100                 # 0 = only at the end
   c.eval_batches = 8                 # held-out batches per eval; 0 = the whole held-out split
   c.checkpoint_every = 200

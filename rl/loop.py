@@ -190,7 +190,8 @@ def train(config, workdir: str) -> dict:
         m["train/kl_per_completion"] = observed
         if kl_in_reward:
           m["train/non_score_reward"] = -float(beta) * observed
-        kl_next = kl.update_kl_controller(state.kl, observed, len(scores))
+        if np.isfinite(observed):  # not from the log-probs of non-finite params
+          kl_next = kl.update_kl_controller(state.kl, observed, len(scores))
       real_tokens = int(pmask.sum()) * g + int(lengths.sum())
       m.update({"train/reward": float(np.mean(scores)), "train/reward_std": float(np.std(scores)),
                 "train/beta": float(beta), "train/completion_length": float(np.mean(lengths)),
@@ -235,7 +236,8 @@ def train(config, workdir: str) -> dict:
       rundir.save(mngr, step, state.trainable, state.opt_state, m, force=True)
 
     loop_steps = run_loop.Steps(iteration, save, evaluate, unit="iteration", overlap=False,
-                                eval_at_start=r.eval_at_start)
+                                eval_at_start=r.eval_at_start,
+                                arrays=lambda s: (s.trainable, s.opt_state, s.critic, s.critic_opt))
     learner = Learner(ms.trainable, ms.opt_state, ms.critic, ms.critic_opt, kl_state, key)
     managers = [mngr] if cmngr is None else [mngr, cmngr]
     return run_loop.run(loop_steps, learner, start, config, workdir, log, managers)

@@ -12,8 +12,9 @@ import optax
 
 from model import heads
 from rl import algorithms, grpo, kl, ppo, rollout, value
-from train.dpo_loss import token_logps
+from train import finite
 from train import state as state_lib
+from train.dpo_loss import token_logps
 
 
 def policy_forward(params, cfg, batch, g: int, value_head: bool):
@@ -103,7 +104,8 @@ def make_update_step(cfg, config, tx, lr_fn, lora_cfg, critic_cfg=None):
 
   `critic`/`critic_opt` are None unless the values come from a separate critic (same optimizer
   settings). The returned logp (no gradient) is pi_old for later passes when the first pass had no
-  old_logp."""
+  old_logp. An update whose loss or gradient norms are not finite changes nothing (train/finite.py):
+  metric skipped = 1."""
   g = config.rl.num_generations
   algo = algorithms.get(config.objective)
   head_on_policy = algorithms.value_model(config) == "policy"
@@ -121,13 +123,25 @@ def make_update_step(cfg, config, tx, lr_fn, lora_cfg, critic_cfg=None):
   def step(trainable, opt_state, critic, critic_opt, frozen, batch, beta, count):
     (loss, (m, logp)), (grads, critic_grads) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
         trainable, critic, frozen, batch, beta)
-    updates, opt_state = tx.update(grads, opt_state, trainable)
-    trainable = optax.apply_updates(trainable, updates)
     m = {**m, "loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr_fn(count)}
+    norms = [m["grad_norm"]]
     if critic is not None:
-      updates, critic_opt = tx.update(critic_grads, critic_opt, critic)
-      critic = optax.apply_updates(critic, updates)
       m["critic_grad_norm"] = optax.tree.norm(critic_grads)
+      norms.append(m["critic_grad_norm"])
+
+    def update(state):
+      trainable, opt_state, critic, critic_opt = state
+      updates, opt_state = tx.update(grads, opt_state, trainable)
+      trainable = optax.apply_updates(trainable, updates)
+      if critic is not None:
+        updates, critic_opt = tx.update(critic_grads, critic_opt, critic)
+        critic = optax.apply_updates(critic, updates)
+      return trainable, opt_state, critic, critic_opt
+
+    ok = finite.update_ok(loss, *norms)  # else: policy and critic stay as they were
+    trainable, opt_state, critic, critic_opt = finite.apply_if(ok, update, (trainable, opt_state, critic,
+                                                                            critic_opt))
+    m["skipped"] = (~ok).astype(jnp.float32)
     return trainable, opt_state, critic, critic_opt, logp, m
 
   return step

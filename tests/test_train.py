@@ -1,4 +1,4 @@
-"""The trainer end to end on the tiny config: learning, exact resume, NaN stop, config errors."""
+"""The trainer end to end on the tiny config: learning, exact resume, NaN skip and stop, config errors."""
 import json
 import os
 import time
@@ -8,6 +8,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from configs.errors import UserError
 from train import data, loop
 
 
@@ -15,6 +16,12 @@ def losses(workdir):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     rows = [json.loads(line) for line in f]
   return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+
+
+def losses_rows(workdir):
+  """Step -> its logged train metrics."""
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return {r["step"]: r for r in map(json.loads, f) if "train/skipped" in r}
 
 
 def test_learning_drives_heldout_loss_down(tiny_config, tmp_path):
@@ -62,16 +69,18 @@ def test_checkpoint_round_trips_exactly(tiny_config, tmp_path):
     assert np.abs(np.asarray(x)).sum() > 0
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_config, tmp_path, monkeypatch):
+def test_nan_batches_are_skipped_and_too_many_in_a_row_stop_at_the_last_good_checkpoint(
+    tiny_config, tmp_path, monkeypatch, capsys):
   real = data.make_batch_iterator
+  poisoned = {4, 8, 9, 10}
 
   class Poisoned:
-    """Yields the real batches, but batch 4 carries a NaN loss weight (bad data)."""
+    """Yields the real batches, but batches 4 and 8-10 carry a NaN loss weight (bad data)."""
     def __init__(self, inner):
       self.inner, self.n = inner, 0
     def __next__(self):
       b, self.n = dict(next(self.inner)), self.n + 1
-      if self.n == 4:
+      if self.n in poisoned:
         b["loss_mask"] = b["loss_mask"] * np.float32("nan")
       return b
     def get_state(self):
@@ -80,11 +89,17 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_config, tmp_path
       self.inner.set_state(s)
 
   monkeypatch.setattr(data, "make_batch_iterator", lambda *a, **k: Poisoned(real(*a, **k)))
-  c = tiny_config(steps=10, checkpoint_every=2, log_every=10)
-  with pytest.raises(FloatingPointError, match="step 4.*last good checkpoint is step 2"):
+  c = tiny_config(steps=14, checkpoint_every=2, log_every=1, max_nonfinite_steps=2)
+  with pytest.raises(UserError, match=r"3 non-finite steps in a row \(steps 8-10\).*the last good "
+                                      r"checkpoint is step 6 in"):
     loop.train(c, str(tmp_path / "run"))
+  assert "step 4: non-finite train/loss nan, train/grad_norm nan" in capsys.readouterr().out
   steps = ocp.CheckpointManager(str(tmp_path / "run" / "checkpoints")).all_steps()
-  assert max(steps) == 2
+  assert sorted(steps) == [2, 6]  # none written at 4 and 8: their updates were skipped
+  m = {s: r for s, r in losses_rows(tmp_path / "run").items()}
+  assert m[4]["train/skipped"] == 1 and "train/loss" not in m[4]  # a NaN is never logged
+  assert all(m[s]["train/skipped"] == 0 and np.isfinite(m[s]["train/loss"]) for s in (3, 5, 6, 7))
+  assert m[5]["train/loss"] != m[3]["train/loss"]  # training went on after the isolated skip
 
 
 def test_config_errors_name_the_key(tiny_config):

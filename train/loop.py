@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from model import sharding
-from train import chips, data, objectives, optim, reference, rundir, run_loop
+from train import chips, data, finite, objectives, optim, reference, rundir, run_loop
 from train import state as state_lib
 from train.stage import start_run
 from train.validate import validate
@@ -62,6 +62,8 @@ def make_train_step(model, objective, tx, lr_fn, accum: int, lora_cfg=None, conf
   `trainable` is the full params (frozen=None) or LoRA adapters over the frozen base. `ref` is the
   reference params (or None); with `ref_is_frozen` the reference is the LoRA base `frozen` itself.
   Gradient accumulation is exact: sums over micro-batches, divided once by the total weight.
+  A step whose loss or gradient norm is not finite changes nothing (train/finite.py) and reports
+  train/skipped = 1.
   """
 
   def grads_of(params, batch, frozen, ref):
@@ -86,9 +88,16 @@ def make_train_step(model, objective, tx, lr_fn, accum: int, lora_cfg=None, conf
       (num, den, sums, grads), _ = jax.lax.scan(body, zeros, micro)
     den = jnp.maximum(den, 1.0)
     grads = jax.tree.map(lambda g: g / den, grads)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    metrics = {"train/loss": num / den, "train/grad_norm": optax.tree.norm(grads),
+    loss, grad_norm = num / den, optax.tree.norm(grads)
+
+    def update(state):
+      params, opt_state = state
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state
+
+    ok = finite.update_ok(loss, grad_norm)  # else: params and opt_state stay as they were
+    params, opt_state = finite.apply_if(ok, update, (params, opt_state))
+    metrics = {"train/loss": loss, "train/grad_norm": grad_norm, "train/skipped": (~ok).astype(jnp.float32),
                "train/lr": lr_fn(step), f"train/{objective.unit}": den}
     metrics.update({f"train/{k}": v / den for k, v in sums.items()})
     return params, opt_state, metrics

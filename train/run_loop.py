@@ -5,8 +5,11 @@ A trainer supplies what differs, as a `Steps` record: how one step turns its sta
 the rest, the same for every stage:
 - the stop flag: SIGTERM / SIGINT (on any process) saves a checkpoint and returns; rerunning the
   command resumes from it;
-- the non-finite guard: a NaN / inf `train/loss` stops the run with an error naming the last good
-  checkpoint (a step's metrics are read before any checkpoint of it is written);
+- the non-finite guard (train/finite.py): a step whose update was skipped on device (a NaN / inf
+  loss or gradient: `train/skipped`) is logged, is left out of the logged means but for
+  train/skipped, and writes no cadence checkpoint; more than `config.max_nonfinite_steps` in a row
+  stop the run with a UserError naming the last good checkpoint. A state is verified finite on
+  device before every save (a step's metrics are read before any checkpoint of it is written);
 - windowed logging: every log step (and every checkpoint and stop step) writes the mean of the
   metrics since the last write, with the median step time, throughput and MFU when the trainer
   says how many tokens and FLOPs a step is (`Speed`);
@@ -17,7 +20,6 @@ the rest, the same for every stage:
   for and closing the checkpoint managers and the logger at the end.
 """
 import dataclasses
-import os
 import signal
 import time
 from typing import Any, Callable, Optional, Sequence
@@ -25,7 +27,8 @@ from typing import Any, Callable, Optional, Sequence
 import jax
 import numpy as np
 
-from train import profile
+from configs.errors import UserError
+from train import finite, profile
 from train.metrics import MetricsLogger
 
 
@@ -88,6 +91,7 @@ class Steps:
   # once always (a step that waits for its own results anyway, like an RL iteration).
   overlap: bool = True
   eval_at_start: bool = False  # also evaluate before the first step of a fresh run (the baseline)
+  arrays: Callable = lambda state: state  # the arrays of `state` a checkpoint holds (verified finite)
 
 
 def open_log(config, workdir: str, start: int) -> MetricsLogger:
@@ -95,18 +99,18 @@ def open_log(config, workdir: str, start: int) -> MetricsLogger:
   return MetricsLogger(workdir, config.steps, start, enabled=jax.process_index() == 0)
 
 
-def _check_finite(metrics: dict, step: int, unit: str, mngr, workdir: str) -> None:
-  """Raises FloatingPointError naming the last good checkpoint if train/loss is NaN or inf."""
-  if not np.isfinite(metrics["train/loss"]):
-    mngr.wait_until_finished()
-    raise FloatingPointError(
-        f"train/loss is {metrics['train/loss']} at {unit} {step}; stopping. The last good checkpoint "
-        f"is {unit} {mngr.latest_step()} in {os.path.join(workdir, 'checkpoints')}")
-
-
 def _window_mean(window: list) -> dict:
-  """Mean of every metric of the latest step over the steps of the window that have it."""
-  return {k: float(np.mean([w[k] for w in window if k in w])) for k in window[-1]}
+  """Mean of every metric over the steps of the window that have it."""
+  keys = dict.fromkeys(k for w in window for k in w)
+  return {k: float(np.mean([w[k] for w in window if k in w])) for k in keys}
+
+
+def _check_saveable(steps: Steps, state, step: int, mngr, workdir: str) -> None:
+  """A non-finite state is never saved (the guard makes this unreachable; a trainer without it)."""
+  if not bool(finite.all_finite(steps.arrays(state))):
+    raise UserError(f"the state after {steps.unit} {step} is not finite: not saved; "
+                    f"{finite.last_good(mngr, steps.unit, workdir)}",
+                    hint="lower config.optim.lr, or check the data; rerun to resume")
 
 
 def run(steps: Steps, state: Any, start: int, config, workdir: str, log: MetricsLogger,
@@ -124,6 +128,7 @@ def run(steps: Steps, state: Any, start: int, config, workdir: str, log: Metrics
     last.update(steps.evaluate(state, 0))
   step = start
   prof = profile.StepProfiler(config, workdir, log.write)
+  streak = finite.Streak(config.max_nonfinite_steps, unit, log.write)
   with StopFlag() as stop:
     while step < config.steps:
       prof.before(step)
@@ -141,9 +146,10 @@ def run(steps: Steps, state: Any, start: int, config, workdir: str, log: Metrics
         pending = None
       for s, m in done:
         m = jax.device_get(m)
-        _check_finite(m, s, unit, managers[0], workdir)
+        if streak.read(m, s):
+          raise streak.stop(managers, start, workdir, s)
         now = time.perf_counter()
-        window.append(m)
+        window.append({k: v for k, v in m.items() if np.isfinite(v)})
         if t_last is not None:
           times.append(now - t_last)
         t_last = now
@@ -157,7 +163,8 @@ def run(steps: Steps, state: Any, start: int, config, workdir: str, log: Metrics
       if (config.eval_every and step % config.eval_every == 0) or step == config.steps:
         last.update(steps.evaluate(state, step))
         t_last = None  # eval time is not train time
-      if must_save or stopping:
+      if stopping or step == config.steps or (must_save and not streak.count):
+        _check_saveable(steps, state, step, managers[0], workdir)
         steps.save(state, step)
         t_last = None
       if stopping:

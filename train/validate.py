@@ -14,6 +14,7 @@ RANGES = {
     "steps": "(0, inf)", "batch_size": "(0, inf)", "seq_len": "(0, inf)", "log_every": "(0, inf)",
     "checkpoint_every": "(0, inf)", "keep_checkpoints": "(0, inf)", "eval_every": "[0, inf)",
     "eval_batches": "[0, inf)", "peak_flops_per_device": "[0, inf)", "logits_chunk": "[0, inf)",
+    "max_nonfinite_steps": "[0, inf)",
     "optim.lr": "(0, inf)", "optim.warmup_steps": "[0, inf)", "optim.end_lr_frac": "[0, 1]",
     "optim.b1": "[0, 1)", "optim.b2": "[0, 1)", "optim.eps": "(0, inf)", "optim.weight_decay": "[0, inf)",
     "optim.clip_norm": "[0, inf)",
