@@ -36,11 +36,11 @@ demo: $(BASE)
 
 test: $(TEST)
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -n 2 -m "not slow" tests
 
 test-all: $(TEST)
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 tests
 
 bench: $(PEERS)
 	$(PY) -m eval.bench --rounds $(ROUNDS) --out bench/results.json

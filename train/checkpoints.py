@@ -47,8 +47,10 @@ class Manager(ocp.CheckpointManager):
         max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
         cleanup_tmp_directories=True))
     self._unsummed = []  # steps saved since the last checksums were written
+    self._latest_save = None  # the step of the latest save started (the one a late failure is of)
 
   def save(self, step: int, *args, **kwargs) -> bool:
+    self._latest_save = step
     try:
       saved = super().save(step, *args, **kwargs)  # waits for the previous save first
     except UserError:
@@ -71,7 +73,7 @@ class Manager(ocp.CheckpointManager):
     try:
       super().wait_until_finished()
     except Exception as e:
-      raise self._failed(self._unsummed[-1] if self._unsummed else None, e) from e
+      raise self._failed(self._latest_save, e) from e
     self._checksum()
 
   def _checksum(self) -> None:
