@@ -41,12 +41,7 @@ def tiny_config(data_cache):
     c.seq_len, c.batch_size, c.steps = 64, 16, 20
     c.log_every, c.eval_every, c.checkpoint_every, c.eval_batches = 5, 0, 10, 2
     c.async_checkpoints = False
-    for key, value in overrides.items():
-      target = c
-      *path, last = key.split(".")
-      for p in path:
-        target = target[p]
-      target[last] = value
+    c.update_from_flattened_dict(overrides)  # 'a.b' keys
     return c
   return make
 

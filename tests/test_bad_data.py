@@ -208,12 +208,7 @@ def tiny_run_config(module, tmp_path, tok, path, **overrides):
   c.seq_len, c.batch_size, c.steps = 64, 8, 2
   c.log_every, c.eval_every, c.checkpoint_every, c.eval_batches = 1, 0, 2, 0
   c.async_checkpoints = False
-  for key, value in overrides.items():
-    *parents, last = key.split(".")
-    target = c
-    for p in parents:
-      target = target[p]
-    target[last] = value
+  c.update_from_flattened_dict(overrides)  # 'a.b' keys
   return c
 
 

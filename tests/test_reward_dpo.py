@@ -29,12 +29,7 @@ def configure(c, data_cache, **overrides):
   c.log_every, c.eval_every, c.checkpoint_every, c.eval_batches = 1, 0, 1000, 0
   c.async_checkpoints = False
   c.optim.warmup_steps = 0
-  for key, value in overrides.items():
-    target = c
-    *path, last = key.split(".")
-    for p in path:
-      target = target[p]
-    target[last] = value
+  c.update_from_flattened_dict(overrides)  # 'a.b' keys
   return c
 
 

@@ -78,12 +78,7 @@ def make_config(objective, init_from, data_cache, **kw):
     c.batch_size, c.rl.num_generations, c.rl.num_iterations, c.rl.num_minibatches = 8, 4, 1, 1
   else:
     c.batch_size, c.rl.num_iterations, c.rl.num_minibatches = 16, 2, 2
-  for k, v in kw.items():
-    *path, last = k.split(".")
-    target = c
-    for p in path:
-      target = target[p]
-    target[last] = v
+  c.update_from_flattened_dict(kw)  # 'a.b' keys
   return c
 
 
