@@ -4,6 +4,7 @@ from setuptools import find_packages, setup
 TORCH = ["torch==2.13.0", "transformers>=5.0,<6"]  # the Hugging Face models Kiln converts and is compared with
 TFDS = ["tensorflow-datasets>=4.9.8,<5"]  # config.data.source=tfds only (train/sources.py imports it there)
 TPU = ["jax[tpu]>=0.10.2,<0.13"]  # libtpu: TPU VMs, and compiling for TPU slices on any host (train.aot)
+ARROW = ["pyarrow>=14"]  # parquet files, datasets' save_to_disk directories (train/formats.py imports it there)
 
 setup(
     name="kiln-lm",
@@ -35,8 +36,10 @@ setup(
         # tests/test_convert.py builds tiny HF models and tokenizers locally and compares against them;
         # tests/test_data.py builds a local TFDS dataset; ruff lints
         # tests/test_aot.py compiles for TPU slices on the CPU: libtpu (from jax[tpu]) gives the devices
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6"] + TORCH + TFDS + TPU,
+        # tests/test_formats.py writes parquet files and save_to_disk directories with datasets
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6", "datasets>=3.0"] + TORCH + TFDS + TPU + ARROW,
         "tfds": TFDS,
+        "arrow": ARROW,
         "gpu": ["jax[cuda12]>=0.10.2,<0.13"],
         "tpu": TPU,  # TPU VMs, and `python -m train.aot` anywhere
         "hf": TORCH,

@@ -70,8 +70,8 @@ def dpo() -> ml_collections.ConfigDict:
 def data() -> ml_collections.ConfigDict:
   """Where documents come from and how they become rows (train/data.py, train/sources.py)."""
   return _section(
-      source="builtin",       # builtin | text | jsonl | tfds
-      path="",                # file or glob (text, jsonl, local tfds)
+      source="builtin",       # builtin | text | jsonl | parquet | hf_disk (a datasets save_to_disk dir) | tfds
+      path="",                # file or glob (text, jsonl, parquet, hf_disk, local tfds)
       eval_path="",           # held-out file or glob; '' = hold out every 50th document
       tfds_name="",           # registered TFDS name; '' = build `KilnFiles` from path
       tfds_data_dir="",       # TFDS data_dir for tfds_name; '' = TFDS default
@@ -107,9 +107,10 @@ def rl() -> ml_collections.ConfigDict:
   """
   return _section(
       # prompts
-      prompts="builtin",          # builtin (fresh train_problems every iteration) | jsonl
-      prompts_path="",            # jsonl: {"prompt": str} or {"messages": [...]}, optional "answer"
-      eval_path="",               # jsonl held-out {"prompt", "answer"} records; '' = builtin held-out
+      prompts="builtin",          # builtin (fresh train_problems every iteration) | jsonl | parquet | hf_disk
+      prompts_path="",            # file or glob: {"prompt": str | [...]} or {"messages": [...]}, optional "answer"
+      eval_path="",               # held-out {"prompt", "answer"} records, in rl.prompts's format (builtin:
+                                  # jsonl); '' = builtin held-out
       num_eval_problems=200,      # held-out problems per eval (greedy accuracy); 0 = no eval
       eval_at_start=True,         # also evaluate before the first update (the baseline)
       max_prompt_len=64,          # prompts are left-padded to this width, cut from the left if longer

@@ -12,6 +12,7 @@ from configs import sections
 from configs.errors import UserError
 from rl import algorithms, grpo, kl
 from rl.rewards import REWARD_FUNCTIONS
+from train import formats
 from train.validate import check_ranges, unknown_keys
 
 PLACEMENTS = ("in_loss", "in_reward")
@@ -66,7 +67,7 @@ def check(config, data_ways: int = 1) -> None:
   r = config.rl
   unknown_keys(r, schema(), "config.rl")
   check_ranges(r, RANGES, "config.rl")
-  _one_of(r, "prompts", ("builtin", "jsonl"))
+  _one_of(r, "prompts", ("builtin",) + formats.FORMATS)
   _one_of(r, "kl_estimator", kl.KL_KINDS)
   _one_of(r, "kl_placement", ("",) + PLACEMENTS)
   _one_of(r, "scale", ("",) + grpo.SCALES)
@@ -74,8 +75,8 @@ def check(config, data_ways: int = 1) -> None:
   _one_of(r, "ratio_level", ("token", "sequence"))
   _one_of(r, "loss_agg", grpo.AGG_MODES)
   _one_of(r, "value_model", VALUE_MODELS)
-  if r.prompts == "jsonl" and not r.prompts_path:
-    raise UserError("config.rl.prompts='jsonl' needs config.rl.prompts_path")
+  if r.prompts != "builtin" and not r.prompts_path:
+    raise UserError(f"config.rl.prompts={r.prompts!r} needs config.rl.prompts_path")
   g = r.num_generations
   if g < algorithm.min_generations:
     raise UserError(f"config.rl.num_generations={g}: {algorithm.name} needs >= "

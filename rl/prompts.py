@@ -2,12 +2,14 @@
 
 - "builtin": fresh problems every iteration, `corpus.train_problems(seed + iteration, n)`; the
   held-out set is `corpus.heldout_problems(n)` (fixed). State = the iteration: nothing to replay.
-- "jsonl": one record per line of `rl.prompts_path`, `{"prompt": str}` or `{"messages": [...]}`
-  (a conversation not ending with an assistant turn), with an optional `"answer"`; read in an
-  endless per-epoch shuffle (seed config.seed). State = prompts consumed. Errors name file:line.
+- "jsonl" | "parquet" | "hf_disk": the records of `rl.prompts_path` (a glob; train/formats.py),
+  `{"prompt": str}`, `{"messages": [...]}` or TRL's `{"prompt": [...]}` (a conversation not ending
+  with an assistant turn), with an optional `"answer"`; read in an endless per-epoch shuffle (seed
+  config.seed). State = prompts consumed. Errors name file:line (file:row i). `rl.eval_path` is read
+  in the same format (jsonl when the prompts are builtin).
 
 A prompt is rendered with `data.chat_template` and its generation prompt, then left-padded to
-`rl.max_prompt_len`. A JSONL prompt longer than that is dropped at start (`data.overlong` "drop")
+`rl.max_prompt_len`. A file's prompt longer than that is dropped at start (`data.overlong` "drop")
 or cut from the left ("truncate", so the generation prompt survives), and counted (`describe`,
 `warning`). A built-in problem is cut, uncounted (1 in 5,000 passes 64 tokens, by one).
 """
@@ -19,7 +21,7 @@ import numpy as np
 from configs.errors import UserError
 from model import tokenizer as tokenizer_lib
 from model.decode import left_pad
-from train import corpus, sources
+from train import corpus, formats, sources
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,31 +40,26 @@ def parse_record(rec, where: str) -> Prompt:
   if not isinstance(rec, dict):
     raise bad(f"expected a JSON object, got {type(rec).__name__}")
   if ("prompt" in rec) == ("messages" in rec):
-    raise bad("needs exactly one of 'prompt' (a string) or 'messages' (a list)")
-  if "prompt" in rec:
-    if not isinstance(rec["prompt"], str):
-      raise bad("'prompt' must be a string")
+    raise bad("needs exactly one of 'prompt' (a string or a list of messages) or 'messages' (a list)")
+  key = "prompt" if "prompt" in rec else "messages"
+  if isinstance(rec[key], str) and key == "prompt":
     messages = ({"role": "user", "content": rec["prompt"]},)
+  elif isinstance(rec[key], list):
+    messages = tuple(formats.messages(rec[key], where, key))
+    if messages[-1]["role"] == "assistant":
+      raise bad(f"{key!r} is the prompt: it must not end with an assistant turn")
   else:
-    msgs = rec["messages"]
-    if not isinstance(msgs, list) or not msgs:
-      raise bad("'messages' must be a non-empty list")
-    for i, m in enumerate(msgs):
-      if not isinstance(m, dict) or m.get("role") not in tokenizer_lib.ROLES or not isinstance(m.get("content"), str):
-        raise bad(f"message {i} needs a role in {tokenizer_lib.ROLES} and a string 'content'")
-    if msgs[-1]["role"] == "assistant":
-      raise bad("'messages' is the prompt: it must not end with an assistant turn")
-    messages = tuple({"role": m["role"], "content": m["content"]} for m in msgs)
+    raise bad(f"{key!r} must be {'a string or ' * (key == 'prompt')}a list of messages")
   answer = rec.get("answer")
   if answer is not None and not isinstance(answer, (str, int, float)):
     raise bad("'answer' must be a string or a number")
   return Prompt(messages, None if answer is None else str(answer))
 
 
-def read_jsonl(path: str, need_answer: bool = False) -> list:
-  """Every Prompt of a JSONL file (blank lines skipped)."""
+def read(path: str, need_answer: bool = False, fmt: str = "jsonl", key: str = "rl.prompts_path") -> list:
+  """Every Prompt of the files matching `path` (config.`key`) in format `fmt`."""
   out = []
-  for where, rec in sources.jsonl_records(path):
+  for where, rec in formats.records(fmt, path, key):
     p = parse_record(rec, where)
     if need_answer and p.answer is None:
       raise UserError(f"{where}: needs an 'answer' (a reward function compares against it)",
@@ -106,18 +103,18 @@ class PromptSource:
   def describe(self) -> str:
     if self.records is None:
       return f"prompts: {self.n} fresh built-in problems per iteration"
-    note = self.counts.note() if self.counts else f"{len(self.records)} jsonl prompts"
+    note = self.counts.note() if self.counts else f"{len(self.records)} file prompts"
     return f"prompts: {self.n} per iteration from {note}"
 
   def warning(self) -> str:
     return self.counts.warning() if self.counts else ""
 
 
-def fit(records: list, tok, template: str, width: int, overlong: str, path: str):
+def fit(records: list, tok, template: str, width: int, overlong: str, path: str, fmt: str = "jsonl"):
   """(the records kept, their sources.Counts): prompts longer than `width` tokens are dropped
   (overlong "drop") or kept to be cut from the left by `encode` ("truncate")."""
   long = [len(_ids(tok, p, template)) > width for p in records]
-  counts = sources.Counts("jsonl prompts", f"config.rl.max_prompt_len={width}", overlong, len(records),
+  counts = sources.Counts(f"{fmt} prompts", f"config.rl.max_prompt_len={width}", overlong, len(records),
                           **({"dropped": sum(long)} if overlong == "drop" else {"truncated": sum(long)}))
   counts.check(path)
   return [p for p, cut in zip(records, long) if not (cut and overlong == "drop")], counts
@@ -127,9 +124,9 @@ def make_source(config, need_answer: bool, tok) -> PromptSource:
   n = config.batch_size // config.rl.num_generations
   if config.rl.prompts == "builtin":
     return PromptSource(n, config.seed)
-  path = config.rl.prompts_path
-  records, counts = fit(read_jsonl(path, need_answer), tok, config.data.chat_template,
-                        config.rl.max_prompt_len, sources.overlong(config), path)
+  path, fmt = config.rl.prompts_path, config.rl.prompts
+  records, counts = fit(read(path, need_answer, fmt), tok, config.data.chat_template,
+                        config.rl.max_prompt_len, sources.overlong(config), path, fmt)
   return PromptSource(n, config.seed, records, counts)
 
 
@@ -138,7 +135,8 @@ def heldout_problems(config) -> list:
   n = config.rl.num_eval_problems
   if not config.rl.eval_path:
     return corpus.heldout_problems(n)
-  recs = read_jsonl(config.rl.eval_path, need_answer=True)[:n]
+  fmt = "jsonl" if config.rl.prompts == "builtin" else config.rl.prompts
+  recs = read(config.rl.eval_path, True, fmt, "rl.eval_path")[:n]
   for i, p in enumerate(recs):
     if len(p.messages) != 1 or p.messages[0]["role"] != "user":
       raise UserError(f"{config.rl.eval_path}: record {i + 1} must be a {{'prompt', 'answer'}} record")

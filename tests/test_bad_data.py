@@ -55,7 +55,7 @@ def test_a_byte_that_is_not_utf8_names_file_and_line(tmp_path, tok):
   with pytest.raises(UserError, match=where) as e:
     S.load_documents(make_config(tmp_path, tok, "pretrain", path), "train")
   assert "iconv" in e.value.hint
-  for read in (pairs.read_jsonl, prompts.read_jsonl):  # every JSONL reader: the same error
+  for read in (pairs.read, prompts.read):  # every JSONL reader: the same error
     with pytest.raises(UserError, match=where):
       list(read(str(path)))
   text = tmp_path / "d.txt"
@@ -173,7 +173,7 @@ def test_sft_conversations_longer_than_seq_len_are_dropped_or_cut(tmp_path, tok)
 def test_rl_prompts_longer_than_max_prompt_len_are_counted(tmp_path, tok):
   path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "2 + 2?", "answer": 4},
                                             {"prompt": "word " * 60, "answer": 1}])
-  recs = prompts.read_jsonl(str(path))
+  recs = prompts.read(str(path))
   kept, counts = prompts.fit(recs, tok, "chatml", 48, "drop", str(path))
   assert kept == recs[:1] and counts.dropped == 1
   assert counts.warning().startswith("warning: of 2 jsonl prompts, 1 longer than config.rl.max_prompt_len=48")

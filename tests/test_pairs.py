@@ -96,7 +96,7 @@ def test_rankings_give_all_pairs_and_errors_name_file_and_line(tmp_path):
   lines = [{"prompt": "p", "chosen": "c", "rejected": "r"},
            {"messages": [{"role": "user", "content": "q"}], "responses": ["a", "b", "c", "d"]}]
   f.write_text("\n".join(json.dumps(x) for x in lines) + "\n\n")
-  got = list(pairs.read_jsonl(str(f)))
+  got = list(pairs.read(str(f)))
   assert [w for w, _ in got] == [f"{f}:1", f"{f}:2"]
   assert [(c, r) for _, ps in got for _, c, r in ps] == [
       ("c", "r"), ("a", "b"), ("a", "c"), ("a", "d"), ("b", "c"), ("b", "d"), ("c", "d")]
@@ -108,7 +108,7 @@ def test_rankings_give_all_pairs_and_errors_name_file_and_line(tmp_path):
   for text, why in bad:
     f.write_text(json.dumps(lines[0]) + "\n\n" + text + "\n")
     with pytest.raises(ValueError, match=rf"{f}:3: .*{why}"):
-      list(pairs.read_jsonl(str(f)))
+      list(pairs.read(str(f)))
 
 
 def test_jsonl_source_holds_out_every_50th_record(tmp_path, tok):

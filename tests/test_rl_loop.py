@@ -303,14 +303,14 @@ def test_jsonl_prompts_name_file_and_line_and_resume(tmp_path):
   path = tmp_path / "p.jsonl"
   path.write_text('{"prompt": "What is 2+2?", "answer": 4}\n\n'
                   '{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]}\n')
-  recs = prompts.read_jsonl(str(path))
+  recs = prompts.read(str(path))
   assert recs[0].answer == "4" and recs[1].messages[0]["role"] == "system"
   with pytest.raises(ValueError, match=r"p.jsonl:3: needs an 'answer'"):
-    prompts.read_jsonl(str(path), need_answer=True)
+    prompts.read(str(path), need_answer=True)
   bad = tmp_path / "bad.jsonl"
   bad.write_text('{"prompt": "ok"}\n{"messages": [{"role": "assistant", "content": "x"}]}\n')
   with pytest.raises(ValueError, match=r"bad.jsonl:2: .*assistant"):
-    prompts.read_jsonl(str(bad))
+    prompts.read(str(bad))
   src = prompts.PromptSource(3, seed=0, records=recs * 2)
   seen = [src.next() for _ in range(2)]
   again = prompts.PromptSource(3, seed=0, records=recs * 2)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from configs.errors import UserError, closest
 from model import heads, lm_head
 from train import dpo_loss as dpo
-from train import pairs
+from train import formats, pairs
 from train import reward_loss as rm
 
 
@@ -148,9 +148,9 @@ def _check_dpo(config):
 
 
 def _check_pairs(config):
-  if config.data.source not in ("builtin", "jsonl"):
+  if config.data.source not in ("builtin",) + formats.FORMATS:
     raise UserError(f"config.data.source={config.data.source!r}: {config.objective} reads "
-                    f"preference pairs from 'builtin' or 'jsonl'")
+                    f"preference pairs from 'builtin' or one of {formats.FORMATS}")
 
 
 def needs_dpo_reference(config) -> bool:

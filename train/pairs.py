@@ -1,11 +1,16 @@
 """Preference data: (prompt, chosen, rejected) -> padded token arrays -> batches (reward model, DPO).
 
 Records (`config.data.source`):
-- "jsonl": one JSON object per line of `data.path` (glob), either a pair
+- "jsonl" | "parquet" | "hf_disk": the records of `data.path` (glob; train/formats.py), either a pair
     {"prompt": str | "messages": [{"role", "content"}, ...], "chosen": str, "rejected": str}
   or a ranking, best first, that gives all k(k-1)/2 (winner, loser) pairs
-    {"prompt": ... | "messages": ..., "responses": [best, ..., worst]}.
-  Held out: `data.eval_path`, else every 50th record (with all of its pairs). Errors name file:line.
+    {"prompt": ... | "messages": ..., "responses": [best, ..., worst]},
+  or a pair in TRL's conversational form: "prompt" a list of messages, "chosen" / "rejected" lists of
+  assistant turns (one turn reads as its content string), or with no prompt (TRL's implicit prompt)
+  "chosen" / "rejected" two whole conversations: the messages both start with are the prompt, the
+  rest of each (from an assistant turn) its completion.
+  Held out: `data.eval_path`, else every 50th record (with all of its pairs). Errors name file:line
+  (parquet / hf_disk: file:row i).
 - "builtin": one pair per problem of train/corpus.py (`data.num_documents`; held-out problems for
   eval): chosen = the correct step-by-step completion; rejected = the same format with a wrong final
   number, or the right number without its <answer> tag.
@@ -32,7 +37,6 @@ Global batch s is pairs [s*B, (s+1)*B) of an endless per-epoch shuffle (seed con
 of P gets [s*B + p*b, s*B + (p+1)*b), b = B // P, as in train/data.py. Iterator state = {"step": s}.
 """
 import dataclasses
-import glob
 import hashlib
 import os
 import tempfile
@@ -41,11 +45,12 @@ import numpy as np
 
 from configs.errors import UserError
 from model import tokenizer as tokenizer_lib
-from train import corpus, sources
+from train import corpus, formats, sources
 from train.reward_loss import ranking_to_pairs
 
 PAIRS_VERSION = 3   # bump when the arrays change for the same records (it is in every cache key)
 PAIRS_SEED = 7      # which rejected completion each built-in problem gets
+SIDES = ("chosen", "rejected")
 COUNTS = ("total", "dropped", "truncated", "identical")  # scalars of the cached .npz next to the columns
 
 
@@ -78,39 +83,72 @@ def _bad(where, msg):
   return UserError(f"{where}: {msg}")
 
 
-def parse_record(rec, where: str) -> list[tuple[list, str, str]]:
-  """A JSON record -> [(prompt messages, chosen, rejected)]; UserError names `where`."""
+def parse_record(rec, where: str) -> list[tuple[list, str | list, str | list]]:
+  """A record -> [(prompt messages, chosen, rejected)]; UserError names `where`. A completion is
+  a string, or its messages when it is more than one assistant turn (TRL's conversational form)."""
   if not isinstance(rec, dict):
     raise _bad(where, f"expected a JSON object, got {type(rec).__name__}")
+  if "prompt" not in rec and "messages" not in rec and all(isinstance(rec.get(k), list) for k in SIDES):
+    return [implicit_prompt(rec["chosen"], rec["rejected"], where)]
   if ("prompt" in rec) == ("messages" in rec):
-    raise _bad(where, "needs exactly one of 'prompt' (a string) or 'messages' (a list)")
-  if "prompt" in rec:
-    if not isinstance(rec["prompt"], str):
-      raise _bad(where, "'prompt' must be a string")
+    raise _bad(where, "needs exactly one of 'prompt' (a string or a list of messages) or 'messages' "
+                      "(a list), or 'chosen' and 'rejected' as whole conversations (the prompt: their shared start)")
+  key = "prompt" if "prompt" in rec else "messages"
+  if isinstance(rec[key], str) and key == "prompt":
     messages = [{"role": "user", "content": rec["prompt"]}]
+  elif isinstance(rec[key], list):
+    messages = _prompt(formats.messages(rec[key], where, key), where, repr(key))
   else:
-    messages = rec["messages"]
-    if not isinstance(messages, list) or not messages:
-      raise _bad(where, "'messages' must be a non-empty list")
-    for i, m in enumerate(messages):
-      if not isinstance(m, dict) or m.get("role") not in tokenizer_lib.ROLES or not isinstance(m.get("content"), str):
-        raise _bad(where, f"message {i} needs a role in {tokenizer_lib.ROLES} and a string 'content'")
-    if messages[-1]["role"] == "assistant":
-      raise _bad(where, "'messages' is the prompt: it must not end with an assistant turn")
-    messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+    raise _bad(where, f"{key!r} must be {'a string or ' * (key == 'prompt')}a list of messages")
   if "responses" in rec:
     resp = rec["responses"]
     if not isinstance(resp, list) or len(resp) < 2 or not all(isinstance(r, str) for r in resp):
       raise _bad(where, "'responses' must be a list of at least 2 strings (best first)")
     return [(messages, w, l) for w, l in ranking_to_pairs(resp)]
-  if not isinstance(rec.get("chosen"), str) or not isinstance(rec.get("rejected"), str):
-    raise _bad(where, "needs string 'chosen' and 'rejected' (or a 'responses' ranking)")
-  return [(messages, rec["chosen"], rec["rejected"])]
+  if not all(isinstance(rec.get(k), (str, list)) for k in SIDES):
+    raise _bad(where, "needs 'chosen' and 'rejected', strings or lists of assistant messages "
+                      "(or a 'responses' ranking)")
+  chosen, rejected = (_completion(rec[k], where, k) for k in SIDES)
+  return [(messages, chosen, rejected)]
 
 
-def read_jsonl(path: str):
-  """Yields (where, [(messages, chosen, rejected)]) per non-empty line of a JSONL file."""
-  for where, rec in sources.jsonl_records(path):
+def implicit_prompt(chosen: list, rejected: list, where: str) -> tuple[list, str | list, str | list]:
+  """(prompt, chosen, rejected) of two whole conversations (TRL's implicit prompt): the prompt is
+  the messages they share from the start, each completion the rest, from its first assistant turn."""
+  c, r = formats.messages(chosen, where, "chosen"), formats.messages(rejected, where, "rejected")
+  n = 0
+  while n < min(len(c), len(r)) - 1 and c[n] == r[n]:  # each keeps >= 1 message
+    n += 1
+  if n == 0:
+    raise _bad(where, "'chosen' and 'rejected' share no first message: with no 'prompt', the prompt is "
+                      "the messages both conversations start with")
+  if c[n]["role"] != "assistant" or r[n]["role"] != "assistant":
+    raise _bad(where, f"'chosen' and 'rejected' first differ at message {n}, not an assistant turn: with no "
+                      "'prompt', each completion is what follows the shared start, from an assistant turn")
+  prompt = _prompt(c[:n], where, "the shared start of 'chosen' and 'rejected'")
+  return prompt, _completion(c[n:], where, "chosen"), _completion(r[n:], where, "rejected")
+
+
+def _prompt(messages: list, where: str, what: str) -> list:
+  if messages[-1]["role"] == "assistant":
+    raise _bad(where, f"{what} is the prompt: it must not end with an assistant turn")
+  return messages
+
+
+def _completion(value, where: str, key: str) -> str | list:
+  """A completion: a string; or assistant-first, assistant-last messages (one: its content)."""
+  if isinstance(value, str):
+    return value
+  turns = formats.messages(value, where, key)
+  if turns[0]["role"] != "assistant" or turns[-1]["role"] != "assistant":
+    raise _bad(where, f"{key!r} must start and end with an assistant turn, got roles "
+                      f"{[m['role'] for m in turns]}")
+  return turns[0]["content"] if len(turns) == 1 else turns
+
+
+def read(path: str, fmt: str = "jsonl"):
+  """Yields (where, [(messages, chosen, rejected)]) per record of a file in format `fmt`."""
+  for where, rec in formats.read(fmt, path):
     yield where, parse_record(rec, where)
 
 
@@ -139,13 +177,6 @@ def builtin_records(problems, seed: int = PAIRS_SEED) -> list[tuple[list, str, s
   return out
 
 
-def _files(pattern: str, key: str) -> list[str]:
-  files = sorted(glob.glob(os.path.expanduser(pattern))) if pattern else []
-  if not files:
-    raise FileNotFoundError(f"config.data.{key}={pattern!r} matches no file")
-  return files
-
-
 def records(config, split: str):
   """(where, pair) of a split, and the split's cache identity (builtin: hashed; files: stats)."""
   d = config.data
@@ -157,15 +188,15 @@ def records(config, split: str):
                 else corpus.train_problems(sources.BUILTIN_SEED, n))
     recs = builtin_records(problems)
     return [(f"builtin {split}[{i}]", r) for i, r in enumerate(recs)], sources.stable_hash(recs)
-  if d.source != "jsonl":
-    raise ValueError(f"config.data.source={d.source!r}: preference data is 'builtin' or 'jsonl'")
+  if d.source not in formats.FORMATS:
+    raise ValueError(f"config.data.source={d.source!r}: preference data is 'builtin' or one of {formats.FORMATS}")
   key = "eval_path" if (split == "eval" and d.eval_path) else "path"
-  files = _files(d[key], key)
+  files = formats.files(d[key], f"data.{key}")
   held_out = not d.eval_path
-  identity = [[os.path.abspath(f), os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in files]
+  identity = [s for f in files for s in formats.stats(f)]
   out, i = [], 0
   for f in files:
-    for where, pairs in read_jsonl(f):
+    for where, pairs in read(f, d.source):
       if d.max_documents and i >= d.max_documents:
         break
       if not held_out or (i % sources.EVAL_EVERY == 0) == (split == "eval"):
@@ -177,11 +208,12 @@ def records(config, split: str):
 # ----------------------------------------------------------------------------- tokens
 
 
-def encode(tok, messages, completion: str, template: str) -> tuple[list[int], int]:
-  """(prompt + completion ids ending with the end token, prompt length)."""
+def encode(tok, messages, completion: str | list, template: str) -> tuple[list[int], int]:
+  """(prompt + completion ids ending with the end token, prompt length); a completion is an
+  assistant turn's content, or messages (every token after the prompt is the completion's)."""
   prompt, _ = tokenizer_lib.apply_chat_template(tok, messages, template, add_generation_prompt=True)
-  full, mask = tokenizer_lib.apply_chat_template(
-      tok, messages + [{"role": "assistant", "content": completion}], template)
+  turns = [{"role": "assistant", "content": completion}] if isinstance(completion, str) else list(completion)
+  full, mask = tokenizer_lib.apply_chat_template(tok, messages + turns, template)
   end = max(i for i, m in enumerate(mask) if m) + 1  # after the end token of the last turn
   if full[:len(prompt)] != prompt:
     raise ValueError(f"chat template {template!r}: the generation prompt is not a prefix of the conversation")
@@ -275,9 +307,10 @@ def load(config, tok, split: str) -> PairSet:
 
 
 def load_file(path: str, tok, seq_len: int, template: str, overlong: str = "drop") -> PairSet:
-  """Every pair of one JSONL file (no hold-out, no cache) that fits seq_len per `overlong`: for evaluation."""
-  return encode_records(tok, [(w, p) for w, ps in read_jsonl(path) for p in ps], seq_len, template,
-                        overlong=overlong)
+  """Every pair of one file (no hold-out, no cache; its format from the path, formats.detect) that
+  fits seq_len per `overlong`: for evaluation."""
+  recs = [(w, p) for w, ps in read(path, formats.detect(path)) for p in ps]
+  return encode_records(tok, recs, seq_len, template, overlong=overlong)
 
 
 # ----------------------------------------------------------------------------- batches

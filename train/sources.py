@@ -4,9 +4,11 @@ Sources (`config.data.source`):
 - "builtin": generated word problems (+ English prose from Python itself for pretraining),
   see train/corpus.py. Eval = the fixed held-out problems (never in training).
 - "text": files matching `data.path` (glob); one document per blank-line-separated paragraph.
-- "jsonl": one record per line; pretrain `{"text": ...}` (key = data.text_key), sft
-  `{"messages": [{"role", "content"}, ...]}` or `{"prompt": ..., "completion": ...}`.
-  Bad records raise UserError naming `file:line`.
+- "jsonl" | "parquet" | "hf_disk": records of `data.path` (glob) files, JSON lines, parquet rows
+  or a `datasets` save_to_disk directory (train/formats.py); pretrain `{"text": ...}` (key =
+  data.text_key), sft `{"messages": [{"role", "content"}, ...]}` or `{"prompt": ...,
+  "completion": ...}` (two strings, or TRL's two lists of messages, joined). Bad records raise
+  UserError naming `file:line` (`file:row i`).
 - "tfds": `data.tfds_name` read with `tfds.data_source`, or (name empty) the local
   `data.path` / `data.eval_path` files converted once into a TFDS array_record dataset by
   `KilnFiles` (files ending .jsonl are JSONL, others text) and read back with
@@ -25,7 +27,6 @@ line of a stage and its one warning line (`Counts.warning`).
 """
 import dataclasses
 import functools
-import glob
 import hashlib
 import itertools
 import json
@@ -36,9 +37,11 @@ import tempfile
 from etils import epath
 
 from configs.errors import UserError
-from model import tokenizer as tokenizer_lib
-from train import corpus
+from train import corpus, formats
+from train.formats import jsonl_records, utf8_lines  # noqa: F401  (sources.jsonl_records: the old name)
 
+FILE_SOURCES = ("text",) + formats.FORMATS  # config.data.source values read from data.path files
+SOURCES = ("builtin",) + FILE_SOURCES + ("tfds",)
 EVAL_EVERY = 50  # without an eval file, documents with index % 50 == 0 are held out
 BUILTIN_SEED = 0  # the built-in corpus is the same for every run
 BUILTIN_TOKENIZER_PROBLEMS = 20000  # builtin tokenizer corpus, fixed so pretrain and SFT share it
@@ -70,8 +73,9 @@ def publish(tmp: str, final: str) -> None:
 
 
 def _stats(paths) -> list:
-  """[(absolute path, size, mtime_ns)] of local files: changes whenever a file is rewritten."""
-  return [(os.path.abspath(p), os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in paths]
+  """[(absolute path, size, mtime_ns)] of local files (and of the files of hf_disk directories):
+  changes whenever a file is rewritten."""
+  return [s for p in paths for s in formats.stats(p)]
 
 
 # ----------------------------------------------------------------------------- over-long records
@@ -145,7 +149,7 @@ class Counts:
 def origin(config, split: str) -> str:
   """Where a split's records come from, for errors: the file pattern, or the built-in corpus."""
   d = config.data
-  if d.source in ("text", "jsonl") or (d.source == "tfds" and not d.tfds_name):
+  if d.source in FILE_SOURCES or (d.source == "tfds" and not d.tfds_name):
     key = "eval_path" if (split == "eval" and d.eval_path) else "path"
     return f"config.data.{key}={d[key]!r}"
   return f"config.data.tfds_name={d.tfds_name!r}" if d.source == "tfds" else f"the built-in {split} data"
@@ -160,24 +164,24 @@ def _normalize(rec, text_key: str, where: str) -> dict:
     raise UserError(f"{where}: expected a JSON object, got {type(rec).__name__}")
   text, messages = rec.get(text_key), rec.get("messages")
   if "prompt" in rec or "completion" in rec:
-    if not isinstance(rec.get("prompt"), str) or not isinstance(rec.get("completion"), str):
-      raise UserError(f"{where}: 'prompt' and 'completion' must both be strings")
-    messages = [{"role": "user", "content": rec["prompt"]},
-                {"role": "assistant", "content": rec["completion"]}]
+    messages = _prompt_completion(rec.get("prompt"), rec.get("completion"), where)
   if text is not None and not isinstance(text, str):
     raise UserError(f"{where}: {text_key!r} must be a string, got {type(text).__name__}")
   if messages is not None:
-    if not isinstance(messages, list) or not messages:
-      raise UserError(f"{where}: 'messages' must be a non-empty list")
-    for i, m in enumerate(messages):
-      if not isinstance(m, dict) or m.get("role") not in tokenizer_lib.ROLES:
-        raise UserError(f"{where}: message {i} needs a role in {tokenizer_lib.ROLES}, got {m!r}")
-      if not isinstance(m.get("content"), str):
-        raise UserError(f"{where}: message {i} needs a string 'content'")
-    messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+    messages = formats.messages(messages, where)
   if text is None and messages is None:
     raise UserError(f"{where}: record has none of {text_key!r}, 'messages', 'prompt'/'completion'")
   return {"text": text, "messages": messages}
+
+
+def _prompt_completion(prompt, completion, where: str) -> list:
+  """The conversation of a prompt-completion record: two strings (a user turn and the assistant's
+  answer), or TRL's conversational form, two lists of messages."""
+  if isinstance(prompt, str) and isinstance(completion, str):
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+  if isinstance(prompt, list) and isinstance(completion, list):
+    return formats.messages(prompt, where, "prompt") + formats.messages(completion, where, "completion")
+  raise UserError(f"{where}: 'prompt' and 'completion' must both be strings or both lists of messages")
 
 
 def _select(rec: dict, objective: str, where: str):
@@ -189,57 +193,11 @@ def _select(rec: dict, objective: str, where: str):
   return doc
 
 
-def _files(pattern: str, key: str) -> list[str]:
-  files = sorted(glob.glob(os.path.expanduser(pattern))) if pattern else []
-  if not files:
-    raise FileNotFoundError(f"config.data.{key}={pattern!r} matches no file")
-  return files
-
-
-def utf8_lines(path: str):
-  """Yields (line number, line) of a UTF-8 text file; a byte that is not UTF-8 raises UserError
-  naming the file, the line and the byte's offset. Every reader of text and JSONL files uses it."""
-  with open(path, encoding="utf-8") as f:
-    try:
-      yield from enumerate(f, 1)
-    except UnicodeDecodeError:
-      raise _not_utf8(path) from None
-
-
-def _not_utf8(path: str) -> UserError:
-  """The error of the first line of `path` that does not decode (read again, as bytes)."""
-  offset = 0
-  with open(path, "rb") as f:
-    for n, raw in enumerate(f, 1):
-      try:
-        raw.decode("utf-8")
-      except UnicodeDecodeError as e:
-        return UserError(f"{path}:{n}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}, "
-                         f"byte offset {offset + e.start} of the file)",
-                         hint="save the file as UTF-8, e.g. `iconv -f latin1 -t utf-8`")
-      offset += len(raw)
-  return UserError(f"{path}: not UTF-8 (a multi-byte character is cut at the end of the file)",
-                   hint="save the file as UTF-8")
-
-
-def jsonl_records(path: str):
-  """Yields ("path:line", parsed object) for every non-empty line of a JSONL file; a line that
-  is not JSON (or not UTF-8) raises UserError naming the file and line. Every JSONL reader uses it."""
-  for n, line in utf8_lines(path):
-    if not line.strip():
-      continue
-    try:
-      rec = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise UserError(f"{path}:{n}: invalid JSON ({e.msg} at column {e.colno})",
-                      hint="a JSONL file holds one JSON object per line") from None
-    yield f"{path}:{n}", rec
-
-
-def _file_records(path: str, text_key: str, jsonl: bool):
-  """Yields (where, normalized record): the lines of a JSONL file or the paragraphs of a text file."""
-  if jsonl:
-    for where, rec in jsonl_records(path):
+def _file_records(path: str, text_key: str, fmt: str):
+  """Yields (where, normalized record) of one file: the paragraphs of a text file, the records of
+  a jsonl / parquet file or an hf_disk directory (train/formats.py)."""
+  if fmt != "text":
+    for where, rec in formats.read(fmt, path):
       yield where, _normalize(rec, text_key, where)
     return
   lines = (line for _, line in utf8_lines(path))
@@ -298,7 +256,7 @@ def kiln_files_builder():
 
     def _generate_examples(self, files):
       for path in files:
-        for where, rec in _file_records(path, self._text_key, path.endswith(".jsonl")):
+        for where, rec in _file_records(path, self._text_key, "jsonl" if path.endswith(".jsonl") else "text"):
           yield where, {"text": rec["text"] or "", "messages": rec["messages"] or []}
 
   return KilnFiles
@@ -312,7 +270,7 @@ def __getattr__(name):  # `sources.KilnFiles` still works, without importing TFD
 
 def _local_files(config) -> tuple[list[str], list[str]]:
   d = config.data
-  return _files(d.path, "path"), (_files(d.eval_path, "eval_path") if d.eval_path else [])
+  return formats.files(d.path, "data.path"), (formats.files(d.eval_path, "data.eval_path") if d.eval_path else [])
 
 
 def _local_tfds(config) -> dict:
@@ -377,10 +335,11 @@ def _check(config, split: str) -> None:
     raise ValueError(f"train/data.py serves config.objective 'pretrain' or 'sft', not {objective!r}")
   if split not in ("train", "eval"):
     raise ValueError(f"split must be 'train' or 'eval', not {split!r}")
-  if d.source not in ("builtin", "text", "jsonl", "tfds"):
-    raise UserError(f"config.data.source={d.source!r}; expected builtin, text, jsonl or tfds")
+  if d.source not in SOURCES:
+    raise UserError(f"config.data.source={d.source!r}; expected one of {' | '.join(SOURCES)}")
   if d.source == "text" and objective == "sft":
-    raise UserError("config.data.source='text' has no conversations; sft needs 'jsonl', 'tfds' or 'builtin'")
+    raise UserError("config.data.source='text' has no conversations; sft needs builtin, tfds or one of "
+                    f"{formats.FORMATS}")
 
 
 def _holdout(docs, split: str, held_out: bool):
@@ -414,10 +373,10 @@ def _documents(config, split: str):
   d, objective = config.data, config.objective
   if d.source == "builtin":
     yield from _builtin(config, split)
-  elif d.source in ("text", "jsonl"):
+  elif d.source in FILE_SOURCES:
     key = "eval_path" if (split == "eval" and d.eval_path) else "path"
-    records = (_select(rec, objective, where) for f in _files(d[key], key)
-               for where, rec in _file_records(f, d.text_key, d.source == "jsonl"))
+    records = (_select(rec, objective, where) for f in formats.files(d[key], f"data.{key}")
+               for where, rec in _file_records(f, d.text_key, d.source))
     yield from _holdout(itertools.islice(records, d.max_documents or None), split, not d.eval_path)
   else:
     name, held_out = _tfds_split(config, split)
@@ -439,9 +398,9 @@ def fingerprint(config, split: str) -> dict:
              max_documents=d.max_documents)
   if d.source == "builtin":
     raise ValueError("the builtin corpus is identified by its content (stable_hash of documents)")
-  if d.source in ("text", "jsonl"):
+  if d.source in FILE_SOURCES:
     key = "eval_path" if (split == "eval" and d.eval_path) else "path"
-    return dict(out, files=_stats(_files(d[key], key)), held_out=not d.eval_path)
+    return dict(out, files=_stats(formats.files(d[key], f"data.{key}")), held_out=not d.eval_path)
   name, held_out = _tfds_split(config, split)
   out.update(tfds_split=name, held_out=held_out)
   if not d.tfds_name:  # the local KilnFiles build is a function of these files
