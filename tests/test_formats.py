@@ -174,6 +174,8 @@ def test_sft_pairs_and_rl_prompts_from_every_format(tmp_path, tok):
   docs = {f: sources.load_documents(data_config(tmp_path, "sft", f, p), "eval") for f, p in paths.items()}
   assert docs["jsonl"][2] == [user("3 + 3?"), assistant("6")]
   assert docs["parquet"] == docs["hf_disk"] == docs["jsonl"] and len(docs["jsonl"]) == 5
+  pc = write_jsonl(tmp_path / "pc.jsonl", [{"prompt": [SYS, user("2 + 2?")], "completion": [assistant("4")]}])
+  assert sources.load_documents(data_config(tmp_path, "sft", "jsonl", pc), "eval") == [RECORDS[0]["messages"]]
 
   ask = [{"prompt": [SYS, user(f"{i} + 1?")], "answer": i + 1} for i in range(3)]   # TRL's conversational prompt
   got = {f: prompts.read(p, True, f) for f, p in (("jsonl", write_jsonl(tmp_path / "p.jsonl", ask)),
