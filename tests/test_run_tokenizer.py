@@ -135,7 +135,7 @@ def dpo_config(workdir: str, cache: str, tmp_path):
   d = dpo_tiny.get_config()
   d.model.vocab_size = 320
   d.init_from, d.data.source, d.data.path, d.data.cache_dir = workdir, "jsonl", pairs, cache
-  d.seq_len, d.batch_size, d.steps = 32, 8, 1
+  d.seq_len, d.batch_size, d.steps = 96, 8, 1  # every pair fits (longer ones are dropped)
   d.log_every, d.eval_every, d.checkpoint_every, d.eval_batches = 1, 0, 1, 1
   d.async_checkpoints = False
   return d
