@@ -12,12 +12,15 @@ Assistant spans (the loss mask), in characters of the rendered text:
   transformers' `return_assistant_tokens_mask`;
 - else, for each assistant message, from where the model starts writing to where its turn ends.
   Its content is found by rendering the conversation again with that content replaced (the
-  first and the last character that change). The start moves back to the end of the generation
-  prompt (the messages before it rendered with add_generation_prompt) when that prompt is a
-  prefix of the text, so a space the template writes before the content is learnt too. The end
-  moves on over the template's end of turn when it follows the content: what the template
-  writes after an assistant's content through its first special token (`<|eot_id|>`,
-  `<|im_end|>`, `</s>`), read once from a probe conversation (`end_of_turn`).
+  first and the last character that change). The start moves back over whitespace to the end
+  of the generation prompt (the messages before it rendered with add_generation_prompt): to the
+  last place before the content where that prompt's tail, from its last special token on,
+  ends (`_prompt_end`), so the space Mistral writes after `[/INST]` is learnt too; a tail, not
+  the whole prompt, since a template may write earlier messages differently when they are last
+  (Mistral's system prompt goes into the last user message). The end moves on over the
+  template's end of turn when it follows the content: what the template writes after an
+  assistant's content through its first special token (`<|eot_id|>`, `<|im_end|>`, `</s>`),
+  read once from a probe conversation (`end_of_turn`).
 A token belongs to the mask when its characters overlap a span (`token_mask`).
 """
 import datetime
@@ -103,7 +106,16 @@ def _common_prefix(a: str, b: str) -> int:
   return next((i for i in range(n) if a[i] != b[i]), n)
 
 
-def assistant_spans(source: str, messages, variables: dict, end_text: str) -> tuple[str, list]:
+def _prompt_end(prompt: str, text: str, start: int, specials) -> int:
+  """The end of the last occurrence in text[:start] of `prompt`'s tail from its last special token
+  on (all of it without one), when only whitespace lies between it and `start`; else `start`."""
+  cut = max([prompt.rfind(s) for s in specials if s] + [0])
+  tail = prompt[cut:]
+  at = text.rfind(tail, 0, start) if tail else -1
+  return at + len(tail) if at >= 0 and not text[at + len(tail):start].strip() else start
+
+
+def assistant_spans(source: str, messages, variables: dict, end_text: str, specials=()) -> tuple[str, list]:
   """(the text of `messages`, the character spans of its assistant turns); see the module docstring."""
   for i, m in enumerate(messages):
     if any(c in m["content"] for c in RESERVED):
@@ -121,11 +133,9 @@ def assistant_spans(source: str, messages, variables: dict, end_text: str) -> tu
     start = _common_prefix(text, other)
     end = len(text) - _common_prefix(text[start:][::-1], other[start:][::-1])
     try:
-      prompt, _ = render(source, messages[:i], True, variables)
+      start = _prompt_end(render(source, messages[:i], True, variables)[0], text, start, specials)
     except jinja2.TemplateError:  # e.g. a template that needs a user message first
-      prompt = None
-    if prompt is not None and len(prompt) <= start and text.startswith(prompt):
-      start = len(prompt)
+      pass
     if end_text and text.startswith(end_text, end):
       end += len(end_text)
     spans.append((start, end))

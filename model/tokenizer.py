@@ -203,7 +203,8 @@ def _hf(tok, messages, add_generation_prompt):
   if add_generation_prompt:
     text, spans = chat_template.render(source, messages, True, tok.template_variables)[0], []
   else:
-    text, spans = chat_template.assistant_spans(source, messages, tok.template_variables, _end_of_turn(tok)[0])
+    text, spans = chat_template.assistant_spans(source, messages, tok.template_variables, _end_of_turn(tok)[0],
+                                                tok.special_tokens)
   ids, offsets = tok.encode_offsets(text)
   return ids, chat_template.token_mask(offsets, spans)
 

@@ -71,10 +71,10 @@ FAMILIES = {
                lambda c, system: c.strip() + "<|eot_id|>"),
     "qwen2": (QWEN2, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], None, "<|im_end|>", True,
               lambda c, system: c + "<|im_end|>"),
-    # Mistral puts the system prompt in the LAST user message only, so the prompt before an
-    # answer is no prefix of a conversation with one: the span starts at the content itself.
+    # Mistral puts the system prompt in the LAST user message only: the prompt before an answer is
+    # no prefix of a conversation with a system prompt, but the space after [/INST] is still learnt.
     "mistral": (MISTRAL, ["<unk>", "<s>", "</s>", "[INST]", "[/INST]"], "<s>", "</s>", False,
-                lambda c, system: ("" if system else " ") + c.strip() + "</s>"),
+                lambda c, system: " " + c.strip() + "</s>"),
 }
 STOPS = {"llama3": "<|eot_id|>", "qwen2": "<|im_end|>", "mistral": "</s>"}
 
@@ -84,7 +84,7 @@ SYSTEM = {"role": "system", "content": "You are terse.  "}
 TALK = [{"role": "user", "content": "what is two plus two?"},
         {"role": "assistant", "content": " it is four. "},
         {"role": "user", "content": "thanks 🙂\nnaïve café"},
-        {"role": "assistant", "content": "you are welcome , 42\n\nbye"}]
+        {"role": "assistant", "content": "yes , you are welcome 42\n\nbye"}]  # "▁" + "y": two tokens
 CONVERSATIONS = [TALK, [SYSTEM] + TALK, TALK[:2], [SYSTEM] + TALK[:2]]
 PROMPTS = [TALK[:1], TALK[:3], [SYSTEM] + TALK[:3]]
 
@@ -192,3 +192,42 @@ def test_pickling_and_the_template_own_errors(family):
   if name == "mistral":  # the template's raise_exception
     with pytest.raises(jinja2.TemplateError, match="must alternate"):
       T.apply_chat_template(mine, TALK[:1] + TALK[:1], "hf")
+
+
+def test_preference_pairs_split_at_the_answer(family):
+  """A pair's prompt is what the template writes before the answer; each completion its answer and
+  end token. Without a system prompt that is the generation prompt itself."""
+  from train import pairs
+  name, mine, _ = family
+  stop = T.stop_id(mine, "hf")
+  for messages in (TALK[:1], TALK[:3], [SYSTEM] + TALK[:3]):
+    prompt, chosen, rejected, cut = pairs.encode_pair(mine, messages, "it is four.", "yes 42", 512, "hf")
+    assert not cut and chosen[-1] == rejected[-1] == stop
+    assert mine.decode(chosen[:-1]).strip() == "it is four." and mine.decode(rejected[:-1]).strip() == "yes 42"
+    if messages[0]["role"] != "system" or name != "mistral":
+      assert prompt == T.apply_chat_template(mine, messages, "hf", add_generation_prompt=True)[0]
+
+
+@pytest.mark.slow
+def test_sft_trains_with_the_tokenizer_template(tmp_path, data_cache):
+  """SFT of a tiny model from scratch on a Llama 3 style tokenizer with data.chat_template=hf: the
+  loss falls; a chatml run on the same tokenizer stops at once, pointing at hf."""
+  from configs import sft_tiny
+  from train import loop
+  d = make_tokenizer(str(tmp_path / "tok"), "llama3")
+  c = sft_tiny.get_config()
+  c.tokenizer.path, c.data.chat_template = d, "hf"
+  c.data.cache_dir, c.data.num_documents = data_cache, 400
+  c.model.vocab_size = 320
+  c.seq_len, c.batch_size, c.steps, c.optim.warmup_steps = 256, 8, 40, 5
+  c.log_every, c.eval_every, c.checkpoint_every = 5, 0, 40
+  c.async_checkpoints = False
+  loop.train(c, str(tmp_path / "run"))
+  with open(tmp_path / "run" / "metrics.jsonl") as f:
+    losses = [r["train/loss"] for r in map(json.loads, f) if "train/loss" in r]
+  assert losses[-1] < 0.7 * losses[0], losses
+  stored = hf_tokenizer.load_tokenizer(str(tmp_path / "run" / "tokenizer"))
+  assert stored.chat_template == LLAMA3
+  c.data.chat_template = "chatml"
+  with pytest.raises(UserError, match=r"chat_template='chatml'.*use 'hf'"):
+    loop.train(c, str(tmp_path / "chatml"))

@@ -178,14 +178,17 @@ def records(config, split: str):
 
 
 def encode(tok, messages, completion: str, template: str) -> tuple[list[int], int]:
-  """(prompt + completion ids ending with the end token, prompt length)."""
-  prompt, _ = tokenizer_lib.apply_chat_template(tok, messages, template, add_generation_prompt=True)
+  """(prompt + completion ids ending with the end token, prompt length): the completion is the last
+  assistant turn's masked tokens (its content and end token), the prompt all that comes before."""
   full, mask = tokenizer_lib.apply_chat_template(
       tok, messages + [{"role": "assistant", "content": completion}], template)
+  if not any(mask):
+    raise ValueError(f"chat template {template!r} writes no assistant tokens for the completion")
   end = max(i for i, m in enumerate(mask) if m) + 1  # after the end token of the last turn
-  if full[:len(prompt)] != prompt:
-    raise ValueError(f"chat template {template!r}: the generation prompt is not a prefix of the conversation")
-  return full[:end], len(prompt)
+  start = end
+  while start and mask[start - 1]:
+    start -= 1
+  return full[:end], start
 
 
 def fit(ids: list[int], prompt_len: int, seq_len: int) -> tuple[list[int], int]:
@@ -210,6 +213,8 @@ def encode_pair(tok, messages, chosen, rejected, seq_len: int, template: str):
     fitted.append(fit(ids, n_prompt, seq_len))
   n_prompt = min(n for _, n in fitted)  # cut from the left: the shorter prompt ends the longer one
   ids, n = fitted[0]
+  if ids[n - n_prompt:n] != fitted[1][0][fitted[1][1] - n_prompt:fitted[1][1]]:
+    raise ValueError(f"chat template {template!r}: the prompt's tokens depend on the completion")
   return ids[n - n_prompt:n], ids[n:], fitted[1][0][fitted[1][1]:], cut
 
 
@@ -255,7 +260,8 @@ def load(config, tok, split: str) -> PairSet:
   d = config.data
   recs, identity = records(config, split)
   overlong = sources.overlong(config)
-  key = sources.stable_hash(PAIRS_VERSION, d.source, split, config.seq_len, d.chat_template, overlong,
+  key = sources.stable_hash(PAIRS_VERSION, d.source, split, config.seq_len,
+                            tokenizer_lib.template_key(tok, d.chat_template), overlong,
                             hashlib.sha1(tok.model_proto).hexdigest(), identity)
   path = os.path.join(sources.cache_dir(config), "pairs", f"{key}.npz")
   if os.path.isfile(path):
