@@ -41,7 +41,7 @@ MISTRAL = """{%- if messages[0]["role"] == "system" %}
 {%- set ns.index = 0 %}
 {%- for message in loop_messages %}
     {%- if (message["role"] == "user") != (ns.index % 2 == 0) %}
-        {{- raise_exception("After the optional system message, conversation roles must alternate user/assistant/user/assistant/...") }}
+        {{- raise_exception("After the optional system message, roles must alternate user/assistant/...") }}
     {%- endif %}
     {%- set ns.index = ns.index + 1 %}
 {%- endfor %}
@@ -59,7 +59,7 @@ MISTRAL = """{%- if messages[0]["role"] == "system" %}
     {%- elif message["role"] == "assistant" %}
         {{- " " + message["content"]|trim + eos_token}}
     {%- else %}
-        {{- raise_exception("Only user and assistant roles are supported, with the exception of an initial optional system message!") }}
+        {{- raise_exception("Only user and assistant roles are supported, besides an initial system message!") }}
     {%- endif %}
 {%- endfor %}
 """
