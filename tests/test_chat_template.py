@@ -231,3 +231,38 @@ def test_sft_trains_with_the_tokenizer_template(tmp_path, data_cache):
   c.data.chat_template = "chatml"
   with pytest.raises(UserError, match=r"chat_template='chatml'.*use 'hf'"):
     loop.train(c, str(tmp_path / "chatml"))
+
+
+def test_a_sentencepiece_tokenizer_model_with_a_template(tmp_path):
+  """A tokenizer.model (Mistral v0.1-v0.3, Llama 2 style) with the Mistral template: its offsets
+  come from sentencepiece, its ids and mask are the same as transformers'."""
+  import io
+  import sentencepiece as spm
+  w = io.BytesIO()
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(corpus()), model_writer=w, model_type="bpe", vocab_size=300, unk_id=0,
+      bos_id=1, eos_id=2, pad_id=-1, byte_fallback=True, normalization_rule_name="identity",
+      remove_extra_whitespaces=False, add_dummy_prefix=True, split_digits=True,
+      user_defined_symbols=["[INST]", "[/INST]"], num_threads=1, minloglevel=2)
+  (tmp_path / "tokenizer.model").write_bytes(w.getvalue())
+  (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+      {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "chat_template": MISTRAL}))
+  mine = hf_tokenizer.load_tokenizer(str(tmp_path))
+  ref = transformers.LlamaTokenizer.from_pretrained(str(tmp_path), add_bos_token=False, legacy=False)
+  assert type(mine).__name__ == "SpecialsTokenizer" and T.stop_id(mine, "hf") == 2
+  for messages in CONVERSATIONS:
+    ids, mask = T.apply_chat_template(mine, messages, "hf")
+    assert ids == ref.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+    assert mask == hand_mask("mistral", ref, messages), messages
+
+
+def test_qwen2_template_is_chatml_with_its_default_system_prompt(family):
+  """On a tokenizer with <|im_start|>, Kiln's hand-written chatml (ids and mask) is what Qwen2's
+  template writes once its default system prompt is added."""
+  name, mine, _ = family
+  if name != "qwen2":
+    pytest.skip("chatml needs <|im_start|>")
+  system = {"role": "system", "content": "You are a helpful assistant."}
+  for messages in CONVERSATIONS:
+    with_system = messages if messages[0]["role"] == "system" else [system] + messages
+    assert T.apply_chat_template(mine, messages, "hf") == T.apply_chat_template(mine, with_system, "chatml")
