@@ -102,8 +102,12 @@ def end_of_turn(source: str, variables: tuple, specials: tuple) -> tuple[str, st
 
 
 def _common_prefix(a: str, b: str) -> int:
-  n = min(len(a), len(b))
-  return next((i for i in range(n) if a[i] != b[i]), n)
+  """The length of the longest common prefix of a and b (binary search on slice comparisons)."""
+  lo, hi = 0, min(len(a), len(b))
+  while lo < hi:
+    mid = (lo + hi + 1) // 2
+    lo, hi = (mid, hi) if a[:mid] == b[:mid] else (lo, mid - 1)
+  return lo
 
 
 def _prompt_end(prompt: str, text: str, start: int, specials) -> int:

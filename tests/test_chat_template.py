@@ -266,3 +266,12 @@ def test_qwen2_template_is_chatml_with_its_default_system_prompt(family):
   for messages in CONVERSATIONS:
     with_system = messages if messages[0]["role"] == "system" else [system] + messages
     assert T.apply_chat_template(mine, messages, "hf") == T.apply_chat_template(mine, with_system, "chatml")
+
+
+def test_an_unknown_template_name_is_named():
+  from configs import sft_tiny
+  from train.validate import validate
+  c = sft_tiny.get_config()
+  c.data.chat_template = "llama3"
+  with pytest.raises(UserError, match=r"^config\.data\.chat_template='llama3': use chatml \| llama2 \| hf"):
+    validate(c, num_devices=8)
