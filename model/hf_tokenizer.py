@@ -145,24 +145,31 @@ class SpecialsTokenizer(kiln_tokenizer.Tokenizer):
     self.__init__(state["model_proto"], state["path"], state["specials"], state.get("config"),
                   state.get("chat_template"))
 
+  def _chunks(self, text: str):
+    """(chunk, the sentencepiece processor that encodes it; None for a special token) of `text`."""
+    for k, chunk in enumerate(self._split.split(text) if self._split else [text]):
+      if k % 2:
+        yield chunk, None
+      elif chunk:  # only the text at the very start gets the dummy-prefix space
+        yield chunk, self.sp if k == 0 and not chunk.startswith(" ") else self.sp_rest
+
   def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
-    ids = self.encode_offsets(text)[0]
+    ids = []
+    for chunk, sp in self._chunks(text):
+      ids += sp.encode(chunk) if sp else [self.sp.piece_to_id(chunk)]
     return ([self.bos_id] if add_bos else []) + ids + ([self.eos_id] if add_eos else [])
 
   def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
     """(ids of `text`, the [start, end) characters of each)."""
     from sentencepiece import sentencepiece_pb2
-    chunks = self._split.split(text) if self._split else [text]
     ids, offsets, at = [], [], 0
-    for k, chunk in enumerate(chunks):
-      if k % 2:  # a special token
+    for chunk, sp in self._chunks(text):
+      if sp is None:
         ids.append(self.sp.piece_to_id(chunk))
         offsets.append((at, at + len(chunk)))
-      elif chunk:
-        first = k == 0 and not chunk.startswith(" ")
-        proto = (self.sp if first else self.sp_rest).encode(chunk, out_type="serialized_proto")
+      else:
         char_at = [c for c, ch in enumerate(chunk) for _ in ch.encode("utf-8")] + [len(chunk)]  # byte -> char
-        for p in sentencepiece_pb2.SentencePieceText.FromString(proto).pieces:
+        for p in sentencepiece_pb2.SentencePieceText.FromString(sp.encode(chunk, out_type="serialized_proto")).pieces:
           ids.append(p.id)
           offsets.append((at + char_at[p.begin], at + char_at[p.end]))
       at += len(chunk)
