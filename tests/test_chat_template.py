@@ -124,7 +124,7 @@ def family(request, tmp_path_factory):
   return request.param, hf_tokenizer.load_tokenizer(d), transformers.AutoTokenizer.from_pretrained(d)
 
 
-def hand_mask(name, ref, messages):
+def hand_mask(name, ref, messages, answer=None):
   """The assistant mask from spans found by hand in transformers' text: each assistant content as
   the template writes it, with its end token; a token is in when it overlaps a span."""
   text = ref.apply_chat_template(messages, tokenize=False)
@@ -132,7 +132,7 @@ def hand_mask(name, ref, messages):
   spans, at = [], 0
   for m in messages:
     if m["role"] == "assistant":
-      piece = FAMILIES[name][5](m["content"], system)
+      piece = (answer or FAMILIES[name][5])(m["content"], system)
       at = text.index(piece, at)
       spans.append((at, at + len(piece)))
       at += len(piece)
@@ -275,3 +275,19 @@ def test_an_unknown_template_name_is_named():
   c.data.chat_template = "llama3"
   with pytest.raises(UserError, match=r"^config\.data\.chat_template='llama3': use chatml \| llama2 \| hf"):
     validate(c, num_devices=8)
+
+
+def test_chat_template_jinja_wins_and_is_stored_with_the_run(tmp_path):
+  """chat_template.jinja overrides tokenizer_config.json's template (as in transformers) and is
+  copied into a run's DIR/tokenizer/ with the other files."""
+  from train import run_tokenizer
+  d = make_tokenizer(str(tmp_path / "src"), "llama3")
+  own = LLAMA3.replace("'<|eot_id|>'", "'.<|eot_id|>'")
+  (tmp_path / "src" / "chat_template.jinja").write_text(own)
+  mine, ref = hf_tokenizer.load_tokenizer(d), transformers.AutoTokenizer.from_pretrained(d)
+  assert mine.chat_template == own
+  ids, mask = T.apply_chat_template(mine, TALK, "hf")
+  assert ids == ref.apply_chat_template(TALK, tokenize=True, return_dict=True)["input_ids"]
+  assert mask == hand_mask("llama3", ref, TALK, lambda c, _: c.strip() + ".<|eot_id|>")  # "." is learnt too
+  assert run_tokenizer.copy_hf_files(d, str(tmp_path / "run"))
+  assert hf_tokenizer.load_tokenizer(str(tmp_path / "run")).chat_template == own

@@ -10,14 +10,15 @@ Records (`config.data.source`):
   eval): chosen = the correct step-by-step completion; rejected = the same format with a wrong final
   number, or the right number without its <answer> tag.
 
-A prompt is rendered with `data.chat_template` and the generation prompt; a completion ends with the
-template's end token. A pair whose prompt + chosen or prompt + rejected is longer than `seq_len` is
-dropped (`data.overlong` "drop") or fitted ("truncate": the prompt is cut from the left, then the
-completion from the right; the pair then shares the shorter of the two prompts, a suffix of the
-other, so both completions see the same x). A pair whose chosen and rejected tokens are the same
-teaches nothing and is skipped. Both are counted (`PairSet.counts`, sources.Counts). A pair is
-stored as ONE row [prompt | chosen | rejected] (right-padded to the set's longest row, rounded up to
-a multiple of 8): tokens [L], prompt_length, lengths [2] (completion tokens). Prepared once, cached in
+A pair is rendered with `data.chat_template`: a completion is the answer's masked tokens (its
+content and end token), the prompt all before them (the prompt with its generation prompt, as a
+rule). A pair whose prompt + chosen or prompt + rejected is longer than `seq_len` is dropped
+(`data.overlong` "drop") or fitted ("truncate": the prompt is cut from the left, then the completion
+from the right; the pair then shares the shorter of the two prompts, a suffix of the other, so both
+completions see the same x). A pair whose chosen and rejected tokens are the same teaches nothing
+and is skipped. Both are counted (`PairSet.counts`, sources.Counts). A pair is stored as ONE row
+[prompt | chosen | rejected] (right-padded to the set's longest row, rounded up to a multiple of 8):
+tokens [L], prompt_length, lengths [2] (completion tokens). Prepared once, cached in
 `data.cache_dir/pairs/<key>.npz`.
 
 Batches (not packed; model inputs for model/transformer.py with branch_ids, see `make_batch`):
