@@ -26,6 +26,7 @@ setup(
         "ml-collections>=1.0,<2",
         "safetensors>=0.4",     # model/convert.py: Hugging Face checkpoints
         "tokenizers>=0.20",     # model/hf_tokenizer.py: tokenizer.json (imported lazily)
+        "jinja2>=3.1.6",        # model/chat_template.py: a tokenizer's own chat template (sandboxed)
         "numpy>=1.26",
         "tqdm>=4.66",
         "tensorboardX>=2.6",

@@ -81,7 +81,7 @@ def data() -> ml_collections.ConfigDict:
       num_documents=20000,    # builtin: number of generated problems
       max_documents=0,        # text/jsonl/tfds: read at most this many per split; 0 = all
       cache_dir="",           # '' = ~/.cache/kiln
-      chat_template="chatml",  # chatml | llama2 (sft)
+      chat_template="chatml",  # chatml | llama2 | hf (the tokenizer's own jinja template): all but pretrain
       train_on_prompt=False,  # sft: loss on every token instead of assistant tokens only
       overlong="drop",        # an sft conversation or preference pair longer than seq_len (an rl jsonl
                               # prompt longer than rl.max_prompt_len): drop | truncate (keep what fits)

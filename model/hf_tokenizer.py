@@ -11,7 +11,11 @@
 
 bos / eos / pad come from `tokenizer_config.json` when it names them, else from the usual names.
 Both classes have model/tokenizer.py's Tokenizer interface: `encode`, `decode`, `vocab_size`,
-`pad_id`, `bos_id`, `eos_id`, `im_start_id`, `im_end_id`, `id_to_piece`, `path`, `model_proto`.
+`pad_id`, `bos_id`, `eos_id`, `im_start_id`, `im_end_id`, `id_to_piece`, `path`, `model_proto`;
+and what the model's own chat template needs (model/chat_template.py): `chat_template` (the
+jinja source of chat_template.jinja, else of tokenizer_config.json's chat_template; None
+without one), `template_variables` (bos_token, eos_token, ... as text), `special_tokens` (their
+texts) and `encode_offsets` (ids and the [start, end) characters of each).
 `load_tokenizer` reads any tokenizer: these, or a Kiln SentencePiece `.model` file.
 """
 import json
@@ -23,6 +27,8 @@ from model import tokenizer as kiln_tokenizer
 BOS_NAMES = ("<s>", "<|begin_of_text|>", "<|endoftext|>")
 EOS_NAMES = ("</s>", "<|end_of_text|>", "<|endoftext|>", "<|im_end|>")
 PAD_NAMES = ("<pad>", "<|finetune_right_pad_id|>", "<|endoftext|>")
+TEMPLATE_FILE = "chat_template.jinja"
+SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
 def _token_text(t):
@@ -38,6 +44,25 @@ def read_tokenizer_config(directory: str) -> dict:
     return json.load(f)
 
 
+def read_chat_template(directory: str, config: dict):
+  """The default chat template of a HF tokenizer directory: chat_template.jinja, else
+  tokenizer_config.json's chat_template (a string, or a list of {"name", "template"}: the
+  "default" one); None without one."""
+  path = os.path.join(directory, TEMPLATE_FILE)
+  if os.path.isfile(path):
+    with open(path, encoding="utf-8") as f:
+      return f.read()
+  t = config.get("chat_template")
+  if isinstance(t, list):
+    t = {e.get("name"): e.get("template") for e in t}.get("default")
+  return t if isinstance(t, str) and t else None
+
+
+def template_variables(config: dict) -> dict:
+  """{"bos_token": "<s>", ...}: the special tokens tokenizer_config.json names, as a template sees them."""
+  return {k: _token_text(config[k]) for k in SPECIAL_KEYS if config.get(k) and _token_text(config[k])}
+
+
 def _pick(config: dict, key: str, names, lookup):
   """Id of config[key] (e.g. "bos_token") if set, else of the first of `names` in the vocab."""
   for text in ([_token_text(config[key])] if config.get(key) else []) + list(names):
@@ -50,9 +75,10 @@ def _pick(config: dict, key: str, names, lookup):
 class JsonTokenizer:
   """A `tokenizers` tokenizer.json plus the ids Kiln needs."""
 
-  def __init__(self, json_bytes: bytes, path: str = "", config: dict = None):
+  def __init__(self, json_bytes: bytes, path: str = "", config: dict = None, chat_template: str = None):
     from tokenizers import Tokenizer as Backend
     self.path, self.model_proto, self.config = path, json_bytes, dict(config or {})
+    self.chat_template, self.template_variables = chat_template, template_variables(self.config)
     self.tok = Backend.from_str(json_bytes.decode("utf-8"))
     lookup = self.tok.token_to_id
     self.bos_id = _pick(self.config, "bos_token", BOS_NAMES, lookup)
@@ -62,9 +88,11 @@ class JsonTokenizer:
     self.pad_id = pad if pad is not None else self.eos_id
     self.im_start_id = lookup(kiln_tokenizer.IM_START)
     self.im_end_id = lookup(kiln_tokenizer.IM_END)
+    self.special_tokens = tuple(t.content for t in self.tok.get_added_tokens_decoder().values() if t.special)
 
   def __getstate__(self):
-    return {"json_bytes": self.model_proto, "path": self.path, "config": self.config}
+    return {"json_bytes": self.model_proto, "path": self.path, "config": self.config,
+            "chat_template": self.chat_template}
 
   def __setstate__(self, state):
     self.__init__(**state)
@@ -76,6 +104,11 @@ class JsonTokenizer:
   def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
     ids = self.tok.encode(text, add_special_tokens=False).ids
     return ([self.bos_id] if add_bos else []) + ids + ([self.eos_id] if add_eos else [])
+
+  def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """(ids of `text`, the [start, end) characters of each)."""
+    e = self.tok.encode(text, add_special_tokens=False)
+    return e.ids, e.offsets
 
   def decode(self, ids) -> str:
     """Text of `ids`; pad and out-of-vocabulary ids (from a padded model vocab) are dropped."""
@@ -90,7 +123,8 @@ class JsonTokenizer:
 class SpecialsTokenizer(kiln_tokenizer.Tokenizer):
   """A sentencepiece model that also turns special tokens written in the text into their ids."""
 
-  def __init__(self, model_proto: bytes, path: str = "", specials=()):
+  def __init__(self, model_proto: bytes, path: str = "", specials=(), config: dict = None,
+               chat_template: str = None):
     super().__init__(model_proto, path)
     from sentencepiece import SentencePieceProcessor, sentencepiece_model_pb2
     proto = sentencepiece_model_pb2.ModelProto.FromString(model_proto)
@@ -100,23 +134,46 @@ class SpecialsTokenizer(kiln_tokenizer.Tokenizer):
     self._split = re.compile("(" + "|".join(map(re.escape, self.specials)) + ")") if self.specials else None
     proto.normalizer_spec.add_dummy_prefix = False  # for the text after a special token
     self.sp_rest = SentencePieceProcessor(model_proto=proto.SerializeToString())
+    self.config, self.chat_template = dict(config or {}), chat_template
+    self.template_variables, self.special_tokens = template_variables(self.config), tuple(self.specials)
 
   def __getstate__(self):
-    return {**super().__getstate__(), "specials": self.specials}
+    return {**super().__getstate__(), "specials": self.specials, "config": self.config,
+            "chat_template": self.chat_template}
 
   def __setstate__(self, state):
-    self.__init__(state["model_proto"], state["path"], state["specials"])
+    self.__init__(state["model_proto"], state["path"], state["specials"], state.get("config"),
+                  state.get("chat_template"))
+
+  def _chunks(self, text: str):
+    """(chunk, the sentencepiece processor that encodes it; None for a special token) of `text`."""
+    for k, chunk in enumerate(self._split.split(text) if self._split else [text]):
+      if k % 2:
+        yield chunk, None
+      elif chunk:  # only the text at the very start gets the dummy-prefix space
+        yield chunk, self.sp if k == 0 and not chunk.startswith(" ") else self.sp_rest
 
   def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
-    chunks = self._split.split(text) if self._split else [text]
     ids = []
-    for k, chunk in enumerate(chunks):
-      if k % 2:  # a special token
-        ids.append(self.sp.piece_to_id(chunk))
-      elif chunk:
-        first = k == 0 and not chunk.startswith(" ")
-        ids += (self.sp if first else self.sp_rest).encode(chunk)
+    for chunk, sp in self._chunks(text):
+      ids += sp.encode(chunk) if sp else [self.sp.piece_to_id(chunk)]
     return ([self.bos_id] if add_bos else []) + ids + ([self.eos_id] if add_eos else [])
+
+  def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """(ids of `text`, the [start, end) characters of each)."""
+    from sentencepiece import sentencepiece_pb2
+    ids, offsets, at = [], [], 0
+    for chunk, sp in self._chunks(text):
+      if sp is None:
+        ids.append(self.sp.piece_to_id(chunk))
+        offsets.append((at, at + len(chunk)))
+      else:
+        char_at = [c for c, ch in enumerate(chunk) for _ in ch.encode("utf-8")] + [len(chunk)]  # byte -> char
+        for p in sentencepiece_pb2.SentencePieceText.FromString(sp.encode(chunk, out_type="serialized_proto")).pieces:
+          ids.append(p.id)
+          offsets.append((at + char_at[p.begin], at + char_at[p.end]))
+      at += len(chunk)
+    return ids, offsets
 
   def decode(self, ids) -> str:
     """Text of `ids` with special tokens written out; pad and out-of-vocabulary ids are dropped."""
@@ -142,14 +199,14 @@ def load(path: str):
   json_path = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
   if json_path.endswith(".json") and os.path.isfile(json_path):
     with open(json_path, "rb") as f:
-      return JsonTokenizer(f.read(), json_path, config)
+      return JsonTokenizer(f.read(), json_path, config, read_chat_template(directory, config))
   sp_path = os.path.join(directory, "tokenizer.model")
   if not os.path.isfile(sp_path):
     raise FileNotFoundError(f"{path}: no tokenizer.json or tokenizer.model")
   added = [_token_text(t) for t in (config.get("added_tokens_decoder") or {}).values()]
   added += [_token_text(config[k]) for k in ("bos_token", "eos_token", "unk_token", "pad_token") if config.get(k)]
   with open(sp_path, "rb") as f:
-    return SpecialsTokenizer(f.read(), sp_path, added)
+    return SpecialsTokenizer(f.read(), sp_path, added, config, read_chat_template(directory, config))
 
 
 def load_tokenizer(path: str):

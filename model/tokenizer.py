@@ -11,15 +11,21 @@ whitespace folding, no dummy prefix), so `decode(encode(s)) == s` for any string
 Chat templates turn `[{"role": ..., "content": ...}, ...]` into `(ids, assistant_mask)`:
 - "chatml":  `<|im_start|>{role}\\n{content}<|im_end|>\\n` per message.
 - "llama2":  `<s>[INST] <<SYS>>\\n{sys}\\n<</SYS>>\\n\\n{user} [/INST] {assistant} </s>` per turn.
+- "hf":      the tokenizer's own jinja template (Llama 3, Qwen2, Mistral, ...), the same ids as
+             `transformers`' apply_chat_template (model/chat_template.py).
 assistant_mask is 1 on assistant content and its end token, 0 elsewhere.
 """
 import collections
 import io
+import json
 import os
 import tempfile
 from typing import Iterable, Sequence
 
 import sentencepiece as spm
+
+from configs.errors import UserError
+from model import chat_template
 
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -27,7 +33,7 @@ SPECIAL_IDS = {PAD: 0, UNK: 1, BOS: 2, EOS: 3, IM_START: 4, IM_END: 5}
 NUM_FIXED = 6 + 256  # special ids + byte-fallback pieces
 MIN_VOCAB = NUM_FIXED + 10
 ROLES = ("system", "user", "assistant")
-TEMPLATES = ("chatml", "llama2")
+TEMPLATES = ("chatml", "llama2", "hf")
 
 
 class Tokenizer:
@@ -157,7 +163,8 @@ def _check_messages(messages: Sequence[dict]) -> None:
 def _chatml(tok, messages, add_generation_prompt):
   """[(ids, mask)] pieces of a ChatML conversation."""
   if tok.im_start_id is None or tok.im_end_id is None:
-    raise ValueError(f"tokenizer {tok.path!r} has no {IM_START}/{IM_END}; use template='llama2'")
+    other = "'hf' (its own chat template)" if getattr(tok, "chat_template", None) else "'llama2'"
+    raise ValueError(f"tokenizer {tok.path!r} has no {IM_START}/{IM_END} for the chatml template; use {other}")
   parts = []
   for m in messages:
     a = int(m["role"] == "assistant")
@@ -190,10 +197,37 @@ def _llama2(tok, messages, add_generation_prompt):
   return parts
 
 
+def _hf(tok, messages, add_generation_prompt):
+  """(ids, mask) of a conversation in the tokenizer's own template: the text tokenized whole."""
+  source = _source(tok)
+  if add_generation_prompt:
+    text, spans = chat_template.render(source, messages, True, tok.template_variables)[0], []
+  else:
+    text, spans = chat_template.assistant_spans(source, messages, tok.template_variables, _end_of_turn(tok)[0],
+                                                tok.special_tokens)
+  ids, offsets = tok.encode_offsets(text)
+  return ids, chat_template.token_mask(offsets, spans)
+
+
+def _source(tok) -> str:
+  source = getattr(tok, "chat_template", None)
+  if not source:
+    raise ValueError(f"tokenizer {tok.path!r} has no chat template (no chat_template.jinja, no chat_template "
+                     f"in tokenizer_config.json) for template 'hf'; use 'chatml' or 'llama2'")
+  return source
+
+
+def _end_of_turn(tok) -> tuple[str, str]:
+  return chat_template.end_of_turn(_source(tok), tuple(sorted(tok.template_variables.items())),
+                                   tuple(tok.special_tokens))
+
+
 def apply_chat_template(tok: Tokenizer, messages: Sequence[dict], template: str = "chatml",
                         add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
   """Token ids of a conversation and its assistant mask (1 = assistant content + end token)."""
   _check_messages(messages)
+  if template == "hf":
+    return _hf(tok, messages, add_generation_prompt)
   if template == "chatml":
     parts = _chatml(tok, messages, add_generation_prompt)
   elif template == "llama2":
@@ -206,11 +240,35 @@ def apply_chat_template(tok: Tokenizer, messages: Sequence[dict], template: str 
 
 
 def stop_id(tok: Tokenizer, template: str = "chatml") -> int:
-  """The id that ends an assistant turn, where generation stops."""
+  """The id that ends an assistant turn, where generation stops ('hf': the first special token the
+  template writes after an assistant's content, else eos)."""
   if template == "chatml":
     if tok.im_end_id is None:
       raise ValueError(f"tokenizer {tok.path!r} has no {IM_END} for the chatml template")
     return tok.im_end_id
   if template == "llama2":
     return tok.eos_id
+  if template == "hf":
+    token = _end_of_turn(tok)[1]
+    return tok.encode(token)[0] if token else tok.eos_id
   raise ValueError(f"unknown chat template {template!r}; expected one of {TEMPLATES}")
+
+
+def template_key(tok, template: str) -> str:
+  """What a template's token ids depend on besides the tokenizer's model (for cache keys): its name,
+  and for 'hf' the jinja source and the special tokens it sees."""
+  if template != "hf":
+    return template
+  return json.dumps([template, getattr(tok, "chat_template", None), getattr(tok, "template_variables", {})],
+                    sort_keys=True)
+
+
+def check_template(tok, template: str) -> None:
+  """Raises UserError when `tok` cannot write conversations in `template` (config.data.chat_template)."""
+  probe = [{"role": "user", "content": "1 + 1?"}, {"role": "assistant", "content": "2"}]
+  try:
+    apply_chat_template(tok, probe, template)
+    stop_id(tok, template)
+  except Exception as e:  # a ValueError, or any error the template's jinja raises
+    raise UserError(f"config.data.chat_template={template!r}: {e}",
+                    hint=f"one of {', '.join(TEMPLATES)}; 'hf' renders the tokenizer's own chat template") from e

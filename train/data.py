@@ -114,7 +114,7 @@ def _split_key(config, tok, split: str, identity) -> str:
   d = config.data
   return sources.stable_hash(
       packing.PACK_VERSION, d.source, config.objective, split, config.seq_len, d.num_documents,
-      d.chat_template, bool(d.train_on_prompt), _overlong(config),
+      tokenizer_lib.template_key(tok, d.chat_template), bool(d.train_on_prompt), _overlong(config),
       hashlib.sha1(tok.model_proto).hexdigest(), identity)
 
 

@@ -15,14 +15,15 @@ Records (`config.data.source`):
   eval): chosen = the correct step-by-step completion; rejected = the same format with a wrong final
   number, or the right number without its <answer> tag.
 
-A prompt is rendered with `data.chat_template` and the generation prompt; a completion ends with the
-template's end token. A pair whose prompt + chosen or prompt + rejected is longer than `seq_len` is
-dropped (`data.overlong` "drop") or fitted ("truncate": the prompt is cut from the left, then the
-completion from the right; the pair then shares the shorter of the two prompts, a suffix of the
-other, so both completions see the same x). A pair whose chosen and rejected tokens are the same
-teaches nothing and is skipped. Both are counted (`PairSet.counts`, sources.Counts). A pair is
-stored as ONE row [prompt | chosen | rejected] (right-padded to the set's longest row, rounded up to
-a multiple of 8): tokens [L], prompt_length, lengths [2] (completion tokens). Prepared once, cached in
+A pair is rendered with `data.chat_template`: a completion is the answer's masked tokens (its
+content and end token), the prompt all before them (the prompt with its generation prompt, as a
+rule). A pair whose prompt + chosen or prompt + rejected is longer than `seq_len` is dropped
+(`data.overlong` "drop") or fitted ("truncate": the prompt is cut from the left, then the completion
+from the right; the pair then shares the shorter of the two prompts, a suffix of the other, so both
+completions see the same x). A pair whose chosen and rejected tokens are the same teaches nothing
+and is skipped. Both are counted (`PairSet.counts`, sources.Counts). A pair is stored as ONE row
+[prompt | chosen | rejected] (right-padded to the set's longest row, rounded up to a multiple of 8):
+tokens [L], prompt_length, lengths [2] (completion tokens). Prepared once, cached in
 `data.cache_dir/pairs/<key>.npz`.
 
 Batches (not packed; model inputs for model/transformer.py with branch_ids, see `make_batch`):
@@ -209,12 +210,21 @@ def records(config, split: str):
 
 
 def encode(tok, messages, completion: str | list, template: str) -> tuple[list[int], int]:
-  """(prompt + completion ids ending with the end token, prompt length); a completion is an
-  assistant turn's content, or messages (every token after the prompt is the completion's)."""
-  prompt, _ = tokenizer_lib.apply_chat_template(tok, messages, template, add_generation_prompt=True)
+  """(prompt + completion ids ending with the end token, prompt length). A completion is an assistant
+  turn's content: its masked tokens (content and end token) are the completion, all before them the
+  prompt (a template may rewrite earlier turns, so the generation prompt need not be a prefix). Or
+  messages (several turns): every token after the generation prompt is the completion's."""
   turns = [{"role": "assistant", "content": completion}] if isinstance(completion, str) else list(completion)
   full, mask = tokenizer_lib.apply_chat_template(tok, messages + turns, template)
+  if not any(mask):
+    raise ValueError(f"chat template {template!r} writes no assistant tokens for the completion")
   end = max(i for i, m in enumerate(mask) if m) + 1  # after the end token of the last turn
+  if isinstance(completion, str):
+    start = end
+    while start and mask[start - 1]:
+      start -= 1
+    return full[:end], start
+  prompt, _ = tokenizer_lib.apply_chat_template(tok, messages, template, add_generation_prompt=True)
   if full[:len(prompt)] != prompt:
     raise ValueError(f"chat template {template!r}: the generation prompt is not a prefix of the conversation")
   return full[:end], len(prompt)
@@ -242,6 +252,8 @@ def encode_pair(tok, messages, chosen, rejected, seq_len: int, template: str):
     fitted.append(fit(ids, n_prompt, seq_len))
   n_prompt = min(n for _, n in fitted)  # cut from the left: the shorter prompt ends the longer one
   ids, n = fitted[0]
+  if ids[n - n_prompt:n] != fitted[1][0][fitted[1][1] - n_prompt:fitted[1][1]]:
+    raise ValueError(f"chat template {template!r}: the prompt's tokens depend on the completion")
   return ids[n - n_prompt:n], ids[n:], fitted[1][0][fitted[1][1]:], cut
 
 
@@ -287,7 +299,8 @@ def load(config, tok, split: str) -> PairSet:
   d = config.data
   recs, identity = records(config, split)
   overlong = sources.overlong(config)
-  key = sources.stable_hash(PAIRS_VERSION, d.source, split, config.seq_len, d.chat_template, overlong,
+  key = sources.stable_hash(PAIRS_VERSION, d.source, split, config.seq_len,
+                            tokenizer_lib.template_key(tok, d.chat_template), overlong,
                             hashlib.sha1(tok.model_proto).hexdigest(), identity)
   path = os.path.join(sources.cache_dir(config), "pairs", f"{key}.npz")
   if os.path.isfile(path):

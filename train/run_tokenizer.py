@@ -3,7 +3,8 @@ back by whatever reads the run later (its resumption, `init_from`, evaluation, s
 a run's token ids never depend on its data files again (appended to, moved or deleted).
 
     DIR/tokenizer/sentencepiece.model      a SentencePiece model (Kiln's own, trained on the corpus)
-    DIR/tokenizer/tokenizer.json | .model  a Hugging Face tokenizer, with its tokenizer_config.json ...
+    DIR/tokenizer/tokenizer.json | .model  a Hugging Face tokenizer, with its tokenizer_config.json,
+                                           chat_template.jinja ...
 
 Runs from before DIR/tokenizer/ existed are read as they were made: from their config
 (config.tokenizer.path, else the tokenizer train/data.py trains on config.data), with a warning.
@@ -22,7 +23,8 @@ from train import data
 
 SUBDIR = "tokenizer"
 SENTENCEPIECE = "sentencepiece.model"
-HF_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+HF_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+            "chat_template.jinja")
 
 
 def directory(workdir: str) -> str:

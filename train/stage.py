@@ -11,6 +11,7 @@ import jax
 
 from configs.errors import UserError
 from model import sharding
+from model import tokenizer as tokenizer_lib
 from model.transformer import ModelConfig, Transformer
 from train import init_source, run_tokenizer, rundir
 
@@ -102,6 +103,8 @@ def start_run(config, workdir: str, check: Callable) -> Run:
       print(f"resume: {line}", flush=True)
   config = init_source.resolve(config, workdir)  # the same, now writing DIR/hf_config.json
   tokenizer, note = init_source.tokenizer(config, workdir)
+  if config.objective != "pretrain":
+    tokenizer_lib.check_template(tokenizer, config.data.chat_template)
   if tokenizer.vocab_size > config.model.vocab_size:
     raise UserError(f"config.model.vocab_size={config.model.vocab_size} is smaller than the "
                     f"tokenizer's {tokenizer.vocab_size} ids ({note})",

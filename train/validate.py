@@ -5,7 +5,7 @@ import ml_collections
 
 from configs import base
 from configs.errors import UserError, unknown
-from model import sharding
+from model import sharding, tokenizer
 from train import objectives, profile
 
 # The interval every numeric key of a stage config must lie in ("(0, inf)": > 0); rl/config.py
@@ -83,6 +83,9 @@ def validate(config, num_devices: int, num_processes: int = 1) -> dict:
   if config.logits_chunk and config.seq_len % config.logits_chunk:
     raise UserError(f"config.logits_chunk={config.logits_chunk} must divide config.seq_len={config.seq_len}",
                     hint="0 runs the LM head on the whole sequence at once")
+  if config.data.chat_template not in tokenizer.TEMPLATES:
+    raise UserError(f"config.data.chat_template={config.data.chat_template!r}: use {' | '.join(tokenizer.TEMPLATES)}",
+                    hint="hf renders the tokenizer's own chat template (tokenizer_config.json)")
   profile.check(config)
   mesh = sharding.mesh_shape(config.mesh, num_devices)
   data_ways = mesh["data"] * mesh["fsdp"]
