@@ -30,7 +30,7 @@ from train.params import abstract_params
 
 def check(config, num_devices: int) -> None:
   """The checks of `python -m train` for an RL objective on num_devices chips (init_from not read)."""
-  check_config(config, num_devices, 1)
+  check_config(config, num_devices, 1, launch=False)
   if state_lib.lora_enabled(config):
     raise UserError("config.lora.rank > 0: train.aot compiles the RL programs of full fine-tuning only",
                     hint="--config.lora.rank=0")
