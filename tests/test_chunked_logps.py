@@ -76,9 +76,9 @@ def test_dpo_pair_logps_in_chunks_equal_one_piece_and_float64():
   grad = jax.jit(jax.value_and_grad(f, has_aux=True), static_argnums=1)
   (_, (whole, _)), g0 = grad(params, 0)
   (_, (chunked, n6)), g6 = grad(params, 6)
-  # float64 reference from the model's own logits at the slots
-  z = model.apply({"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"],
-                  branch_ids=batch["branch_ids"], logit_slots=batch["logit_slots"])  # [b, k, V]
+  # float64 reference from the model's own logits at the slots [b, k, V]
+  z = jax.jit(lambda p, bt: model.apply({"params": p}, bt["tokens"], bt["positions"], bt["segment_ids"],
+                                        branch_ids=bt["branch_ids"], logit_slots=bt["logit_slots"]))(params, batch)
   tok = np.take_along_axis(_log_softmax64(z), np.asarray(batch["targets"])[..., None], -1)[..., 0]
   tb = np.asarray(batch["target_branch"])
   ref = np.stack([(tok * (tb == 1)).sum(-1), (tok * (tb == 2)).sum(-1)], -1)
@@ -119,7 +119,7 @@ def test_rl_update_in_chunks_equals_one_piece_and_float64(objective):
     out[chunk] = step(params, tx.init(params), None, None, None, batch, jnp.float32(0.1), jnp.int32(0))
   (p0, _, _, _, lp0, m0), (p8, _, _, _, lp8, m8) = out[0], out[8]
   full = np.concatenate([np.repeat(np.asarray(batch["prompt"]), g, 0), np.asarray(batch["tokens"])], 1)
-  z = model.apply({"params": params}, jnp.asarray(full[:, :-1]))[:, p - 1:] / 0.8  # [r, t, V]
+  z = jax.jit(model.apply)({"params": params}, jnp.asarray(full[:, :-1]))[:, p - 1:] / 0.8  # [r, t, V]
   ref = np.take_along_axis(_log_softmax64(z), full[:, p:, None], -1)[..., 0] * mask
   np.testing.assert_allclose(lp0, ref, atol=2e-5)
   np.testing.assert_allclose(lp8, ref, atol=2e-5)
