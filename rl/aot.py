@@ -49,63 +49,68 @@ def _rows(tree, mesh):
                       tree)
 
 
+def _update(config, model_cfg, mesh, state, tx, lr_fn):
+  """The update step compiled on one minibatch with every array scoring and advantages put in it."""
+  r, (params, opt, critic, critic_opt, ref) = config.rl, state
+  g, p, t, rows = r.num_generations, r.max_prompt_len, r.max_new_tokens, config.batch_size // r.num_minibatches
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  prompts = {k: jax.ShapeDtypeStruct((rows // g, p), jnp.int32, sharding=replicated) for k in ("prompt", "prompt_mask")}
+  batch = {**prompts, **_rows({k: jax.ShapeDtypeStruct((rows, t), jnp.int32) for k in ("tokens", "mask")}, mesh)}
+  critic_cfg = model_cfg if critic is not None else None
+  score = steps.make_score_fn(model_cfg, config, None, old=True, ref=ref is not None, critic_cfg=critic_cfg)
+  batch.update(_rows(jax.eval_shape(score, params, None, ref, critic, None, batch), mesh))
+  adv = lambda s, b, beta: algorithms.get(config.objective).advantages(config, s, b, beta)
+  batch.update(_rows(jax.eval_shape(adv, jax.ShapeDtypeStruct((rows,), jnp.float32), batch, 0.0), mesh))
+  update = jax.jit(steps.make_update_step(model_cfg, config, tx, lr_fn, None, critic_cfg), donate_argnums=(0, 1, 2, 3))
+  scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype, sharding=replicated)
+  return update.lower(params, opt, critic, critic_opt, None, batch, scalar(jnp.float32), scalar(jnp.int32)).compile()
+
+
+def _rollout(config, model_cfg, mesh, params):
+  """(prefill, decode step) compiled for all batch_size completions: the prompt once per group into
+  a cache as long as prompt + completion, then one token per row (model forward + sampling)."""
+  r, n = config.rl, config.batch_size
+  g, p, t = r.num_generations, r.max_prompt_len, r.max_new_tokens
+  tokens = _rows({k: jax.ShapeDtypeStruct((n, p), jnp.int32) for k in ("tokens", "mask")}, mesh)
+  prefill = jax.jit(lambda q, tok, m: decode._prefill(rollout.group_apply(g), model_cfg, q, tok, m, p - 1 + t)[0])
+  compiled_prefill = prefill.lower(params, tokens["tokens"], tokens["mask"]).compile()
+  cache = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                       jax.eval_shape(prefill, params, tokens["tokens"], tokens["mask"]),
+                       compiled_prefill.output_shardings)
+  sampling = Sampling(r.temperature, r.top_k, r.top_p)
+
+  def decode_step(q, cache, token, position, u):  # [n] each: one token per row, its uniform draw
+    logits, cache = decode.transformer_apply(model_cfg, q, token[:, None], position[:, None],
+                                             jnp.ones_like(token)[:, None], cache)
+    return sample(None, logits[:, -1], sampling, u=u)[0], cache
+
+  row = _rows({"token": jax.ShapeDtypeStruct((n,), jnp.int32), "u": jax.ShapeDtypeStruct((n,), jnp.float32)}, mesh)
+  step = jax.jit(decode_step, donate_argnums=1)
+  return compiled_prefill, step.lower(params, cache, row["token"], row["token"], row["u"]).compile()
+
+
 def compile_programs(config, model_cfg, mesh):
   """({name: (compiled, flops per call, names of the resident trees it takes)}, {name: resident tree})."""
   r = config.rl
-  g, p, t = r.num_generations, r.max_prompt_len, r.max_new_tokens
-  algo = algorithms.get(config.objective)
   model = Transformer(model_cfg)
   tx, lr_fn = optim.make_optimizer(config.optim, config.steps * r.num_iterations * r.num_minibatches)
   where_values = algorithms.value_model(config)
-  i32, f32 = jnp.int32, jnp.float32
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   with sharding.use_mesh(mesh):
     params, opt = _state(model, tx, mesh, config.seq_len, value.value_head_params if where_values == "policy" else None)
     critic, critic_opt = _state(model, tx, mesh, config.seq_len, value.value_head_params) \
         if where_values == "critic" else (None, None)
     ref = _state(model, tx, mesh, config.seq_len)[0] if rl_config.needs_reference(config) else None
-    resident = {"params": params, "opt_state": opt, "critic": critic, "critic_opt_state": critic_opt,
-                "reference": ref}
+    update = _update(config, model_cfg, mesh, (params, opt, critic, critic_opt, ref), tx, lr_fn)
+    prefill, decode_step = _rollout(config, model_cfg, mesh, params)
 
-    # update: one minibatch, every array the scoring pass and the advantages put in it
-    rows = config.batch_size // r.num_minibatches
-    prompts = {k: jax.ShapeDtypeStruct((rows // g, p), i32, sharding=replicated) for k in ("prompt", "prompt_mask")}
-    batch = {**prompts, **_rows({k: jax.ShapeDtypeStruct((rows, t), i32) for k in ("tokens", "mask")}, mesh)}
-    critic_cfg = model_cfg if critic is not None else None
-    score = steps.make_score_fn(model_cfg, config, None, old=True, ref=ref is not None, critic_cfg=critic_cfg)
-    batch.update(_rows(jax.eval_shape(score, params, None, ref, critic, None, batch), mesh))
-    adv = lambda s, b, beta: algo.advantages(config, s, b, beta)
-    batch.update(_rows(jax.eval_shape(adv, jax.ShapeDtypeStruct((rows,), f32), batch, 0.0), mesh))
-    update = jax.jit(steps.make_update_step(model_cfg, config, tx, lr_fn, None, critic_cfg),
-                     donate_argnums=(0, 1, 2, 3))
-    scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype, sharding=replicated)
-    compiled_update = update.lower(params, opt, critic, critic_opt, None, batch, scalar(f32), scalar(i32)).compile()
-
-    # rollout: all completions, the prompt once per group, then one token per step
-    n = config.batch_size
-    tokens = _rows({k: jax.ShapeDtypeStruct((n, p), i32) for k in ("tokens", "mask")}, mesh)
-    prefill = jax.jit(lambda q, tok, m: decode._prefill(rollout.group_apply(g), model_cfg, q, tok, m, p - 1 + t)[0])
-    compiled_prefill = prefill.lower(params, tokens["tokens"], tokens["mask"]).compile()
-    cache_sh = compiled_prefill.output_shardings
-    cache = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                         jax.eval_shape(prefill, params, tokens["tokens"], tokens["mask"]), cache_sh)
-    sampling = Sampling(r.temperature, r.top_k, r.top_p)
-
-    def decode_step(q, cache, token, position, u):  # [n] each: one token per row, its uniform draw
-      logits, cache = decode.transformer_apply(model_cfg, q, token[:, None], position[:, None],
-                                               jnp.ones_like(token)[:, None], cache)
-      return sample(None, logits[:, -1], sampling, u=u)[0], cache
-
-    row = _rows({"token": jax.ShapeDtypeStruct((n,), i32), "u": jax.ShapeDtypeStruct((n,), f32)}, mesh)
-    compiled_decode = jax.jit(decode_step, donate_argnums=1).lower(params, cache, row["token"], row["token"],
-                                                                   row["u"]).compile()
-
-  ctx = p + t
-  fwd = lambda tokens, length: model_cfg.train_flops_per_token(length) / 3 * tokens
-  update_flops = 3 * fwd(rows // g * p + rows * t, ctx) * (2 if critic is not None else 1)
+  g, p, t, n = r.num_generations, r.max_prompt_len, r.max_new_tokens, config.batch_size
+  rows = n // r.num_minibatches
+  fwd = lambda tokens, length: model_cfg.train_flops_per_token(length) / 3 * tokens  # a forward pass
+  update_flops = 3 * fwd(rows // g * p + rows * t, p + t) * (2 if critic is not None else 1)
   programs = {
-      "update": (compiled_update, update_flops, ("params", "opt_state", "critic", "critic_opt_state")),
-      "prefill": (compiled_prefill, fwd(n // g * p, p), ("params",)),
-      "decode_step": (compiled_decode, fwd(n, ctx), ("params",)),
+      "update": (update, update_flops, ("params", "opt_state", "critic", "critic_opt_state")),
+      "prefill": (prefill, fwd(n // g * p, p), ("params",)),
+      "decode_step": (decode_step, fwd(n, p + t), ("params",)),
   }
+  resident = {"params": params, "opt_state": opt, "critic": critic, "critic_opt_state": critic_opt, "reference": ref}
   return programs, {k: v for k, v in resident.items() if v is not None}
