@@ -131,3 +131,14 @@ def test_the_rl_programs_compile_for_a_v5p_slice_with_their_resident_arrays(obje
   cfg = ModelConfig.from_config(c.model)
   cache = 2 * cfg.n_layers * c.batch_size * cfg.n_kv_heads * (16 - 1 + 16) * cfg.head_dim * 2 // 4  # bf16 / 4 chips
   assert progs["decode_step"]["per_chip"]["argument_bytes"] >= held["params_bytes"] + cache
+
+
+def test_the_error_of_a_report_that_does_not_fit_names_the_program():
+  mem = lambda need: {"hbm_bytes": 95 * aot.GiB, "peak_bytes": need - aot.GiB, "need_bytes": need}
+  big = [{"shape": "bf16[32,16,8,1535,128]", "bytes": 3 * aot.GiB // 2, "op": "copy"}]
+  out = {"fits": False, "programs": {"update": {"fits": True, "per_chip": mem(12 * aot.GiB), "largest_buffers": []},
+                                     "decode_step": {"fits": False, "per_chip": mem(100 * aot.GiB),
+                                                     "largest_buffers": big}}}
+  err = aot._too_big(out)
+  assert "the decode_step needs 100.0 GiB per chip, 95 GiB available" in str(err)
+  assert "bf16[32,16,8,1535,128] (1.5 GiB, copy)" in str(err) and "config.batch_size" in err.hint
