@@ -30,6 +30,7 @@ from model import sharding
 from model.transformer import ModelConfig, Transformer
 from configs.errors import UserError
 from rl import aot as rl_aot
+from rl.algorithms import ALGORITHMS
 from train import chips, cli, compiled, cpu_tuning, objectives, optim, topology
 from train import state as state_lib
 from train.compiled import shaped
@@ -44,7 +45,6 @@ _OUT = flags.DEFINE_string("out", "", "Also write the JSON report here.")
 flags.mark_flags_as_required(["config", "topology"])
 
 GiB = 2 ** 30
-RL_OBJECTIVES = ("grpo", "rloo", "gspo", "ppo")
 
 
 def batch_shapes(config, objective, mesh) -> dict:
@@ -123,7 +123,7 @@ def report(config, topology_name: str) -> dict:
   devices = topology.devices(topology_name)
   chip = chips.chip_of(devices[0].device_kind)
   head = {"config": config.objective, "topology": topology_name, "chips": len(devices), "chip": chip.name}
-  if config.objective in RL_OBJECTIVES:
+  if config.objective in ALGORITHMS:
     return {**head, **_rl_report(config, devices, chip)}
   validate(config, len(devices), 1)
   return {**head, **_offline_report(config, devices, chip)}
