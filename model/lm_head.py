@@ -59,25 +59,55 @@ def kernel_of(params, cfg):
   return (params["embedding"] if cfg.tie_embeddings else params["lm_head"]).astype(cfg.dtype)
 
 
-def token_nll(h, kernel, tied: bool, targets, chunk: int = 0):
-  """Next-token NLL in fp32 and whether the argmax is the target, from final hidden states.
-
-  h [b, t, d], targets [b, t] -> (nll [b, t] float32, hit [b, t] bool). chunk > 0 (a divisor of
-  t): the head runs on `chunk` positions at a time under jax.checkpoint, so no [b, t, vocab]
-  array exists in the forward or the backward pass, only [b, chunk, vocab] (the backward
-  recomputes each chunk's logits). Same values and gradients as chunk = 0 (one piece)."""
-  def stats(h_c, y_c):  # [b, c, d], [b, c]
-    z = sharding.constrain(logits(h_c, kernel, tied).astype(jnp.float32), ("batch", "length", "act_vocab"))
-    target = jnp.take_along_axis(z, y_c[..., None], axis=-1)[..., 0]
-    return jax.nn.logsumexp(z, axis=-1) - target, jnp.argmax(z, axis=-1) == y_c
-
+def _in_chunks(stats, h, targets, chunk: int):
+  """stats(h [b, c, d], targets [b, c]) -> tuple of [b, c] arrays, run on `chunk` positions at a
+  time under jax.checkpoint (the backward recomputes each chunk's logits), so only [b, chunk,
+  vocab] logits exist. t is padded up to a multiple of chunk (pads are cut from the result);
+  chunk <= 0 or >= t: one piece."""
   b, t, d = h.shape
   if chunk <= 0 or chunk >= t:
     return stats(h, targets)
-  if t % chunk:
-    raise ValueError(f"config.logits_chunk={chunk} must divide the sequence length {t}")
-  n = t // chunk
-  hs = h.reshape(b, n, chunk, d).swapaxes(0, 1)       # [n, b, c, d]
-  ys = targets.reshape(b, n, chunk).swapaxes(0, 1)    # [n, b, c]
-  _, (nll, hit) = jax.lax.scan(lambda _, xs: (None, jax.checkpoint(stats)(*xs)), None, (hs, ys))
-  return nll.swapaxes(0, 1).reshape(b, t), hit.swapaxes(0, 1).reshape(b, t)
+  n = -(-t // chunk)
+  pad = n * chunk - t
+  h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
+  targets = jnp.pad(targets, ((0, 0), (0, pad)))
+  hs = h.reshape(b, n, chunk, d).swapaxes(0, 1)             # [n, b, c, d]
+  ys = targets.reshape(b, n, chunk).swapaxes(0, 1)          # [n, b, c]
+  _, outs = jax.lax.scan(lambda _, xs: (None, jax.checkpoint(stats)(*xs)), None, (hs, ys))
+  return tuple(o.swapaxes(0, 1).reshape(b, n * chunk)[:, :t] for o in outs)
+
+
+def _logits32(h, kernel, tied: bool):
+  return sharding.constrain(logits(h, kernel, tied).astype(jnp.float32), ("batch", "length", "act_vocab"))
+
+
+def token_nll(h, kernel, tied: bool, targets, chunk: int = 0):
+  """Next-token NLL in fp32 and whether the argmax is the target, from final hidden states.
+
+  h [b, t, d], targets [b, t] -> (nll [b, t] float32, hit [b, t] bool). chunk > 0: the head runs
+  on `chunk` positions at a time (`_in_chunks`), so no [b, t, vocab] array exists in the forward
+  or the backward pass. Same values and gradients as chunk = 0 (one piece)."""
+  def stats(h_c, y_c):  # [b, c, d], [b, c]
+    z = _logits32(h_c, kernel, tied)
+    target = jnp.take_along_axis(z, y_c[..., None], axis=-1)[..., 0]
+    return jax.nn.logsumexp(z, axis=-1) - target, jnp.argmax(z, axis=-1) == y_c
+  return _in_chunks(stats, h, targets, chunk)
+
+
+def token_logps(h, kernel, tied: bool, targets, chunk: int = 0, temperature: float = 1.0,
+                entropy: bool = False):
+  """log p(target) in fp32 under softmax(logits / temperature), and the distribution's entropy.
+
+  h [b, t, d], targets [b, t] -> (logp [b, t], entropy [b, t] or None): DPO's completion
+  log-probs, the RL scoring and update passes. In `chunk` positions at a time as token_nll."""
+  def stats(h_c, y_c):  # [b, c, d], [b, c]
+    z = _logits32(h_c, kernel, tied)
+    if temperature != 1.0:
+      z = z / temperature
+    lse = jax.nn.logsumexp(z, axis=-1)                                       # [b, c]
+    logp = jnp.take_along_axis(z, y_c[..., None], axis=-1)[..., 0] - lse
+    if not entropy:
+      return (logp,)
+    return logp, lse - jnp.sum(jnp.exp(z - lse[..., None]) * z, axis=-1)     # H = lse - E_p[z]
+  out = _in_chunks(stats, h, targets, chunk)
+  return out[0], (out[1] if entropy else None)

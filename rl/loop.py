@@ -39,16 +39,18 @@ from train.validate import validate
 ANSWER_REWARDS = ("answer_match", "numeric_closeness")
 
 
-def check_config(config) -> dict:
-  """train/validate.py on the shared keys, rl/config.py on config.rl; returns the mesh shape."""
+def check_config(config, num_devices=None, num_processes=None, launch: bool = True) -> dict:
+  """train/validate.py on the shared keys, rl/config.py on config.rl (with `launch`, what only a run
+  needs: init_from); returns the mesh shape (for num_devices over num_processes: by default this run's)."""
   plain = copy.deepcopy(config)
   with plain.unlocked():
     plain.objective = "sft"  # validate knows the offline objectives; rl.config.check knows these
     if "rl" in plain and "rl" not in base.base_config():
       del plain["rl"]
-  mesh = validate(plain, jax.device_count(), jax.process_count())
+  mesh = validate(plain, num_devices or jax.device_count(), num_processes or jax.process_count())
   rl_config.check(config, mesh["data"] * mesh["fsdp"])
-  rl_config.check_start(config)
+  if launch:
+    rl_config.check_start(config)
   return mesh
 
 

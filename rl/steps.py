@@ -10,18 +10,23 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from model import heads
-from rl import algorithms, grpo, kl, ppo, rollout, value
+from model import heads, lm_head
+from rl import algorithms, grpo, kl, rollout, value
 from train import finite
 from train import state as state_lib
-from train.dpo_loss import token_logps
 
 
-def policy_forward(params, cfg, batch, g: int, value_head: bool):
-  """(logits [r, T, V], values [r, T] from params["value_head"] or None)."""
-  logits, hidden = rollout.forward(params, cfg, batch["prompt"], batch["prompt_mask"], batch["tokens"], g,
-                                   hidden=value_head)
-  return logits, (value.values(params, hidden) if value_head else None)
+def policy_forward(params, cfg, config, batch, g: int, value_head: bool, entropy: bool = False):
+  """(logp [r, T] of the sampled tokens under the sampling distribution, its entropy [r, T] or None,
+  values [r, T] from params["value_head"] or None).
+
+  The policy of the loss is the sampling distribution: logits / rl.temperature (as TRL, verl). The
+  LM head runs in config.logits_chunk positions at a time (model/lm_head.py): no [r, T, V] array."""
+  _, hidden = rollout.forward(params, cfg, batch["prompt"], batch["prompt_mask"], batch["tokens"], g,
+                              head=False, hidden=True)                      # [r, T, d]
+  logp, ent = lm_head.token_logps(hidden, lm_head.kernel_of(params, cfg), cfg.tie_embeddings, batch["tokens"],
+                                  config.logits_chunk, config.rl.temperature, entropy)
+  return logp, ent, (value.values(params, hidden) if value_head else None)
 
 
 def critic_values(params, cfg, batch, g: int):
@@ -41,12 +46,6 @@ def reward_model_scores(params, cfg, batch, g: int):
   return heads.scalar_head(params["reward_head"], h)
 
 
-def tempered(config, logits):
-  """The policy of the loss is the sampling distribution: logits / temperature (as TRL, verl)."""
-  t = config.rl.temperature
-  return logits if t == 1.0 else logits / t
-
-
 def make_score_fn(cfg, config, lora_cfg, *, old: bool, ref: bool, critic_cfg=None, rm_cfg=None):
   """(trainable, frozen, ref_params, critic, rm, batch) -> {old_logp, ref_logp, old_values, rm_score}.
 
@@ -60,15 +59,15 @@ def make_score_fn(cfg, config, lora_cfg, *, old: bool, ref: bool, critic_cfg=Non
     mask = batch["mask"].astype(jnp.float32)
     out = {}
     if old or head_on_policy:
-      logits, vals = policy_forward(state_lib.to_params(trainable, frozen, lora_cfg), cfg, batch, g,
-                                    head_on_policy)
+      logp, _, vals = policy_forward(state_lib.to_params(trainable, frozen, lora_cfg), cfg, config, batch, g,
+                                     head_on_policy)
       if old:
-        out["old_logp"] = token_logps(tempered(config, logits), batch["tokens"]) * mask
+        out["old_logp"] = logp * mask
       if head_on_policy:
         out["old_values"] = vals * mask
     if ref:
-      logits, _ = policy_forward(frozen if ref_params is None else ref_params, cfg, batch, g, False)
-      out["ref_logp"] = token_logps(tempered(config, logits), batch["tokens"]) * mask
+      logp, _, _ = policy_forward(frozen if ref_params is None else ref_params, cfg, config, batch, g, False)
+      out["ref_logp"] = logp * mask
     if critic_cfg is not None:
       out["old_values"] = critic_values(critic, critic_cfg, batch, g) * mask
     if rm_cfg is not None:
@@ -78,13 +77,14 @@ def make_score_fn(cfg, config, lora_cfg, *, old: bool, ref: bool, critic_cfg=Non
   return score
 
 
-def _loss(config, algo, logp, logits, vals, batch, beta):
-  """The algorithm's loss and metrics on one minibatch, with the entropy and the KL to the reference."""
+def _loss(config, algo, logp, token_entropy, vals, batch, beta):
+  """The algorithm's loss and metrics on one minibatch, with the entropy (mean of token_entropy
+  [r, T]) and the KL to the reference."""
   r = config.rl
   mask = batch["mask"].astype(jnp.float32)
   old = batch.get("old_logp")
   old = jax.lax.stop_gradient(logp) if old is None else old  # first pass over the rollout: pi_old = pi
-  entropy = ppo.entropy_from_logits(logits, mask)
+  entropy = kl.masked_mean(token_entropy, mask)
   if not r.ent_coef:
     entropy = jax.lax.stop_gradient(entropy)
   per_token, extra, m = algo.loss(config, logp, old, vals, batch, entropy)   # [r, T], scalar
@@ -112,12 +112,11 @@ def make_update_step(cfg, config, tx, lr_fn, lora_cfg, critic_cfg=None):
 
   def loss_fn(trainable, critic, frozen, batch, beta):
     params = state_lib.to_params(trainable, frozen, lora_cfg)
-    logits, vals = policy_forward(params, cfg, batch, g, head_on_policy)
-    logits = tempered(config, logits)
+    logp, ent, vals = policy_forward(params, cfg, config, batch, g, head_on_policy, entropy=True)
     if critic is not None:
       vals = critic_values(critic, critic_cfg, batch, g)
-    logp = token_logps(logits, batch["tokens"]) * batch["mask"]          # [r, T]
-    loss, m = _loss(config, algo, logp, logits, vals, batch, beta)
+    logp = logp * batch["mask"]                                          # [r, T]
+    loss, m = _loss(config, algo, logp, ent, vals, batch, beta)
     return loss, (m, jax.lax.stop_gradient(logp))
 
   def step(trainable, opt_state, critic, critic_opt, frozen, batch, beta, count):

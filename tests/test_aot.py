@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from configs import pretrain_tiny
+from configs import grpo_arith, ppo_arith, pretrain_tiny
 from model.transformer import ModelConfig
 from train import aot, chips, hlo_stats, topology
 
@@ -100,3 +100,45 @@ def test_cpu_runs_skip_an_installed_libtpu():
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
   assert out.stdout.strip() == "cpu"
   assert "TPU" not in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("objective", ["grpo", pytest.param("ppo", marks=pytest.mark.slow)])
+def test_the_rl_programs_compile_for_a_v5p_slice_with_their_resident_arrays(objective):
+  c = (ppo_arith if objective == "ppo" else grpo_arith).get_config()
+  c.objective, c.init_from, c.rl.reward_model = objective, "/nonexistent/sft", ""  # only checked, never read
+  c.model.dtype = "bfloat16"
+  c.mesh.data, c.mesh.fsdp = 1, -1
+  c.batch_size, c.rl.num_generations, c.rl.num_minibatches = 8, 2, 1
+  c.rl.max_prompt_len, c.rl.max_new_tokens, c.logits_chunk = 16, 16, 8
+  out = aot.report(c, "v5p-8")
+  assert out["chips"] == 4 and out["fits"]
+  held = out["per_chip"]
+  resident = {"params", "opt_state", "reference"} | ({"critic", "critic_opt_state"} if objective == "ppo" else set())
+  assert {k[:-len("_bytes")] for k in held} == resident | {"hbm", "resident"}
+  assert held["resident_bytes"] == sum(held[f"{k}_bytes"] for k in resident)
+  assert held["reference_bytes"] == held["params_bytes"] if objective == "grpo" else True
+  progs = out["programs"]
+  assert set(progs) == {"update", "prefill", "decode_step"}
+  for name, p in progs.items():
+    mem = p["per_chip"]
+    assert p["fits"] and 0 < mem["peak_bytes"] <= mem["need_bytes"] < mem["hbm_bytes"], name
+    assert p["flops_per_step"] > 0 and p["est_step_s"] > 0 and "all-gather" in p["collectives"], name
+  # the update takes the policy, its optimizer state (and the critic's); the rollout only the policy
+  assert progs["update"]["per_chip"]["resident_elsewhere_bytes"] == held["reference_bytes"]
+  assert progs["prefill"]["per_chip"]["resident_elsewhere_bytes"] == held["resident_bytes"] - held["params_bytes"]
+  assert progs["update"]["per_chip"]["argument_bytes"] >= held["params_bytes"] + held["opt_state_bytes"]
+  # decode_step takes the KV cache of every layer: 2 x [layers, rows, kv heads, P - 1 + T, head_dim]
+  cfg = ModelConfig.from_config(c.model)
+  cache = 2 * cfg.n_layers * c.batch_size * cfg.n_kv_heads * (16 - 1 + 16) * cfg.head_dim * 2 // 4  # bf16 / 4 chips
+  assert progs["decode_step"]["per_chip"]["argument_bytes"] >= held["params_bytes"] + cache
+
+
+def test_the_error_of_a_report_that_does_not_fit_names_the_program():
+  mem = lambda need: {"hbm_bytes": 95 * aot.GiB, "peak_bytes": need - aot.GiB, "need_bytes": need}
+  big = [{"shape": "bf16[32,16,8,1535,128]", "bytes": 3 * aot.GiB // 2, "op": "copy"}]
+  out = {"fits": False, "programs": {"update": {"fits": True, "per_chip": mem(12 * aot.GiB), "largest_buffers": []},
+                                     "decode_step": {"fits": False, "per_chip": mem(100 * aot.GiB),
+                                                     "largest_buffers": big}}}
+  err = aot._too_big(out)
+  assert "the decode_step needs 100.0 GiB per chip, 95 GiB available" in str(err)
+  assert "bf16[32,16,8,1535,128] (1.5 GiB, copy)" in str(err) and "config.batch_size" in err.hint

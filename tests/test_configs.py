@@ -43,7 +43,7 @@ def test_config_validates_and_initialises_abstractly(path):
     if stage.objective in ("grpo", "ppo"):
       from rl.loop import check_config
       stage.init_from = stage.init_from or "runs/sft_tiny"  # given on the command line
-      check_config(stage)
+      check_config(stage, devices, max(1, devices // 8))
     else:
       validate(stage, num_devices=devices, num_processes=max(1, devices // 8))
     cfg = ModelConfig.from_config(stage.model)

@@ -9,10 +9,17 @@ their shardings on a compile-only mesh of the slice (train/topology.py), and the
 object: whether the step fits a chip's HBM, its memory per chip, FLOPs per step (the model's own
 formula: XLA counts a scanned layer once), collectives per chip per step with the share that is
 asynchronous, the largest arrays, and a roofline estimate of the step time and MFU from the chip's
-published figures (train/chips.py). A step that does not fit is an error naming its biggest arrays.
+published figures (train/chips.py) (train/compiled.py). A step that does not fit is an error naming
+its biggest arrays.
+
+An online RL objective (grpo, rloo, gspo, ppo) is several programs (rl/aot.py): the update step,
+the rollout's prefill and one decode step. Its report has one entry per program under "programs"
+(the fields above, each with its own "fits") and "per_chip" of the arrays that stay on the chips
+across them (policy params and optimizer state, critic, frozen reference); a program fits when its
+peak plus the resident arrays it does not take (need_bytes) fit, the config when every one does.
+This module is an entry point, so it may import the rl layer (as train/pipeline.py).
 """
 import json
-import math
 
 from absl import flags
 import jax
@@ -22,8 +29,11 @@ from ml_collections import config_flags
 from model import sharding
 from model.transformer import ModelConfig, Transformer
 from configs.errors import UserError
-from train import chips, cli, cpu_tuning, hlo_stats, objectives, optim, topology
+from rl import aot as rl_aot
+from rl.algorithms import ALGORITHMS
+from train import chips, cli, compiled, cpu_tuning, objectives, optim, topology
 from train import state as state_lib
+from train.compiled import shaped
 from train.loop import make_train_step
 from train.params import abstract_params
 from train.validate import validate
@@ -35,10 +45,6 @@ _OUT = flags.DEFINE_string("out", "", "Also write the JSON report here.")
 flags.mark_flags_as_required(["config", "topology"])
 
 GiB = 2 ** 30
-
-
-def _shaped(abstract, shardings):
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
 def batch_shapes(config, objective, mesh) -> dict:
@@ -58,11 +64,6 @@ def batch_shapes(config, objective, mesh) -> dict:
           for k, (shape, dtype) in spec.items()}
 
 
-def _bytes_per_chip(tree) -> int:
-  """Bytes one device holds of a tree of sharded shapes."""
-  return sum(jnp.dtype(x.dtype).itemsize * math.prod(x.sharding.shard_shape(x.shape)) for x in jax.tree.leaves(tree))
-
-
 def lower_train_step(config, mesh):
   """(lowered step, params shapes, opt-state shapes, train FLOPs per step) of config's objective."""
   objective = objectives.get(config.objective)
@@ -74,7 +75,7 @@ def lower_train_step(config, mesh):
     abs_params, param_sh, _, boxed = abstract_params(model, config.seq_len, mesh, objective.extra_params)
     boxed_opt = jax.eval_shape(tx.init, boxed)
     opt_sh = sharding.tree_shardings(boxed_opt, mesh)
-    params, opt = _shaped(abs_params, param_sh), _shaped(sharding.unbox(boxed_opt), opt_sh)
+    params, opt = shaped(abs_params, param_sh), shaped(sharding.unbox(boxed_opt), opt_sh)
     ref = None
     if objective.needs_reference(config) and not config.dpo.precompute_reference:
       ref = params  # a frozen full copy, sharded like the params
@@ -88,51 +89,57 @@ def lower_train_step(config, mesh):
   return lowered, params, opt, flops
 
 
-# Bytes a chip sends per byte of a collective's result: a ring all-reduce is a reduce-scatter then an
-# all-gather, so about twice its result; the others about once.
-ICI_BYTES_PER_RESULT_BYTE = {"all-reduce": 2.0}
-
-
-def _ici_seconds(collectives: dict, chip) -> tuple[float, float]:
-  """(seconds of synchronous, of asynchronous collectives) per step at the chip's ICI bandwidth."""
-  sent = lambda key: sum(ICI_BYTES_PER_RESULT_BYTE.get(k, 1.0) * c[key] for k, c in collectives.items())
-  return (sent("bytes") - sent("async_bytes")) / chip.ici_bandwidth, sent("async_bytes") / chip.ici_bandwidth
-
-
-def report(config, topology_name: str) -> dict:
-  """Compiles config's step for the slice; the JSON report (see the module docstring)."""
-  devices = topology.devices(topology_name)
-  chip = chips.chip_of(devices[0].device_kind)
-  validate(config, len(devices), 1)
+def _offline_report(config, devices, chip) -> dict:
   objectives.get(config.objective).check(config)
   mesh = sharding.make_mesh(config.mesh, devices)
   lowered, params, opt, flops = lower_train_step(config, mesh)
-  compiled = lowered.compile()
-  mem = compiled.memory_analysis()
-  hlo = hlo_stats.stats(compiled.as_text())
-  peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
-          + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes)
-  n = len(devices)
-  compute_s = flops / n / chip.peak_flops
-  work_s = max(compute_s, hlo["hbm_bytes"] / chip.hbm_bandwidth)  # compute and HBM traffic overlap
-  sync_s, async_s = _ici_seconds(hlo["collectives"], chip)
-  est = work_s + sync_s + max(0.0, async_s - work_s)  # waited-for collectives add; async ones hide
-  times = {"compute_s": compute_s, "hbm_s": hlo["hbm_bytes"] / chip.hbm_bandwidth,
-           "ici_sync_s": sync_s, "ici_async_s": async_s}
-  return {
-      "config": config.objective, "topology": topology_name, "chips": n, "chip": chip.name,
-      "fits": peak <= chip.hbm_bytes,
-      "per_chip": {"hbm_bytes": int(chip.hbm_bytes), "peak_bytes": int(peak),
-                   "argument_bytes": int(mem.argument_size_in_bytes), "output_bytes": int(mem.output_size_in_bytes),
-                   "alias_bytes": int(mem.alias_size_in_bytes), "temp_bytes": int(mem.temp_size_in_bytes),
-                   "params_bytes": _bytes_per_chip(params), "opt_state_bytes": _bytes_per_chip(opt)},
-      "flops_per_step": flops,
-      "collectives": {k: {"count": int(v["count"]), "bytes": int(v["bytes"]), "async_bytes": int(v["async_bytes"])}
-                      for k, v in hlo["collectives"].items()},
-      "hbm_traffic_bytes": int(hlo["hbm_bytes"]),
-      "largest_buffers": hlo["largest_buffers"],
-      "roofline": times, "est_step_s": est, "est_mfu": compute_s / est if est else 0.0,
-  }
+  out = compiled.program_report(lowered.compile(), flops, chip, len(devices))
+  out["per_chip"].update(params_bytes=compiled.bytes_per_chip(params), opt_state_bytes=compiled.bytes_per_chip(opt))
+  return {"fits": out["per_chip"]["peak_bytes"] <= chip.hbm_bytes, **out}
+
+
+def _rl_report(config, devices, chip) -> dict:
+  """One entry per program of an RL iteration (rl/aot.py); each needs its peak plus the resident
+  arrays (params, optimizer state, critic, reference) it does not take as arguments."""
+  rl_aot.check(config, len(devices))
+  mesh = sharding.make_mesh(config.mesh, devices)
+  programs, resident = rl_aot.compile_programs(config, ModelConfig.from_config(config.model), mesh)
+  held = {k: compiled.bytes_per_chip(v) for k, v in resident.items()}
+  out = {}
+  for name, (program, flops, takes) in programs.items():
+    rep = compiled.program_report(program, flops, chip, len(devices))
+    elsewhere = sum(b for k, b in held.items() if k not in takes)
+    need = rep["per_chip"]["peak_bytes"] + elsewhere
+    rep["per_chip"].update(resident_elsewhere_bytes=elsewhere, need_bytes=need)
+    out[name] = {"fits": need <= chip.hbm_bytes, **rep}
+  per_chip = {"hbm_bytes": int(chip.hbm_bytes), "resident_bytes": sum(held.values()),
+              **{f"{k}_bytes": b for k, b in held.items()}}
+  return {"fits": all(p["fits"] for p in out.values()), "per_chip": per_chip, "programs": out}
+
+
+def report(config, topology_name: str) -> dict:
+  """Compiles config's step (an RL objective: its programs) for the slice; the JSON report (see the
+  module docstring)."""
+  devices = topology.devices(topology_name)
+  chip = chips.chip_of(devices[0].device_kind)
+  head = {"config": config.objective, "topology": topology_name, "chips": len(devices), "chip": chip.name}
+  if config.objective in ALGORITHMS:
+    return {**head, **_rl_report(config, devices, chip)}
+  validate(config, len(devices), 1)
+  return {**head, **_offline_report(config, devices, chip)}
+
+
+def _too_big(out) -> UserError:
+  """The error of a report that does not fit: the program, its need and its biggest arrays."""
+  progs = out.get("programs", {"step": out})
+  name, p = next((k, v) for k, v in progs.items() if not v["fits"])
+  mem = p["per_chip"]
+  need = mem.get("need_bytes", mem["peak_bytes"])
+  biggest = ", ".join(f"{b['shape']} ({b['bytes'] / GiB:.1f} GiB, {b['op']})" for b in p["largest_buffers"][:3])
+  return UserError(f"the {name} needs {need / GiB:.1f} GiB per chip, {mem['hbm_bytes'] / GiB:.0f} GiB available; "
+                   f"biggest arrays: {biggest}",
+                   hint="more chips (a bigger --topology), a smaller config.batch_size, model.remat=full, "
+                        "or config.logits_chunk")
 
 
 def main(argv):
@@ -145,12 +152,7 @@ def main(argv):
     with open(_OUT.value, "w") as f:
       f.write(text + "\n")
   if not out["fits"]:
-    biggest = ", ".join(f"{b['shape']} ({b['bytes'] / GiB:.1f} GiB, {b['op']})" for b in out["largest_buffers"][:3])
-    raise UserError(f"the step needs {out['per_chip']['peak_bytes'] / GiB:.1f} GiB per chip, "
-                    f"{out['per_chip']['hbm_bytes'] / GiB:.0f} GiB available; biggest arrays: {biggest}",
-                    hint="more chips (a bigger --topology), a smaller config.batch_size, model.remat=full, "
-                         "or config.logits_chunk")
-
+    raise _too_big(out)
 
 if __name__ == "__main__":
   cli.run(main)

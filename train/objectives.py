@@ -32,6 +32,11 @@ class Context:
   ref_params: Any = None  # the frozen reference model's params, or None
 
 
+def logits_chunk(ctx) -> int:
+  """config.logits_chunk of the stage (0 = the LM head in one piece)."""
+  return ctx.config.logits_chunk if ctx is not None and ctx.config is not None else 0
+
+
 def next_token_loss(params, batch, model, ctx=None):
   """Masked next-token cross-entropy over a packed batch (pretraining and SFT).
 
@@ -40,9 +45,8 @@ def next_token_loss(params, batch, model, ctx=None):
   """
   _, hidden = model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"],
                           return_hidden=True, head=False)  # [b, t, d]
-  chunk = ctx.config.logits_chunk if ctx is not None and ctx.config is not None else 0
   nll, hit = lm_head.token_nll(hidden, lm_head.kernel_of(params, model.cfg), model.cfg.tie_embeddings,
-                               batch["targets"], chunk)  # [b, t] each
+                               batch["targets"], logits_chunk(ctx))  # [b, t] each
   mask = batch["loss_mask"].astype(jnp.float32)
   return jnp.sum(nll * mask), jnp.sum(mask), {"accuracy": jnp.sum(hit * mask)}
 
@@ -50,14 +54,16 @@ def next_token_loss(params, batch, model, ctx=None):
 # ----------------------------------------------------------------------------- pairs
 
 
-def pair_logps(params, batch, model):
+def pair_logps(params, batch, model, chunk: int = 0):
   """Summed completion log-probs and completion lengths, each [b, 2] (0 = chosen, 1 = rejected).
 
   One row [prompt | chosen | rejected] per pair (train/pairs.py); the lm head runs only at the
-  logit_slots [b, K] that predict the completion tokens."""
-  logits = model.apply({"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"],
-                       branch_ids=batch["branch_ids"], logit_slots=batch["logit_slots"])  # [b, K, V]
-  logps = dpo.token_logps(logits, batch["targets"])  # [b, K]
+  logit_slots [b, K] that predict the completion tokens, `chunk` slots at a time (model/lm_head.py)."""
+  _, hidden = model.apply({"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"],
+                          return_hidden=True, head=False, branch_ids=batch["branch_ids"])  # [b, L, d]
+  h = jnp.take_along_axis(hidden, batch["logit_slots"][..., None], 1)  # [b, K, d]
+  logps, _ = lm_head.token_logps(h, lm_head.kernel_of(params, model.cfg), model.cfg.tie_embeddings,
+                                 batch["targets"], chunk)  # [b, K]
   masks = (batch["target_branch"][..., None] == jnp.array([1, 2])).astype(jnp.float32)  # [b, K, 2]
   return jnp.einsum("bk,bkj->bj", logps, masks), jnp.sum(masks, 1)
 
@@ -93,13 +99,13 @@ def reference_logps(batch, model, ctx):
     return batch["ref_logps"]
   if ctx.ref_params is None:
     return None
-  return jax.lax.stop_gradient(pair_logps(ctx.ref_params, batch, model)[0])
+  return jax.lax.stop_gradient(pair_logps(ctx.ref_params, batch, model, logits_chunk(ctx))[0])
 
 
 def dpo_loss(params, batch, model, ctx):
   """The DPO family (config.dpo.loss) over a batch of pairs, with TRL's metrics and a KL proxy."""
   c = ctx.config.dpo
-  logps, n = pair_logps(params, batch, model)  # [b, 2]
+  logps, n = pair_logps(params, batch, model, logits_chunk(ctx))  # [b, 2]
   ref = None if c.loss in REFERENCE_FREE else reference_logps(batch, model, ctx)
 
   def one(pc, pr, rc, rr, nc, nr):

@@ -40,7 +40,7 @@ def precompute_logps(config, workdir, tok, model, ref_params, mesh, split: str,
   path = os.path.join(workdir, "reference_logps", f"{split}-{ident}.npy")
   if os.path.isfile(path):
     return np.load(path)
-  logps = jax.jit(lambda p, b: objectives.pair_logps(p, b, model)[0],
+  logps = jax.jit(lambda p, b: objectives.pair_logps(p, b, model, config.logits_chunk)[0],
                   out_shardings=NamedSharding(mesh, P()))  # [B, 2], on every process
   out = [np.asarray(logps(ref_params, sharding.put_batch(b, mesh)))
          for b in pairs.ordered_batches(ps, config.batch_size, process_index, process_count)]
