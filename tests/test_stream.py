@@ -1,0 +1,180 @@
+"""Streamed pretraining batches (train/stream.py): deterministic, exactly resumable, sharded by
+process, lossless packing, and a run that learns from them."""
+import itertools
+import json
+import subprocess
+
+import ml_collections
+import numpy as np
+import pytest
+
+from configs import sections
+from model import tokenizer as T
+from tests import _cli
+from train import corpus
+from train import loop
+from train import stream as ST
+
+
+def write_corpus(path, n=60, seed=0):
+  """n jsonl documents of random lengths (up to 400 characters of the built-in prose)."""
+  rng = np.random.default_rng(seed)
+  prose = corpus.pretrain_documents(0, 200)
+  with open(path, "w") as f:
+    for i in range(n):
+      text = " ".join(prose[j] for j in rng.integers(0, len(prose), 2))[:rng.integers(20, 400)]
+      f.write(json.dumps({"text": f"doc {i}: {text}"}) + "\n")
+  return str(path)
+
+
+@pytest.fixture(scope="module")
+def corpus_path(tmp_path_factory):
+  return write_corpus(tmp_path_factory.mktemp("stream") / "c.jsonl")
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+  return T.train_tokenizer(corpus.pretrain_documents(0, 300), 320, str(tmp_path_factory.mktemp("tok") / "t.model"))
+
+
+def make_config(path, seed=0, batch_size=8):
+  c = ml_collections.ConfigDict(dict(seq_len=32, batch_size=batch_size, seed=seed, objective="pretrain",
+                                     eval_batches=2, model=dict(vocab_size=320)))
+  c.data, c.tokenizer = sections.data(), sections.tokenizer()
+  c.data.source, c.data.path, c.data.pipeline = "jsonl", path, "stream"
+  return c
+
+
+def take(it, n):
+  return [next(it) for _ in range(n)]
+
+
+def same(a, b):
+  return len(a) == len(b) and all(np.array_equal(x[k], y[k]) for x, y in zip(a, b) for k in x)
+
+
+@pytest.fixture
+def small_window(monkeypatch):
+  monkeypatch.setattr(ST, "WINDOW", 12)  # windows (and epochs) end within a few batches
+
+
+def test_batches_are_a_function_of_data_seed_and_step(corpus_path, tok, small_window):
+  a = take(ST.make_batch_iterator(make_config(corpus_path), tok), 30)
+  b = take(ST.make_batch_iterator(make_config(corpus_path), tok), 30)
+  other = take(ST.make_batch_iterator(make_config(corpus_path, seed=1), tok), 30)
+  assert same(a, b) and not same(a, other)
+  assert a[0]["inputs"].shape == (8, 32) and a[0]["loss_mask"].dtype == np.float32
+  assert all((x["segment_ids"] > 0).all() for x in a)  # concatenate-and-split: no padding
+
+
+def test_resume_gives_the_batches_of_an_uninterrupted_run(corpus_path, tok, small_window):
+  cfg = make_config(corpus_path)
+  it = ST.make_batch_iterator(cfg, tok)
+  straight = take(it, 60)  # > 1 epoch (~ 40 batches of 8 x 32 tokens), many windows
+  assert it.get_state()["processes"]["0"][0] >= 1, "the run should cross an epoch"
+  it = ST.make_batch_iterator(cfg, tok)
+  for stop in (1, 7, 12, 39, 52):  # mid-window, window ends, across the epoch
+    take(it, stop - it.get_state()["step"])
+    state = json.loads(json.dumps(it.get_state()))  # as the checkpoint meta stores it
+    resumed = ST.make_batch_iterator(cfg, tok)
+    resumed.set_state(state)
+    assert same(take(resumed, 8), straight[stop:stop + 8]), stop
+
+
+def test_processes_read_disjoint_documents_whose_union_is_the_corpus(corpus_path):
+  cfg = make_config(corpus_path)
+  with open(corpus_path) as f:
+    docs = [json.loads(line)["text"] for line in f]
+  held_out = docs[::50]
+  mine = [list(ST._local_documents(cfg, p, 3, 0)) for p in range(3)]
+  assert sorted(itertools.chain(*mine)) == sorted(d for d in docs if d not in held_out)
+  assert not set(mine[0]) & set(mine[1]) and not set(mine[1]) & set(mine[2])
+  assert list(ST._local_documents(cfg, 1, 3, 5)) == mine[1][5:]
+
+
+def test_packing_loses_no_token(corpus_path, tok):
+  cfg = make_config(corpus_path)
+  seq = cfg.seq_len
+  docs = list(ST._local_documents(cfg, 1, 2, 0))
+  ids = [tok.encode(d, add_bos=True, add_eos=True) for d in docs]
+  # Plain reference: document k contributes inputs ids[:-1], targets ids[1:], positions 0.. restarting
+  # at each document and each row; the stream goes on into the next epoch.
+  inputs, targets, positions = [], [], []
+  for doc_ids in ids + ids:
+    inputs += doc_ids[:-1]
+    targets += doc_ids[1:]
+    positions += list(range(len(doc_ids) - 1))
+  rows = []
+  for row, (epoch, _, _) in ST.packed_rows(cfg, tok, 1, 2, 0, 0, 0):
+    rows.append(row.copy())
+    if epoch:
+      break
+  n = len(rows) * seq
+  assert n >= sum(len(i) - 1 for i in ids)
+  got = np.concatenate(rows, axis=1)  # [5, n]
+  assert got[0].tolist() == inputs[:n] and got[1].tolist() == targets[:n]
+  assert (got[4] == 1).all() and (got[2] > 0).all()
+  starts = np.flatnonzero(np.array(positions[:n]) == 0)
+  want_pos = np.array(positions[:n])
+  for r in range(len(rows)):  # a document cut at a row end restarts at position 0 in the next row
+    first = r * seq
+    following = starts[starts > first]
+    end = following[0] if len(following) else n
+    want_pos[first:end] -= want_pos[first]
+  assert got[3].tolist() == want_pos.tolist()
+
+
+def test_a_window_is_a_permutation_of_its_rows(corpus_path, tok, small_window):
+  cfg = make_config(corpus_path)
+  plain = [r.tobytes() for r, _ in itertools.islice(ST.packed_rows(cfg, tok, 0, 1, 0, 0, 0), 24)]
+  shuffled = [r.tobytes() for r, _ in itertools.islice(ST.shuffled_rows(cfg, tok, 0, 1, (0,) * 5), 24)]
+  assert sorted(plain[:12]) == sorted(shuffled[:12]) and sorted(plain[12:]) == sorted(shuffled[12:])
+  assert plain != shuffled
+
+
+def test_eval_batches_are_sliced_by_process(corpus_path, tok):
+  cfg = make_config(corpus_path)
+  whole = ST.make_eval_batches(cfg, tok)
+  halves = [ST.make_eval_batches(cfg, tok, p, 2) for p in range(2)]
+  assert len(whole) == 2 and whole[0]["inputs"].shape == (8, 32)  # config.eval_batches
+  for s, k in itertools.product(range(2), whole[0]):
+    np.testing.assert_array_equal(np.concatenate([halves[0][s][k], halves[1][s][k]]), whole[s][k])
+
+
+def test_pretraining_on_a_stream_learns(tiny_config, tmp_path, corpus_path):
+  c = tiny_config(steps=60, eval_every=60, checkpoint_every=60, log_every=10)
+  c.data.source, c.data.path, c.data.pipeline = "jsonl", corpus_path, "stream"
+  c.optim.warmup_steps = 10
+  c.tokenizer.max_training_chars = 200_000
+  out = loop.train(c, str(tmp_path / "run"))
+  first = _cli.train_losses(tmp_path / "run")[10]
+  print("stream loss", first, "->", out["train/loss"], "eval", out["eval/loss"])
+  assert out["train/loss"] < 0.8 * first
+
+
+@pytest.mark.slow
+def test_two_processes_stream_killed_and_resumed_equal_uninterrupted(tmp_path, data_cache):
+  path = write_corpus(tmp_path / "c.jsonl", n=600)
+  flags = ["--config.data.source=jsonl", f"--config.data.path={path}", "--config.data.pipeline=stream",
+           "--config.tokenizer.max_training_chars=200000", "--config.log_every=1", "--config.eval_every=0",
+           "--config.checkpoint_every=100", "--config.optim.schedule=constant", "--config.optim.warmup_steps=0"]
+
+  def two_processes(workdir, steps):
+    port = _cli.free_port()
+    procs = [subprocess.Popen(
+        _cli.command(str(workdir), data_cache, *flags, f"--config.steps={steps}",
+                     f"--coordinator=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"),
+        env=_cli.env(2), cwd=_cli.ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for i in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, out in zip(procs, outs):
+      assert p.returncode == 0, out[-3000:]
+    return outs
+
+  outs = two_processes(tmp_path / "straight", 8)
+  assert "streaming" in outs[0] and "reads documents i % 2 == 0" in outs[0]
+  two_processes(tmp_path / "resumed", 3)  # stops (and saves) at step 3
+  two_processes(tmp_path / "resumed", 8)
+  a, b = _cli.train_losses(tmp_path / "straight"), _cli.train_losses(tmp_path / "resumed")
+  assert sorted(a) == sorted(b) == list(range(1, 9))
+  np.testing.assert_allclose([b[s] for s in a], [a[s] for s in a], rtol=1e-6)
