@@ -6,7 +6,7 @@ sample, compile, the first step, a save), and the data cache's bytes afterwards;
 process, the rate at which the stream makes batches of the first corpus (tokenize + pack +
 shuffle, one thread) against what a `small` train step consumes (eval/bench.py `train_small`).
 
-  python -m eval.bench_stream [--sizes 25,250] [--dir /tmp/kiln_bench_stream]
+  python -m eval.bench_stream [--sizes 25,250] [--dir /tmp/kiln_bench_stream] [--pipeline cache]
 """
 import argparse
 import json
@@ -41,13 +41,13 @@ def du(path: str) -> int:
   return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
 
 
-def first_step(corpus_path: str, work: str) -> dict:
+def first_step(corpus_path: str, work: str, pipeline: str = "stream") -> dict:
   """Seconds from launch to the end of a one-step streamed run, and the data cache's bytes."""
   shutil.rmtree(work, ignore_errors=True)
   cache = os.path.join(work, "cache")
   cmd = [sys.executable, "-m", "train", "--config", os.path.join(ROOT, "configs/pretrain_tiny.py:small"),
          "--workdir", os.path.join(work, "run"), f"--config.data.cache_dir={cache}",
-         "--config.data.source=jsonl", f"--config.data.path={corpus_path}", "--config.data.pipeline=stream",
+         "--config.data.source=jsonl", f"--config.data.path={corpus_path}", f"--config.data.pipeline={pipeline}",
          "--config.steps=1", "--config.eval_every=0", "--config.seq_len=256", "--config.batch_size=8",
          "--config.log_every=1"]
   t0 = time.perf_counter()
@@ -77,6 +77,7 @@ def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--sizes", default="25,250")
   parser.add_argument("--dir", default="/tmp/kiln_bench_stream")
+  parser.add_argument("--pipeline", default="stream", help="cache: the same runs on cached rows, to compare")
   args = parser.parse_args()
   rows = []
   for mb in [float(s) for s in args.sizes.split(",")]:
@@ -85,9 +86,11 @@ def main():
     path = os.path.join(args.dir, f"corpus_{mb:g}mb.jsonl")
     if not os.path.isfile(path):
       write_corpus(path, mb)
-    row = {"corpus_mb": os.path.getsize(path) / 1e6, **first_step(path, work)}
+    row = {"corpus_mb": os.path.getsize(path) / 1e6, **first_step(path, work, args.pipeline)}
     rows.append(row)
     print(json.dumps(row), flush=True)
+  if args.pipeline != "stream":
+    return
   first = os.path.join(args.dir, f"{float(args.sizes.split(',')[0]):g}mb")
   rate = stream_rate(os.path.join(args.dir, f"corpus_{float(args.sizes.split(',')[0]):g}mb.jsonl"), first)
   print(json.dumps({"stream_tokens_per_s": rate}))
