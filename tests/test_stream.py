@@ -13,6 +13,7 @@ from model import tokenizer as T
 from tests import _cli
 from train import corpus
 from train import loop
+from train import sources as S
 from train import stream as ST
 
 
@@ -86,16 +87,26 @@ def test_processes_read_disjoint_documents_whose_union_is_the_corpus(corpus_path
   with open(corpus_path) as f:
     docs = [json.loads(line)["text"] for line in f]
   held_out = docs[::50]
-  mine = [list(ST._local_documents(cfg, p, 3, 0)) for p in range(3)]
+  mine = [list(S.shard_documents(cfg, "train", p, 3, 0)) for p in range(3)]
   assert sorted(itertools.chain(*mine)) == sorted(d for d in docs if d not in held_out)
   assert not set(mine[0]) & set(mine[1]) and not set(mine[1]) & set(mine[2])
-  assert list(ST._local_documents(cfg, 1, 3, 5)) == mine[1][5:]
+  assert list(S.shard_documents(cfg, "train", 1, 3, 5)) == mine[1][5:]
+
+
+def test_a_tfds_shard_reads_its_records_only(corpus_path, tmp_path):
+  cfg = make_config(corpus_path)
+  cfg.data.source, cfg.data.cache_dir = "tfds", str(tmp_path)  # a local TFDS build of the jsonl file
+  for split in ("train", "eval"):
+    docs = S.load_documents(cfg, split)
+    shards = [list(S.shard_documents(cfg, split, p, 3)) for p in range(3)]
+    assert [d for d in itertools.chain(*itertools.zip_longest(*shards)) if d is not None] == docs, split
+    assert list(S.shard_documents(cfg, split, 2, 3, start=4)) == shards[2][4:]
 
 
 def test_packing_loses_no_token(corpus_path, tok):
   cfg = make_config(corpus_path)
   seq = cfg.seq_len
-  docs = list(ST._local_documents(cfg, 1, 2, 0))
+  docs = list(S.shard_documents(cfg, "train", 1, 2, 0))
   ids = [tok.encode(d, add_bos=True, add_eos=True) for d in docs]
   # Plain reference: document k contributes inputs ids[:-1], targets ids[1:], positions 0.. restarting
   # at each document and each row; the stream goes on into the next epoch.

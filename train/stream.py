@@ -11,8 +11,9 @@ The state is where the current window began in the source, (epoch, document, tok
 how many of its rows were consumed: a few integers per process. Resume rereads the window from
 there, so the batches after it are exactly those of a run that never stopped. With several
 processes `get_state` gathers every process's state (a collective: every process saves), so the
-checkpoint holds them all and each resumes its own. Skipping to a document reads (but does not
-tokenize) the documents before it.
+checkpoint holds them all and each resumes its own. A TFDS source reads only this process's records
+(random access, also when resuming); text and JSONL files are read up to them (sources.shard_documents),
+tokenizing only this process's documents.
 
 A background thread prepares the next PREFETCH batches while the device trains. Held-out
 batches are the first `config.eval_batches` global batches packed from the eval documents.
@@ -32,11 +33,6 @@ PREFETCH = 4   # batches made ahead by the background thread
 FIELDS = ("epoch", "document", "offset", "window", "taken")  # one process's state
 
 
-def _local_documents(config, pidx: int, pcount: int, start: int):
-  """This process's train documents (i % pcount == pidx) from its `start`-th on."""
-  return itertools.islice(sources.iter_documents(config, "train"), pidx + start * pcount, None, pcount)
-
-
 def packed_rows(config, tok, pidx: int, pcount: int, epoch: int, document: int, offset: int):
   """Forever: (row [5, seq_len], (epoch, document, offset) where the next row starts), the rows of
   this process's documents from token `offset` of its `document`-th of `epoch` on."""
@@ -44,7 +40,7 @@ def packed_rows(config, tok, pidx: int, pcount: int, epoch: int, document: int, 
   row, fill = packing.empty_row(seq_len, tok.pad_id), 0
   while True:
     whole_epoch, tokens = document == 0, 0
-    docs = _local_documents(config, pidx, pcount, document)
+    docs = sources.shard_documents(config, "train", pidx, pcount, document)
     for document, doc in enumerate(docs, document):
       ids = packing.tokenize_document(tok, doc, "pretrain")
       x = packing._shifted(ids)  # [3, n]
