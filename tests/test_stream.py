@@ -152,15 +152,73 @@ def test_eval_batches_are_sliced_by_process(corpus_path, tok):
     np.testing.assert_array_equal(np.concatenate([halves[0][s][k], halves[1][s][k]]), whole[s][k])
 
 
-def test_pretraining_on_a_stream_learns(tiny_config, tmp_path, corpus_path):
-  c = tiny_config(steps=60, eval_every=60, checkpoint_every=60, log_every=10)
-  c.data.source, c.data.path, c.data.pipeline = "jsonl", corpus_path, "stream"
+@pytest.mark.parametrize("objective", ["pretrain", "sft"])
+def test_training_on_a_stream_learns(tiny_config, tmp_path, corpus_path, chats_path, objective):
+  c = tiny_config(steps=60, eval_every=60, checkpoint_every=60, log_every=10, objective=objective)
+  c.data.source, c.data.pipeline = "jsonl", "stream"
+  c.data.path = corpus_path if objective == "pretrain" else chats_path
   c.optim.warmup_steps = 10
   c.tokenizer.max_training_chars = 200_000
   out = loop.train(c, str(tmp_path / "run"))
   first = _cli.train_losses(tmp_path / "run")[10]
-  print("stream loss", first, "->", out["train/loss"], "eval", out["eval/loss"])
+  print(objective, "stream loss", first, "->", out["train/loss"], "eval", out["eval/loss"])
   assert out["train/loss"] < 0.8 * first
+
+
+@pytest.fixture(scope="module")
+def chats_path(tmp_path_factory):
+  """60 prompt/completion records of 2-30 words: some longer than seq_len=64 tokens."""
+  rng = np.random.default_rng(1)
+  words = " ".join(corpus.pretrain_documents(0, 50)).split()
+  path = tmp_path_factory.mktemp("chats") / "chats.jsonl"
+  with open(path, "w") as f:
+    for i in range(60):
+      answer = " ".join(words[j] for j in rng.integers(0, len(words), rng.integers(1, 28)))
+      f.write(json.dumps({"prompt": f"question {i}?", "completion": answer}) + "\n")
+  return str(path)
+
+
+def sft_config(path):
+  c = make_config(path)
+  c.objective, c.seq_len, c.batch_size = "sft", 64, 4
+  return c
+
+
+def test_sft_stream_resumes_exactly(chats_path, tok, small_window):
+  cfg = sft_config(chats_path)
+  it = ST.make_batch_iterator(cfg, tok)
+  straight = take(it, 40)
+  assert it.get_state()["processes"]["0"][0] >= 1, "the run should cross an epoch"
+  assert any((b["segment_ids"] == 0).any() for b in straight)  # best fit pads
+  it = ST.make_batch_iterator(cfg, tok)
+  for stop in (1, 5, 17, 30):
+    take(it, stop - it.get_state()["step"])
+    resumed = ST.make_batch_iterator(cfg, tok)
+    resumed.set_state(json.loads(json.dumps(it.get_state())))
+    assert same(take(resumed, 6), straight[stop:stop + 6]), stop
+
+
+def test_sft_windows_keep_every_conversation_whole(chats_path, tok, small_window):
+  cfg = sft_config(chats_path)
+  docs = list(S.shard_documents(cfg, "train", 0, 1))
+  want, dropped = [], 0
+  for doc in docs:  # reference: every conversation of <= seq_len positions, whole; the others dropped
+    ids, mask = T.apply_chat_template(tok, doc, "chatml")
+    if len(ids) - 1 > cfg.seq_len:
+      dropped += 1
+    else:
+      want.append((tuple(ids[:-1]), tuple(mask[1:])))
+  assert dropped and want
+  got, ends = [], []
+  for rows, start, end in itertools.islice(ST.best_fit_windows(cfg, tok, 0, 1, (0, 0, 0)), 5):
+    ends.append(end)
+    for row in rows:
+      for seg in set(row[2].tolist()) - {0}:
+        at = row[2] == seg
+        assert row[3][at].tolist() == list(range(at.sum()))  # one piece, positions 0..
+        got.append((tuple(row[0][at].tolist()), tuple(row[4][at].tolist())))
+  assert ends == [(0, 12, 0), (0, 24, 0), (0, 36, 0), (0, 48, 0), (0, 58, 0)]  # 58 train conversations
+  assert sorted(got) == sorted(want)
 
 
 @pytest.mark.slow

@@ -1,19 +1,21 @@
-"""Streamed pretraining batches (`config.data.pipeline="stream"`): no cache, no pass over the corpus.
+"""Streamed batches (`config.data.pipeline="stream"`): no cache, no pass over the corpus before step 1.
 
 Each process reads its own shard of the train documents (document i of the split goes to process
-i % P), tokenizes them as they come, packs them concatenate-and-split (train/packing.py: rows of
-seq_len tokens, a document that does not fit continues in the next row) and shuffles the rows in
-windows of WINDOW rows (a permutation drawn from (config.seed, process, window)); its batches are
-its b = B / P rows of every global batch. The documents cycle forever: epoch e + 1 starts where
-epoch e ended, in the same row.
+i % P, sources.shard_documents), tokenizes them as they come and packs them (train/packing.py):
+pretraining concatenates and splits (a document that does not fit continues in the next row; the
+documents cycle forever, epoch e + 1 starting in the row where epoch e ended), SFT packs each window
+of WINDOW conversations best-fit with segment ids (a conversation is never split; one longer than
+seq_len is dropped or cut, data.overlong). Rows are shuffled window by window (WINDOW rows, or the
+rows of WINDOW conversations; a permutation drawn from (config.seed, process, window)); a process's
+batches are its b = B / P rows of every global batch.
 
 The state is where the current window began in the source, (epoch, document, token offset), and
 how many of its rows were consumed: a few integers per process. Resume rereads the window from
 there, so the batches after it are exactly those of a run that never stopped. With several
 processes `get_state` gathers every process's state (a collective: every process saves), so the
 checkpoint holds them all and each resumes its own. A TFDS source reads only this process's records
-(random access, also when resuming); text and JSONL files are read up to them (sources.shard_documents),
-tokenizing only this process's documents.
+(random access, also when resuming); text and JSONL files are read up to them, tokenizing only this
+process's documents.
 
 A background thread prepares the next PREFETCH batches while the device trains. Held-out
 batches are the first `config.eval_batches` global batches packed from the eval documents.
@@ -28,7 +30,7 @@ from configs.errors import UserError
 from train import packing
 from train import sources
 
-WINDOW = 256   # rows shuffled together
+WINDOW = 256   # rows (pretraining) or conversations (SFT) shuffled together
 PREFETCH = 4   # batches made ahead by the background thread
 FIELDS = ("epoch", "document", "offset", "window", "taken")  # one process's state
 
@@ -55,23 +57,63 @@ def packed_rows(config, tok, pidx: int, pcount: int, epoch: int, document: int, 
           row, fill = packing.empty_row(seq_len, tok.pad_id), 0
       offset = 0
     if whole_epoch and not tokens:
-      raise UserError(f"process {pidx} of {pcount} has no train tokens in {sources.origin(config, 'train')}",
-                      hint="give more documents than processes")
+      raise _no_tokens(config, pidx, pcount)
+    epoch, document = epoch + 1, 0
+
+
+def _no_tokens(config, pidx: int, pcount: int) -> UserError:
+  return UserError(f"process {pidx} of {pcount} has no train tokens in {sources.origin(config, 'train')}",
+                   hint="give more documents than processes")
+
+
+def _examples(config, tok, docs):
+  """(ids, mask) of documents; SFT conversations longer than seq_len dropped or cut (data.overlong)."""
+  d = config.data
+  for doc in docs:
+    example = packing.tokenize_document(tok, doc, config.objective, d.chat_template, d.train_on_prompt)
+    if config.objective == "sft":
+      example = packing.fit(example, config.seq_len, sources.overlong(config))[1]
+    if example is not None:
+      yield example
+
+
+def concat_windows(config, tok, pidx: int, pcount: int, start: tuple):
+  """Forever (pretraining): (WINDOW rows, where they start, where the next ones start)."""
+  rows = packed_rows(config, tok, pidx, pcount, *start)
+  while True:
+    chunk = list(itertools.islice(rows, WINDOW))  # [(row, where the next row starts)]
+    yield [r for r, _ in chunk], start, chunk[-1][1]
+    start = chunk[-1][1]
+
+
+def best_fit_windows(config, tok, pidx: int, pcount: int, start: tuple):
+  """Forever (SFT): (rows of WINDOW conversations packed best-fit, where they start, where the next
+  ones start); a conversation is never split, and no row mixes two windows."""
+  epoch, document, _ = start
+  while True:
+    whole_epoch, kept = document == 0, 0
+    docs = sources.shard_documents(config, "train", pidx, pcount, document)
+    while block := list(itertools.islice(docs, WINDOW)):
+      rows = list(packing.pack_best_fit(_examples(config, tok, block), config.seq_len, tok.pad_id))
+      kept += len(rows)
+      if rows:
+        yield rows, (epoch, document, 0), (epoch, document + len(block), 0)
+      document += len(block)
+    if whole_epoch and not kept:
+      raise _no_tokens(config, pidx, pcount)
     epoch, document = epoch + 1, 0
 
 
 def shuffled_rows(config, tok, pidx: int, pcount: int, state: tuple):
   """Forever: (row, state after it), the packed rows permuted window by window from `state`."""
   epoch, document, offset, window, taken = state
-  rows = packed_rows(config, tok, pidx, pcount, epoch, document, offset)
-  start = (epoch, document, offset)
-  while True:
-    chunk = list(itertools.islice(rows, WINDOW))  # [(row, where the next row starts)]
-    order = np.random.default_rng([config.seed, pidx, window]).permutation(WINDOW)
-    for j in range(taken, WINDOW):
-      after = (*start, window, j + 1) if j + 1 < WINDOW else (*chunk[-1][1], window + 1, 0)
-      yield chunk[order[j]][0], after
-    start, window, taken = chunk[-1][1], window + 1, 0
+  windows = concat_windows if config.objective == "pretrain" else best_fit_windows
+  for rows, start, end in windows(config, tok, pidx, pcount, (epoch, document, offset)):
+    order = np.random.default_rng([config.seed, pidx, window]).permutation(len(rows))
+    for j in range(taken, len(rows)):
+      after = (*start, window, j + 1) if j + 1 < len(rows) else (*end, window + 1, 0)
+      yield rows[order[j]], after
+    window, taken = window + 1, 0
 
 
 def local_batches(config, tok, pidx: int, pcount: int, state: tuple):
@@ -175,9 +217,9 @@ class StreamIterator:
 
 def make_batch_iterator(config, tok, pidx: int = 0, pcount: int = 1) -> StreamIterator:
   """Endless streamed batches {inputs, targets, segment_ids, positions, loss_mask}, each [b, seq_len]."""
-  if config.objective != "pretrain":
-    raise UserError(f"config.data.pipeline='stream' serves config.objective='pretrain', not {config.objective!r}",
-                    hint="set config.data.pipeline=cache")
+  if config.objective not in ("pretrain", "sft"):
+    raise UserError(f"config.data.pipeline='stream' serves config.objective pretrain or sft, not "
+                    f"{config.objective!r}", hint="set config.data.pipeline=cache")
   return StreamIterator(config, tok, pidx, pcount)
 
 
@@ -185,9 +227,8 @@ def make_eval_batches(config, tok, pidx: int = 0, pcount: int = 1) -> list[dict]
   """The first config.eval_batches (0: all) global batches of packed eval rows, this process's
   slices; the last batch is padded with mask-0 rows."""
   B, b = config.batch_size, config.batch_size // pcount
-  docs = sources.iter_documents(config, "eval")
-  examples = (packing.tokenize_document(tok, doc, "pretrain") for doc in docs)
-  rows = packing.pack_rows(examples, config.seq_len, tok.pad_id, split_documents=True)
+  examples = _examples(config, tok, sources.iter_documents(config, "eval"))
+  rows = packing.pack_rows(examples, config.seq_len, tok.pad_id, split_documents=config.objective == "pretrain")
   rows = [packing.parse_row(packing.row_bytes(r)) for r in itertools.islice(rows, config.eval_batches * B or None)]
   if not rows:
     raise UserError(f"the eval split of {sources.origin(config, 'eval')} has no tokens")
