@@ -229,13 +229,18 @@ def test_two_processes_stream_killed_and_resumed_equal_uninterrupted(tmp_path, d
            "--config.checkpoint_every=100", "--config.optim.schedule=constant", "--config.optim.warmup_steps=0"]
 
   def two_processes(workdir, steps):
-    port = _cli.free_port()
-    procs = [subprocess.Popen(
-        _cli.command(str(workdir), data_cache, *flags, f"--config.steps={steps}",
-                     f"--coordinator=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"),
-        env=_cli.env(2), cwd=_cli.ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for i in range(2)]
-    outs = [p.communicate(timeout=600)[0] for p in procs]
+    for _ in range(3):
+      port = _cli.free_port()
+      procs = [subprocess.Popen(
+          _cli.command(str(workdir), data_cache, *flags, f"--config.steps={steps}",
+                       f"--coordinator=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"),
+          env=_cli.env(2), cwd=_cli.ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+          for i in range(2)]
+      outs = [p.communicate(timeout=600)[0] for p in procs]
+      # A start-up race of orbax's CheckpointManager barriers over gloo (data.pipeline=cache too, before
+      # any data is read) fails some launches on a loaded box: launched again, nothing was trained yet.
+      if not all(p.returncode and "name mismatch ('CheckpointManager:" in o for p, o in zip(procs, outs)):
+        break
     for p, out in zip(procs, outs):
       assert p.returncode == 0, out[-3000:]
     return outs
@@ -246,4 +251,4 @@ def test_two_processes_stream_killed_and_resumed_equal_uninterrupted(tmp_path, d
   two_processes(tmp_path / "resumed", 8)
   a, b = _cli.train_losses(tmp_path / "straight"), _cli.train_losses(tmp_path / "resumed")
   assert sorted(a) == sorted(b) == list(range(1, 9))
-  np.testing.assert_allclose([b[s] for s in a], [a[s] for s in a], rtol=1e-6)
+  assert [b[s] for s in a] == [a[s] for s in a]  # bit-identical
