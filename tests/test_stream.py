@@ -2,7 +2,10 @@
 process, lossless packing, and a run that learns from them."""
 import itertools
 import json
+import os
+import signal
 import subprocess
+import time
 
 import ml_collections
 import numpy as np
@@ -226,16 +229,25 @@ def test_two_processes_stream_killed_and_resumed_equal_uninterrupted(tmp_path, d
   path = write_corpus(tmp_path / "c.jsonl", n=600)
   flags = ["--config.data.source=jsonl", f"--config.data.path={path}", "--config.data.pipeline=stream",
            "--config.tokenizer.max_training_chars=200000", "--config.log_every=1", "--config.eval_every=0",
-           "--config.checkpoint_every=100", "--config.optim.schedule=constant", "--config.optim.warmup_steps=0"]
+           "--config.checkpoint_every=1000", "--config.optim.schedule=constant", "--config.optim.warmup_steps=0",
+           "--config.steps=40"]
 
-  def two_processes(workdir, steps):
+  def two_processes(workdir, kill_after=0):
+    """Two processes training in `workdir`; with kill_after, SIGTERM to process 0 once that many
+    steps are logged (the stop flag is shared: both save the same step and exit)."""
     for _ in range(3):
       port = _cli.free_port()
       procs = [subprocess.Popen(
-          _cli.command(str(workdir), data_cache, *flags, f"--config.steps={steps}",
-                       f"--coordinator=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"),
+          _cli.command(str(workdir), data_cache, *flags, f"--coordinator=127.0.0.1:{port}",
+                       "--num_processes=2", f"--process_id={i}"),
           env=_cli.env(2), cwd=_cli.ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
           for i in range(2)]
+      metrics, deadline = workdir / "metrics.jsonl", time.time() + 300
+      while kill_after and procs[0].poll() is None and time.time() < deadline:
+        if metrics.exists() and len(_cli.train_losses(workdir)) >= kill_after:
+          procs[0].send_signal(signal.SIGTERM)
+          break
+        time.sleep(0.2)
       outs = [p.communicate(timeout=600)[0] for p in procs]
       # A start-up race of orbax's CheckpointManager barriers over gloo (data.pipeline=cache too, before
       # any data is read) fails some launches on a loaded box: launched again, nothing was trained yet.
@@ -245,10 +257,13 @@ def test_two_processes_stream_killed_and_resumed_equal_uninterrupted(tmp_path, d
       assert p.returncode == 0, out[-3000:]
     return outs
 
-  outs = two_processes(tmp_path / "straight", 8)
+  outs = two_processes(tmp_path / "straight")
   assert "streaming" in outs[0] and "reads documents i % 2 == 0" in outs[0]
-  two_processes(tmp_path / "resumed", 3)  # stops (and saves) at step 3
-  two_processes(tmp_path / "resumed", 8)
+  two_processes(tmp_path / "resumed", kill_after=5)
+  saved = [int(d) for d in os.listdir(tmp_path / "resumed" / "checkpoints") if d.isdigit()]
+  assert len(saved) == 1 and 5 <= saved[0] < 40, saved
+  outs = two_processes(tmp_path / "resumed")
+  assert f"resumed from step {saved[0]}" in outs[0]
   a, b = _cli.train_losses(tmp_path / "straight"), _cli.train_losses(tmp_path / "resumed")
-  assert sorted(a) == sorted(b) == list(range(1, 9))
+  assert sorted(a) == sorted(b) == list(range(1, 41))
   assert [b[s] for s in a] == [a[s] for s in a]  # bit-identical
