@@ -43,4 +43,5 @@ def get_config(arg=None):
   c.data.source = "tfds"
   c.data.tfds_name = "c4/en"
   c.data.tfds_eval_split = "validation"
+  c.data.pipeline = "stream"        # no pass over c4 before step 1: each host streams its shard
   return c

@@ -3,8 +3,8 @@
 It runs on the loop of train/run_loop.py (stop flag, non-finite guard, logging, checkpoint and eval
 cadence), supplying one step, a save and an evaluation. One trainer serves every offline stage;
 `config.objective` picks the loss (train/objectives.py), and with it the batches (packed rows of
-train/data.py, or preference pairs of train/pairs.py), extra params (a reward head) and a frozen
-reference model (DPO; train/reference.py).
+train/data.py, streamed by train/stream.py with data.pipeline=stream, or preference pairs of
+train/pairs.py), extra params (a reward head) and a frozen reference model (DPO; train/reference.py).
 State is two pytrees (params, opt_state) sharded by the logical rules of model/sharding.py.
 """
 import functools
@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from model import sharding
-from train import chips, data, finite, objectives, optim, reference, rundir, run_loop
+from train import chips, data, finite, objectives, optim, reference, rundir, run_loop, stream
 from train import state as state_lib
 from train.stage import start_run
 from train.validate import validate
@@ -129,6 +129,9 @@ def make_batches(config, objective, tokenizer, pidx: int, pcount: int, columns=N
   if objective.make_batches is not None:
     return (objective.make_batches(config, tokenizer, "train", pidx, pcount, columns.get("train")),
             objective.make_batches(config, tokenizer, "eval", pidx, pcount, columns.get("eval")))
+  if config.data.pipeline == "stream":
+    return (stream.make_batch_iterator(config, tokenizer, pidx, pcount),
+            stream.make_eval_batches(config, tokenizer, pidx, pcount))
   return (data.make_batch_iterator(config, tokenizer, "train", pidx, pcount),
           list(data.make_eval_batches(config, tokenizer, pidx, pcount, max_batches=config.eval_batches or None)))
 

@@ -302,10 +302,11 @@ def _named_source(config, split_name: str):
   return _tfds().data_source(d.tfds_name, split=split_name, data_dir=d.tfds_data_dir or None)
 
 
-def _tfds_docs(source, config, name: str):
-  """Yields the documents of a TFDS data source (Text arrives as bytes, sequences as dict of lists)."""
+def _tfds_docs(source, config, name: str, indices=None):
+  """Yields the documents of a TFDS data source (Text arrives as bytes, sequences as dict of lists),
+  or only those at `indices` (random access: the others are not read)."""
   d = config.data
-  for i in range(min(len(source), d.max_documents or len(source))):
+  for i in indices if indices is not None else range(_tfds_len(source, config)):
     ex, where = source[i], f"tfds {name}[{i}]"
     raw = {k: (_str(v, where) if isinstance(v, bytes) else v) for k, v in ex.items()}
     msgs = raw.get("messages")
@@ -314,6 +315,11 @@ def _tfds_docs(source, config, name: str):
       raw["messages"] = msgs or None
     raw = {k: v for k, v in raw.items() if not (v is None or (isinstance(v, str) and not v))}
     yield _select(_normalize(raw, d.text_key, where), config.objective, where)
+
+
+def _tfds_len(source, config) -> int:
+  """Records of a TFDS split that are read: all, or the first data.max_documents."""
+  return min(len(source), config.data.max_documents or len(source))
 
 
 def _str(x, where: str) -> str:
@@ -383,6 +389,27 @@ def _documents(config, split: str):
     source = _named_source(config, name) if d.tfds_name else _local_tfds(config)[name]
     docs = _tfds_docs(source, config, f"{d.tfds_name or 'kiln_files'}/{name}")
     yield from _holdout(docs, split, held_out)
+
+
+def shard_documents(config, split: str, index: int, count: int, start: int = 0):
+  """Documents index + (start + j) * count, j = 0, 1, ... of a split (shard `index` of `count`, from
+  its `start`-th document on), in the order of iter_documents. A TFDS split reads only those
+  records (random access); text and JSONL files are read up to them, tokenizing none."""
+  _check(config, split)
+  d, first = config.data, index + start * count
+  if d.source != "tfds":
+    return itertools.islice(_documents(config, split), first, None, count)
+  name, held_out = _tfds_split(config, split)
+  source = _named_source(config, name) if d.tfds_name else _local_tfds(config)[name]
+  n = _tfds_len(source, config)
+  if not held_out:
+    where = lambda k: k
+  elif split == "eval":
+    where = lambda k: k * EVAL_EVERY
+  else:  # the k-th document that is not held out
+    where = lambda k: k + k // (EVAL_EVERY - 1) + 1
+  indices = itertools.takewhile(lambda i: i < n, map(where, itertools.count(first, count)))
+  return _tfds_docs(source, config, f"{d.tfds_name or 'kiln_files'}/{name}", indices)
 
 
 def load_documents(config, split: str) -> list:

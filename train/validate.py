@@ -80,6 +80,11 @@ def validate(config, num_devices: int, num_processes: int = 1) -> dict:
   if m.attention == "cudnn" and m.dtype not in ("bfloat16", "float16"):
     raise UserError(f"config.model.attention='cudnn' needs config.model.dtype bfloat16 or float16, "
                     f"not {m.dtype!r} (or use attention=auto)")
+  if config.data.pipeline not in ("cache", "stream"):
+    raise UserError(f"config.data.pipeline={config.data.pipeline!r}: use cache | stream")
+  if config.data.pipeline == "stream" and config.objective not in ("pretrain", "sft"):
+    raise UserError(f"config.data.pipeline='stream' serves config.objective pretrain or sft, not "
+                    f"{config.objective!r}", hint="set config.data.pipeline=cache")
   if config.logits_chunk and config.seq_len % config.logits_chunk:
     raise UserError(f"config.logits_chunk={config.logits_chunk} must divide config.seq_len={config.seq_len}",
                     hint="0 runs the LM head on the whole sequence at once")

@@ -1,0 +1,102 @@
+"""The streaming input pipeline (train/stream.py) on generated jsonl corpora of growing size.
+
+For each size (MB): a fresh data cache, then `python -m train` (the `small` model, 8 x 256 tokens,
+data.pipeline=stream) for one step, timed from launch to exit (tokenizer training on the bounded
+sample, compile, the first step, a save), and the data cache's bytes afterwards; then, in this
+process, the rate at which the stream makes batches of the first corpus (tokenize + pack +
+shuffle, one thread) against what a `small` train step consumes (eval/bench.py `train_small`).
+
+  python -m eval.bench_stream [--sizes 25,250] [--dir /tmp/kiln_bench_stream] [--pipeline cache]
+"""
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def write_corpus(path: str, megabytes: float, seed: int = 0) -> None:
+  """Documents of 200-4000 characters of words drawn from the built-in prose, `megabytes` in all."""
+  from train import corpus
+  words = np.array(" ".join(corpus.pretrain_documents(0, 500)).split())
+  rng = np.random.default_rng(seed)
+  size, target = 0, megabytes * 1e6
+  with open(path, "w") as f:
+    while size < target:
+      n = rng.integers(30, 600, 256)  # words per document
+      picked = words[rng.integers(0, len(words), n.sum())]
+      for doc in np.split(picked, np.cumsum(n)[:-1]):
+        line = json.dumps({"text": " ".join(doc)}) + "\n"
+        f.write(line)
+        size += len(line)
+
+
+def du(path: str) -> int:
+  return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+
+def first_step(corpus_path: str, work: str, pipeline: str = "stream") -> dict:
+  """Seconds from launch to the end of a one-step streamed run, and the data cache's bytes."""
+  shutil.rmtree(work, ignore_errors=True)
+  cache = os.path.join(work, "cache")
+  cmd = [sys.executable, "-m", "train", "--config", os.path.join(ROOT, "configs/pretrain_tiny.py:small"),
+         "--workdir", os.path.join(work, "run"), f"--config.data.cache_dir={cache}",
+         "--config.data.source=jsonl", f"--config.data.path={corpus_path}", f"--config.data.pipeline={pipeline}",
+         "--config.steps=1", "--config.eval_every=0", "--config.seq_len=256", "--config.batch_size=8",
+         "--config.log_every=1"]
+  t0 = time.perf_counter()
+  out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+  seconds = time.perf_counter() - t0
+  if out.returncode:
+    raise RuntimeError(out.stdout[-2000:] + out.stderr[-2000:])
+  return {"first_step_s": seconds, "cache_bytes": du(cache)}
+
+
+def stream_rate(corpus_path: str, work: str, batches: int = 200) -> float:
+  """Tokens per second of streamed `small` batches (8 x 256), after the first."""
+  from configs import pretrain_tiny
+  from train import run_tokenizer, stream
+  c = pretrain_tiny.get_config("small")
+  c.data.source, c.data.path, c.data.pipeline = "jsonl", corpus_path, "stream"
+  c.seq_len, c.batch_size = 256, 8
+  it = stream.make_batch_iterator(c, run_tokenizer.load(os.path.join(work, "run"), c))
+  next(it)
+  t0 = time.perf_counter()
+  for _ in range(batches):
+    next(it)
+  return batches * c.seq_len * c.batch_size / (time.perf_counter() - t0)
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--sizes", default="25,250")
+  parser.add_argument("--dir", default="/tmp/kiln_bench_stream")
+  parser.add_argument("--pipeline", default="stream", help="cache: the same runs on cached rows, to compare")
+  args = parser.parse_args()
+  rows = []
+  for mb in [float(s) for s in args.sizes.split(",")]:
+    work = os.path.join(args.dir, f"{mb:g}mb")
+    os.makedirs(args.dir, exist_ok=True)
+    path = os.path.join(args.dir, f"corpus_{mb:g}mb.jsonl")
+    if not os.path.isfile(path):
+      write_corpus(path, mb)
+    row = {"corpus_mb": os.path.getsize(path) / 1e6, **first_step(path, work, args.pipeline)}
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+  if args.pipeline != "stream":
+    return
+  first = os.path.join(args.dir, f"{float(args.sizes.split(',')[0]):g}mb")
+  rate = stream_rate(os.path.join(args.dir, f"corpus_{float(args.sizes.split(',')[0]):g}mb.jsonl"), first)
+  print(json.dumps({"stream_tokens_per_s": rate}))
+  if len(rows) > 1:
+    print(json.dumps({"first_step_ratio": rows[-1]["first_step_s"] / rows[0]["first_step_s"]}))
+
+
+if __name__ == "__main__":
+  main()
