@@ -7,20 +7,20 @@ init / restore write each shard straight to its device, so no host ever holds th
 import dataclasses
 from typing import Any, Optional
 
+import flax.traverse_util as traverse
 import jax
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs.errors import UserError
-from model import lora, sharding
+from model import lora, quant, sharding
 from train import rundir
-from train.params import abstract_params
+from train.params import abstract_params, lora_shapes
 
 
 @dataclasses.dataclass
 class State:
   trainable: Any            # full params, or LoRA adapters
   opt_state: Any
-  frozen: Optional[Any]     # the frozen base params under LoRA, else None
+  frozen: Optional[Any]     # under LoRA the frozen base (lora.base_dtype, maybe quantized), else None
   trainable_shardings: Any
   opt_shardings: Any
   start: int                # step to continue from
@@ -29,8 +29,25 @@ class State:
 
 
 def to_params(trainable, frozen, lora_cfg):
-  """The model's params: `trainable` itself, or the frozen base with the adapters merged in."""
-  return trainable if frozen is None else lora.merge(frozen, trainable, lora_cfg)
+  """The model's params: `trainable` itself, or the frozen base with the adapters next to their
+  kernels, applied unmerged by the model (model/lora.py `attach`)."""
+  return trainable if frozen is None else lora.attach(frozen, trainable, lora_cfg)
+
+
+def frozen_base(config, abs_params, param_sh, frozen_sh):
+  """The LoRA base of `config.init_from` as the step holds it (train/params.py `lora_shapes`):
+  restored, then stored leaf by leaf, each full-precision leaf dropped once stored."""
+  base, _ = rundir.restore_params(config.init_from, abs_params, param_sh)
+  flat = traverse.flatten_dict(base, sep="/")
+  del base
+  if config.lora.quantize == "none" and all(w.dtype == config.lora.base_dtype for w in flat.values()):
+    return traverse.unflatten_dict(flat, sep="/")
+  shardings = traverse.flatten_dict(frozen_sh, sep="/", is_leaf=lambda _, v: quant.is_quantized(v))
+  out = {}
+  for path in list(flat):
+    store = jax.jit(lambda w, p=path: quant.store(p, w, config.lora), out_shardings=shardings[path])
+    out[path] = store(flat.pop(path))
+  return traverse.unflatten_dict(out, sep="/")
 
 
 def lora_enabled(config) -> bool:
@@ -48,9 +65,8 @@ def setup(config, model, tx, mesh, mngr, extra_params=None) -> State:
   if use_lora:
     if not config.init_from:
       raise UserError("config.lora.rank > 0 needs config.init_from: the frozen base to adapt")
-    frozen, _ = rundir.restore_params(config.init_from, abs_params, param_sh)
-    abs_train = jax.eval_shape(lambda p: lora.init_adapters(p, config.lora, jax.random.key(0)), abs_params)
-    train_sh = jax.tree.map(lambda _: NamedSharding(mesh, P()), abs_train)
+    abs_train, train_sh, _, frozen_sh = lora_shapes(config.lora, abs_params, param_sh, mesh)
+    frozen = frozen_base(config, abs_params, param_sh, frozen_sh)
   else:
     abs_train, train_sh = abs_params, param_sh
   # Optimizer state: mu / nu inherit the params' logical boxes (so their sharding); scalars and
@@ -66,7 +82,7 @@ def setup(config, model, tx, mesh, mngr, extra_params=None) -> State:
 
   rng = jax.random.key(config.seed)
   if use_lora:
-    trainable = jax.jit(lambda p: lora.init_adapters(p, config.lora, rng), out_shardings=train_sh)(frozen)
+    trainable = jax.jit(lambda: lora.init_adapters(abs_params, config.lora, rng), out_shardings=train_sh)()
     source = f"LoRA rank {config.lora.rank} over {config.init_from}"
   elif config.init_from:
     extra = list(jax.eval_shape(lambda r: extra_params(model.cfg, r), rng)) if extra_params else []
