@@ -78,7 +78,8 @@ def dequantize(q: dict, axis: int, dtype):
 
 
 def is_quantized(leaf) -> bool:
-  return isinstance(leaf, Mapping) and "scale" in leaf
+  """Whether a params entry is a quantized kernel (a dict of codes and scales, not a module's params)."""
+  return isinstance(leaf, Mapping) and set(leaf) in ({"int8", "scale"}, {"nf4", "scale"})
 
 
 def kernel_axis(path: str) -> int:

@@ -43,10 +43,14 @@ def frozen_base(config, abs_params, param_sh, frozen_sh):
   if config.lora.quantize == "none" and all(w.dtype == config.lora.base_dtype for w in flat.values()):
     return traverse.unflatten_dict(flat, sep="/")
   shardings = traverse.flatten_dict(frozen_sh, sep="/", is_leaf=lambda _, v: quant.is_quantized(v))
-  out = {}
+  out, stores = {}, {}
   for path in list(flat):
-    store = jax.jit(lambda w, p=path: quant.store(p, w, config.lora), out_shardings=shardings[path])
-    out[path] = store(flat.pop(path))
+    # one compiled store per kind of leaf (quantized along which axis, layout), shared by the layers
+    axis = quant.kernel_axis(path) if quant.quantized(path, config.lora.quantize) else None
+    key = (axis, repr(shardings[path]))
+    if key not in stores:
+      stores[key] = jax.jit(lambda w, p=path: quant.store(p, w, config.lora), out_shardings=shardings[path])
+    out[path] = stores[key](flat.pop(path))
   return traverse.unflatten_dict(out, sep="/")
 
 
@@ -83,7 +87,7 @@ def setup(config, model, tx, mesh, mngr, extra_params=None) -> State:
   rng = jax.random.key(config.seed)
   if use_lora:
     trainable = jax.jit(lambda: lora.init_adapters(abs_params, config.lora, rng), out_shardings=train_sh)()
-    source = f"LoRA rank {config.lora.rank} over {config.init_from}"
+    source = f"LoRA rank {config.lora.rank} over {config.init_from}" + _base_note(config.lora)
   elif config.init_from:
     extra = list(jax.eval_shape(lambda r: extra_params(model.cfg, r), rng)) if extra_params else []
     trainable, from_step = rundir.restore_params(config.init_from, abs_params, param_sh, missing_ok=extra)
@@ -99,6 +103,14 @@ def setup(config, model, tx, mesh, mngr, extra_params=None) -> State:
     source = "initialised at random"
   opt_state = jax.jit(tx.init, out_shardings=opt_sh)(trainable)
   return State(trainable, opt_state, frozen, train_sh, opt_sh, 0, {}, source)
+
+
+def _base_note(lora_cfg) -> str:
+  """How the frozen base is held, for the start-up line ("" for float32, unquantized)."""
+  notes = [f"{lora_cfg.base_dtype} base"] if lora_cfg.base_dtype != "float32" else []
+  if lora_cfg.quantize != "none":
+    notes.append(f"{lora_cfg.quantize} layer kernels (blocks of {lora_cfg.block_size})")
+  return f" ({', '.join(notes)})" if notes else ""
 
 
 def checkpoint_meta(config) -> dict:
