@@ -23,7 +23,7 @@ KINDS = ("none", "int8", "nf4")
 # The kernels quantized: the layers' matmuls. The embedding, the norms and the LM head (which the
 # losses read directly, model/lm_head.py) stay in lora.base_dtype.
 QUANTIZED = ("qkv", "out", "gate_up", "down")
-# The NormalFloat4 levels of QLoRA (Dettmers et al. 2023, appendix E), ascending.
+# The NormalFloat4 levels of QLoRA (Dettmers et al. 2023), ascending: tests/test_quant.py derives them.
 NF4 = np.array([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
                 -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
                 0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
@@ -65,16 +65,18 @@ def quantize(w, axis: int, kind: str, block: int) -> dict:
 
 
 def dequantize(q: dict, axis: int, dtype):
-  """The kernel of `quantize`'s dict, in dtype (computed in float32)."""
+  """The kernel of `quantize`'s dict, in dtype (computed in float32, elementwise: one fusion)."""
   scale = q["scale"]
   if "int8" in q:
     x = q["int8"].astype(jnp.float32) / 127
   else:
     packed = q["nf4"]
     pair = jnp.stack([packed & 15, packed >> 4], axis=axis + 1)       # [.., n / 2, 2, ..]
-    x = jnp.asarray(NF4, jnp.float32)[pair.reshape(packed.shape[:axis] + (-1,) + packed.shape[axis + 1:])]
-  b = x.shape[axis] // scale.shape[axis]
-  return (_blocked(x, axis, b) * jnp.expand_dims(scale, axis + 1)).reshape(x.shape).astype(dtype)
+    code = pair.reshape(packed.shape[:axis] + (-1,) + packed.shape[axis + 1:])
+    x = jnp.zeros(code.shape, jnp.float32)
+    for i, level in enumerate(NF4.astype(np.float32)):               # a select per level, no gather
+      x = jnp.where(code == i, level, x)
+  return (x * jnp.repeat(scale, x.shape[axis] // scale.shape[axis], axis=axis)).astype(dtype)
 
 
 def is_quantized(leaf) -> bool:
