@@ -105,18 +105,19 @@ def random_adapters(params, cfg, seed=3):
 
 
 def test_a_lora_step_on_a_quantized_base_is_close_to_the_float_base():
-  """Loss and adapter gradients over the float32 base, then over bf16 / int8 / nf4 bases."""
+  """Loss and adapter gradients over the float32 base, then over an int8 base (the rest in bf16)
+  and an nf4 base."""
   model, params = tiny()
   ad = random_adapters(params, lora_cfg())
   out = {}
-  for quantize, base_dtype in (("none", "float32"), ("none", "bfloat16"), ("int8", "float32"), ("nf4", "float32")):
+  for quantize, base_dtype in (("none", "float32"), ("int8", "bfloat16"), ("nf4", "float32")):
     cfg = lora_cfg(quantize, base_dtype)
     f = lambda ad, base: objectives.next_token_loss(lora.attach(base, ad, cfg), batch(), model)[0]
     loss, grads = jax.jit(jax.value_and_grad(f))(ad, stored(params, cfg))
     out[quantize, base_dtype] = float(loss), np.concatenate([np.ravel(g) for g in jax.tree.leaves(grads)])
   loss, grads = out["none", "float32"]
-  # relative deviations allowed (seen: bf16 2e-5, 4e-3; int8 2e-5, 8e-3; nf4 2e-4, 0.16)
-  tols = {("none", "bfloat16"): (1e-4, 2e-2), ("int8", "float32"): (1e-4, 2e-2), ("nf4", "float32"): (2e-3, 0.3)}
+  # relative deviations allowed (seen: int8 + bf16 3e-5, 1e-2; nf4 2e-4, 0.16)
+  tols = {("int8", "bfloat16"): (2e-4, 3e-2), ("nf4", "float32"): (2e-3, 0.3)}
   for key, (loss_tol, grad_tol) in tols.items():
     dloss, dgrad = abs(out[key][0] - loss) / loss, np.linalg.norm(out[key][1] - grads) / np.linalg.norm(grads)
     print(key, f"loss {dloss:.1e}, gradient {dgrad:.1e} (relative)")
