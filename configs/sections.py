@@ -42,6 +42,9 @@ def lora() -> ml_collections.ConfigDict:
       rank=0,                          # 0 = full fine-tuning; > 0 = train adapters only
       alpha=16.0,                      # adapter scale is alpha / rank
       targets=list(LORA_TARGETS),      # regexes over parameter paths
+      base_dtype="float32",            # the frozen base in the step: float32 | bfloat16
+      quantize="none",                 # the base's layer kernels: none | int8 | nf4 (QLoRA), model/quant.py
+      block_size=64,                   # entries per quantization scale (absmax), along the input axis
   )
 
 

@@ -1,10 +1,13 @@
-"""Low-rank adapters: W' = W + (alpha / r) * A @ B on the kernels whose path matches a target.
+"""Low-rank adapters: x @ W + (alpha / r) (x @ A) @ B on the kernels whose path matches a target.
 
 In this codebase's `x @ W` convention a kernel is [inputs..., outputs...]; A is [in, r] (random)
 and B is [r, out] (zero), so an adapted model starts exactly equal to its base. Adapters are a
-separate pytree: the optimizer only ever sees them, the base stays frozen, and `merge` gives the
-full params for sampling, export, or the next stage. With adapters dropped, the base itself is
-the reference model of the preference / RL stages: no second copy of the weights.
+separate pytree {kernel path: {"a", "b"}}: the optimizer only ever sees them and the base stays
+frozen (in lora.base_dtype, or quantized: model/quant.py). In training, scoring and sampling
+`attach` hands them to the model next to their kernels, which applies them unmerged
+(model/dense.py); `merge` folds them into full params once, for export and the next stage. With
+adapters dropped, the base itself is the reference model of the preference / RL stages: no
+second copy of the weights.
 """
 import math
 import re
@@ -15,6 +18,7 @@ import jax.numpy as jnp
 
 # How many leading (input) dims each kernel has; the rest are outputs. `out` maps heads -> embed.
 INPUT_DIMS = {"qkv": 1, "out": 3, "gate_up": 1, "down": 1, "lm_head": 1}
+A, B = "_lora_a", "_lora_b"  # a kernel's adapters in the params the model takes: `qkv_lora_a` ...
 
 
 def targeted(params, targets) -> dict:
@@ -56,6 +60,20 @@ def merge(params, adapters: dict, lora_cfg):
     w = flat[path]
     delta = jnp.matmul(ab["a"], ab["b"]) * scale  # [.., in, out]
     flat[path] = (w + delta.reshape(w.shape).astype(w.dtype))
+  return traverse.unflatten_dict(flat, sep="/")
+
+
+def attach(params, adapters: dict, lora_cfg):
+  """The params the model takes: the base with each kernel's adapters next to it, A scaled by
+  alpha / r ([.., in, r]; B [.., r, out]), applied unmerged by model/dense.py. The LM head, whose
+  kernel the losses read directly (model/lm_head.py), gets its adapter merged."""
+  scale = lora_cfg.alpha / lora_cfg.rank
+  flat = traverse.flatten_dict(params, sep="/")
+  for path, ab in adapters.items():
+    if path.rsplit("/", 1)[-1] == "lm_head":
+      flat[path] = merge({"lm_head": flat[path]}, {"lm_head": ab}, lora_cfg)["lm_head"]
+    else:
+      flat[path + A], flat[path + B] = ab["a"] * scale, ab["b"]
   return traverse.unflatten_dict(flat, sep="/")
 
 

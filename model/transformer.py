@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 
 from model import lm_head, sharding
-from model.attention import Attention, attention_mask, cache_mask, matmul, rope_cos_sin, rope_frequencies
+from model.attention import Attention, attention_mask, cache_mask, rope_cos_sin, rope_frequencies
+from model.dense import dense
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,15 +88,10 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x):
     cfg = self.cfg
-    init = nn.initializers.normal(cfg.init_std)
-    gate_up = self.param("gate_up", nn.with_logical_partitioning(init, ("embed", "gate_up", "mlp")),
-                         (cfg.d_model, 2, cfg.mlp_dim), cfg.param_dtype)
-    down = self.param("down", nn.with_logical_partitioning(init, ("mlp", "embed")),
-                      (cfg.mlp_dim, cfg.d_model), cfg.param_dtype)
-    h = matmul(x, gate_up.astype(cfg.dtype), 1)  # [b, t, 2, mlp]
+    h = dense(self, "gate_up", x, 1, (cfg.d_model, 2, cfg.mlp_dim), ("embed", "gate_up", "mlp"), cfg)  # [b, t, 2, mlp]
     h = sharding.constrain(h, ("batch", "length", None, "act_mlp"))
     h = nn.silu(h[:, :, 0]) * h[:, :, 1]
-    y = matmul(h, down.astype(cfg.dtype), 1)     # [b, t, d]
+    y = dense(self, "down", h, 1, (cfg.mlp_dim, cfg.d_model), ("mlp", "embed"), cfg)  # [b, t, d]
     return sharding.constrain(y, ("batch", "length", "act_embed"))
 
 

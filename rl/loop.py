@@ -124,8 +124,9 @@ def train(config, workdir: str) -> dict:
                                            critic_cfg=critic_cfg, rm_cfg=ms.rm_cfg))
     update = jax.jit(steps.make_update_step(model_cfg, config, tx, lr_fn, lora_cfg, critic_cfg),
                      donate_argnums=(0, 1, 2, 3))
-    merged = jax.jit(lambda t, f: state_lib.to_params(t, f, lora_cfg))
-    merge = lambda t, f: t if f is None else merged(t, f)  # the policy's params for sampling / eval
+    # The policy's params for sampling / eval: under LoRA the base with the adapters next to their
+    # kernels (applied unmerged, no merged copy of the model).
+    policy = lambda t: state_lib.to_params(t, frozen, lora_cfg)
     advantages = jax.jit(lambda s, b, beta: algo.advantages(config, s, b, beta))
     seq_kl = jax.jit(lambda b: jnp.mean(jnp.sum(algorithms.rollout_kl(b, r.kl_estimator), -1)))
 
@@ -143,7 +144,7 @@ def train(config, workdir: str) -> dict:
       batch_prompts = source.next()
       key, k_sample, k_shuffle = jax.random.split(state.key, 3)
       ptoks, pmask = prompts.encode(tok, batch_prompts, template, r.max_prompt_len)   # [n, P]
-      gen = rollout.sample(merge(state.trainable, frozen), model_cfg, ptoks, pmask, k_sample, g,
+      gen = rollout.sample(policy(state.trainable), model_cfg, ptoks, pmask, k_sample, g,
                            max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_k=r.top_k,
                            top_p=r.top_p, stop_ids=stops, pad_id=tok.pad_id, mesh=mesh)
       lengths = rollout.to_host(gen.lengths)                                            # [R]
@@ -219,7 +220,7 @@ def train(config, workdir: str) -> dict:
       """Greedy held-out accuracy (rl.num_eval_problems), and the latest iteration's first sample."""
       out = {}
       if eval_problems:
-        res = evaluate_problems(merge(state.trainable, frozen), model_cfg, tok, eval_problems, chat=True,
+        res = evaluate_problems(policy(state.trainable), model_cfg, tok, eval_problems, chat=True,
                                 mesh=mesh, max_new_tokens=r.max_new_tokens, template=template,
                                 seed=config.seed)
         out = {"eval/accuracy": res["accuracy"], "eval/format": res["format"], "eval/length": res["length"]}

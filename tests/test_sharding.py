@@ -95,7 +95,7 @@ def test_tensor_parallel_weights_are_never_gathered():
   at most one number per token and shard (partial results of a reduction over the split
   vocabulary), never a weight or an activation. The MLP's [embed, 2, mlp] kernel used to be
   all-gathered whole in the forward pass and its activation gradient in the backward
-  (model/attention.py `matmul`)."""
+  (model/dense.py `matmul`)."""
   model, params, batch, _ = setup()
   c = base.base_config()
   tx, lr = optim.make_optimizer(c.optim, 10)

@@ -35,7 +35,7 @@ from train import chips, cli, compiled, cpu_tuning, objectives, optim, topology
 from train import state as state_lib
 from train.compiled import shaped
 from train.loop import make_train_step
-from train.params import abstract_params
+from train.params import abstract_params, lora_shapes
 from train.validate import validate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/pretrain_llama3_8b.py.",
@@ -65,7 +65,9 @@ def batch_shapes(config, objective, mesh) -> dict:
 
 
 def lower_train_step(config, mesh):
-  """(lowered step, params shapes, opt-state shapes, train FLOPs per step) of config's objective."""
+  """(lowered step, params shapes, opt-state shapes, train FLOPs per step) of config's objective.
+
+  Under LoRA the params are the adapters and the frozen base (in lora.base_dtype, or quantized)."""
   objective = objectives.get(config.objective)
   model_cfg = ModelConfig.from_config(config.model)
   model = Transformer(model_cfg)
@@ -73,18 +75,25 @@ def lower_train_step(config, mesh):
   lora_cfg = config.lora if state_lib.lora_enabled(config) else None
   with sharding.use_mesh(mesh):
     abs_params, param_sh, _, boxed = abstract_params(model, config.seq_len, mesh, objective.extra_params)
+    frozen = None
+    if lora_cfg is not None:  # adapters over the frozen base, stored as the run stores it (quantized...)
+      abs_params, param_sh, abs_frozen, frozen_sh = lora_shapes(lora_cfg, abs_params, param_sh, mesh)
+      boxed, frozen = abs_params, shaped(abs_frozen, frozen_sh)
     boxed_opt = jax.eval_shape(tx.init, boxed)
     opt_sh = sharding.tree_shardings(boxed_opt, mesh)
     params, opt = shaped(abs_params, param_sh), shaped(sharding.unbox(boxed_opt), opt_sh)
     ref = None
-    if objective.needs_reference(config) and not config.dpo.precompute_reference:
-      ref = params  # a frozen full copy, sharded like the params
-    step = make_train_step(model, objective, tx, lr_fn, config.optim.grad_accum, lora_cfg, config)
+    needs_ref = objective.needs_reference(config) and not config.dpo.precompute_reference
+    if needs_ref and frozen is None:
+      ref = params  # a frozen full copy, sharded like the params (under LoRA: the base itself)
+    step = make_train_step(model, objective, tx, lr_fn, config.optim.grad_accum, lora_cfg, config,
+                           ref_is_frozen=needs_ref and frozen is not None)
     jitted = jax.jit(step, out_shardings=(param_sh, opt_sh, None), donate_argnums=(0, 1))
     batch = batch_shapes(config, objective, mesh)
-    lowered = jitted.lower(params, opt, batch, jax.ShapeDtypeStruct((), jnp.int32), None, ref)
+    lowered = jitted.lower(params, opt, batch, jax.ShapeDtypeStruct((), jnp.int32), frozen, ref)
+    params = params if frozen is None else (params, frozen)  # every param byte the step holds
   flops = model_cfg.train_flops_per_token(config.seq_len) * config.batch_size * config.seq_len
-  if ref is not None:
+  if needs_ref:
     flops *= 4 / 3  # a reference forward: a third of a train step
   return lowered, params, opt, flops
 

@@ -37,9 +37,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import ml_collections
 import orbax.checkpoint as ocp
 
-from configs import base, tools
+from configs import base, sections, tools
 from configs.errors import UserError
-from model import convert, hf_config, lora, sharding
+from model import convert, hf_config, lora, quant, sharding
 from model.tokenizer import Tokenizer
 from model.transformer import ModelConfig, Transformer
 from train import checkpoints, checksums, cli, run_tokenizer
@@ -182,7 +182,8 @@ def stored_keys(directory: str, step: int) -> set:
 def restore_params(path: str, abstract_params, param_shardings, step=None, missing_ok=()):
   """The full params of another run's latest (or given) step: `init_from`, eval, sampling.
 
-  A LoRA run stores only its adapters; they are merged into its base (restored the same way).
+  A LoRA run stores only its adapters; they are merged into its base (restored the same way, then
+  cast and quantized as the run's lora.base_dtype / lora.quantize had it, and back).
   Top-level entries of `abstract_params` named in `missing_ok` (e.g. a reward head the SFT run
   does not have) may be absent from the checkpoint: they are left out of the result, and the
   caller initialises them. Stored entries that `abstract_params` lacks are not read.
@@ -222,13 +223,15 @@ def _restore_params_at(mngr, directory: str, step: int, abstract_params, param_s
     frozen, _ = restore_params(meta["lora"]["base"], abstract_params, param_shardings, missing_ok=missing_ok)
     abstract_params = {k: abstract_params[k] for k in frozen}
     param_shardings = {k: param_shardings[k] for k in frozen}
-    lora_cfg = ml_collections.ConfigDict(meta["lora"]["config"])
+    lora_cfg = ml_collections.ConfigDict({**sections.lora().to_dict(), **meta["lora"]["config"]})
     abs_ad = jax.eval_shape(lambda p: lora.init_adapters(p, lora_cfg, jax.random.key(0)), abstract_params)
     mesh = jax.tree.leaves(param_shardings)[0].mesh
     ad_sh = jax.tree.map(lambda _: NamedSharding(mesh, P()), abs_ad)
     adapters = mngr.restore(step, args=ocp.args.Composite(
         params=ocp.args.StandardRestore(_abstract(abs_ad, ad_sh)))).params
-    merged = jax.jit(lambda b, a: lora.merge(b, a, lora_cfg), out_shardings=param_shardings)
+    # into the base the adapters were trained over (in lora.base_dtype, or quantized, and back)
+    merged = jax.jit(lambda b, a: lora.merge(quant.as_stored(b, lora_cfg), a, lora_cfg),
+                     out_shardings=param_shardings)
     return merged(frozen, adapters)
   stored = stored_keys(directory, step)
   missing = set(abstract_params) - stored

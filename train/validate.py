@@ -5,7 +5,7 @@ import ml_collections
 
 from configs import base
 from configs.errors import UserError, unknown
-from model import sharding, tokenizer
+from model import quant, sharding, tokenizer
 from train import objectives, profile
 
 # The interval every numeric key of a stage config must lie in ("(0, inf)": > 0); rl/config.py
@@ -22,7 +22,7 @@ RANGES = {
     "model.n_heads": "(0, inf)", "model.n_kv_heads": "(0, inf)", "model.head_dim": "[0, inf)",
     "model.mlp_dim": "(0, inf)", "model.rope_theta": "(0, inf)", "model.norm_eps": "(0, inf)",
     "model.rope_scaling.factor": "[0, inf)",
-    "lora.rank": "[0, inf)", "lora.alpha": "(0, inf)",
+    "lora.rank": "[0, inf)", "lora.alpha": "(0, inf)", "lora.block_size": "(0, inf)",
     "reward.margin": "[0, inf)", "dpo.gamma": "[0, inf)", "dpo.orpo_lambda": "[0, inf)",
     "data.num_documents": "(0, inf)", "data.max_documents": "[0, inf)",
     "tokenizer.max_training_chars": "[0, inf)",
@@ -61,6 +61,22 @@ def unknown_keys(cfg, schema, prefix="config") -> None:
       unknown_keys(value, schema[key], name)
 
 
+def _check_lora(lora, m, head_dim: int) -> None:
+  """config.lora's base dtype and quantization (blocks run along each kernel's input axis)."""
+  if lora.base_dtype not in ("float32", "bfloat16"):
+    raise UserError(f"config.lora.base_dtype={lora.base_dtype!r}: use float32 | bfloat16")
+  if lora.quantize not in quant.KINDS:
+    raise UserError(f"config.lora.quantize={lora.quantize!r}: use {' | '.join(quant.KINDS)}")
+  if lora.quantize == "none":
+    return
+  for key, n in (("d_model", m.d_model), ("mlp_dim", m.mlp_dim), ("head_dim", head_dim)):
+    b = min(lora.block_size, n)
+    if n % b or (lora.quantize == "nf4" and b % 2):
+      raise UserError(f"config.lora.block_size={lora.block_size} does not split config.model.{key}={n} "
+                      f"into {'even ' if lora.quantize == 'nf4' else ''}blocks",
+                      hint="a divisor of d_model, mlp_dim and head_dim (or more than an axis: one block)")
+
+
 def validate(config, num_devices: int, num_processes: int = 1) -> dict:
   """Raises UserError naming the offending key; returns the resolved mesh shape."""
   unknown_keys(config, base.base_config())
@@ -85,6 +101,7 @@ def validate(config, num_devices: int, num_processes: int = 1) -> dict:
   if config.data.pipeline == "stream" and config.objective not in ("pretrain", "sft"):
     raise UserError(f"config.data.pipeline='stream' serves config.objective pretrain or sft, not "
                     f"{config.objective!r}", hint="set config.data.pipeline=cache")
+  _check_lora(config.lora, m, head_dim)
   if config.logits_chunk and config.seq_len % config.logits_chunk:
     raise UserError(f"config.logits_chunk={config.logits_chunk} must divide config.seq_len={config.seq_len}",
                     hint="0 runs the LM head on the whole sequence at once")
