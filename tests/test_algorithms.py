@@ -128,13 +128,21 @@ def _np_grpo_loss(r, x):
   return per_token.sum() / (N * G * r.max_new_tokens)
 
 
+def _np_entropy(logits):
+  """Per-token entropy [r, T] of logits [r, T, V], in float64."""
+  z = logits.astype(np.float64)
+  logp = z - z.max(-1, keepdims=True)
+  logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+  return -(np.exp(logp) * logp).sum(-1)
+
+
 def _update_loss(c, x, batch):
   """The generic update loss (rl/steps.py) of the config's algorithm on the random inputs."""
   algo = algorithms.get(c.objective)
   batch = {**batch, "mask": jnp.asarray(x["mask"]), "old_logp": jnp.asarray(x["old"]),
            "ref_logp": jnp.asarray(x["ref"])}
   batch.update(algo.advantages(c, jnp.asarray(x["scores"]), batch, BETA))
-  loss, metrics = steps._loss(c, algo, jnp.asarray(x["logp"]), jnp.asarray(x["logits"]),
+  loss, metrics = steps._loss(c, algo, jnp.asarray(x["logp"]), jnp.asarray(_np_entropy(x["logits"])),
                               jnp.asarray(x["values"]), batch, BETA)
   return batch, float(loss), metrics
 

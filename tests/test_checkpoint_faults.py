@@ -196,7 +196,7 @@ def test_full_disk_stops_within_a_step_and_keeps_the_earlier_checkpoint(straight
     loop.train(_config(config.data.cache_dir, async_checkpoints=True), workdir)
   message = str(err.value)
   assert "\n" not in message
-  assert message.startswith(f"saving checkpoint {workdir}/checkpoints/{STEPS} failed: No space left on device")
+  assert message.startswith(f"saving checkpoint {workdir}/checkpoints/{STEPS} failed: No space left on device"), message
   assert message.endswith(f"the last good checkpoint is step {EVERY} in {workdir}/checkpoints")
   assert max(_losses(workdir)) <= STEPS + 1  # noticed at the step after the save at the latest
   kept = str(tmp_path / "kept")

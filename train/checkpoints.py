@@ -104,10 +104,12 @@ class Manager(ocp.CheckpointManager):
 
 
 def first_line(error: BaseException, limit: int = 300) -> str:
-  """The innermost cause's first line, or just the OS error when TensorStore names one ("No space
-  left on device (errno 28)" out of a paragraph about the OCDBT database)."""
+  """The innermost cause's first line, or just the OS error when it is one or TensorStore names one
+  ("No space left on device (errno 28)" out of a paragraph about the OCDBT database)."""
   while error.__cause__ is not None or (error.__context__ is not None and not str(error)):
     error = error.__cause__ or error.__context__
+  if isinstance(error, OSError) and error.errno:  # e.g. the checksums file of a committed step
+    return f"{os.strerror(error.errno)} (errno {error.errno})"
   text = (str(error).strip().splitlines() or [type(error).__name__])[0]
   code = re.search(r"os_error_code='?(\d+)", text)
   if code:
