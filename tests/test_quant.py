@@ -17,6 +17,7 @@ from model import lora, quant, sharding
 from model.transformer import ModelConfig, Transformer
 from train import aot, objectives, topology
 from train.validate import validate
+from tests.test_lora import batch  # random packed rows [2, 24]
 
 
 def lora_cfg(quantize="none", base_dtype="float32", block_size=64, rank=4):
@@ -88,14 +89,6 @@ def stored(params, cfg):
   """The frozen base as train/state.py `frozen_base` stores it, on one device."""
   flat = traverse.flatten_dict(params, sep="/")
   return traverse.unflatten_dict({p: quant.store(p, w, cfg) for p, w in flat.items()}, sep="/")
-
-
-def batch(b=2, t=24, seed=0):
-  rng = np.random.default_rng(seed)
-  return {"inputs": jnp.asarray(rng.integers(0, 512, (b, t)), jnp.int32),
-          "targets": jnp.asarray(rng.integers(0, 512, (b, t)), jnp.int32),
-          "segment_ids": jnp.ones((b, t), jnp.int32), "positions": jnp.broadcast_to(jnp.arange(t), (b, t)),
-          "loss_mask": jnp.asarray(rng.random((b, t)) < 0.7, jnp.float32)}
 
 
 def random_adapters(params, cfg, seed=3):
