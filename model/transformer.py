@@ -62,9 +62,13 @@ class ModelConfig:
       total += self.vocab_size * self.d_model * (1 if self.tie_embeddings else 2)
     return total
 
-  def train_flops_per_token(self, seq_len: int) -> float:
-    """6 * non-embedding params + 6 * lm head + 12 * layers * d * seq (docs/performance.md)."""
-    return (6 * self.num_params(embeddings=False) + 6 * self.vocab_size * self.d_model
+  def train_flops_per_token(self, seq_len: int, frozen_weights: bool = False) -> float:
+    """6 * non-embedding params + 6 * lm head + 12 * layers * d * seq (docs/performance.md).
+
+    frozen_weights (LoRA over a frozen base): no weight gradients, so 4 per weight instead of 6
+    (forward and the activations' gradient); the adapters' own 6 per parameter are the caller's."""
+    per_weight = 4 if frozen_weights else 6
+    return (per_weight * (self.num_params(embeddings=False) + self.vocab_size * self.d_model)
             + 12 * self.n_layers * self.n_heads * self.head_dim * seq_len)
 
 

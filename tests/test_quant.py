@@ -154,9 +154,9 @@ def _base_bytes(quantize, base_dtype):
   c.init_from = "/nonexistent/base"  # only shapes: aot never reads it
   c.lora.rank, c.lora.quantize, c.lora.base_dtype = 8, quantize, base_dtype
   mesh = sharding.make_mesh(c.mesh, topology.devices("v5p-8"))
-  _, (adapters, frozen), opt, _ = aot.lower_train_step(c, mesh)
+  _, (adapters, frozen), opt, flops = aot.lower_train_step(c, mesh)
   nbytes = lambda t: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(t))
-  return nbytes(adapters), nbytes(frozen), nbytes(opt)
+  return nbytes(adapters), nbytes(frozen), nbytes(opt), flops / (c.batch_size * c.seq_len)
 
 
 def test_aot_lowers_lora_over_the_stored_base():
@@ -173,9 +173,14 @@ def test_aot_lowers_lora_over_the_stored_base():
           ("int8", "float32"): kernels + 4 * scales + 4 * rest,
           ("nf4", "bfloat16"): kernels // 2 + 4 * scales + 2 * rest}
   for (quantize, base_dtype), base in want.items():
-    adapters, frozen, opt = _base_bytes(quantize, base_dtype)
+    adapters, frozen, opt, flops_per_token = _base_bytes(quantize, base_dtype)
     assert frozen == base, (quantize, base_dtype)
     ins_outs = (cfg.d_model + (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim     # qkv
                 + cfg.n_heads * cfg.head_dim + cfg.d_model + cfg.d_model + 2 * cfg.mlp_dim + cfg.mlp_dim + cfg.d_model)
     assert adapters == 4 * 8 * cfg.n_layers * ins_outs            # float32 A [in, 8] and B [8, out]
     assert opt < 3 * adapters  # AdamW's mu and nu of the adapters (and a count), nothing of the base
+    # no weight gradient of the frozen base: 2 forward + 2 for the activations' gradient per weight,
+    # 6 per adapter parameter, attention's 12 * layers * heads * head_dim * seq as in full training
+    weights = cfg.num_params(embeddings=False) + cfg.vocab_size * cfg.d_model
+    attention = 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * sft_tiny.get_config().seq_len
+    assert flops_per_token == pytest.approx(4 * weights + 6 * adapters / 4 + attention)

@@ -175,3 +175,13 @@ def test_a_rejected_resume_from_the_command_line_leaves_config_json(run_dir):
   line = one_line_error(_cli.run(cmd, timeout=120))
   assert line.endswith("config.model.n_layers: 2 (saved) -> 3"), line
   assert saved_config(workdir) == before
+
+
+def test_a_resume_with_another_frozen_base_storage_is_rejected(run_dir):
+  """lora.quantize / base_dtype / block_size decide how the frozen base is stored and restored."""
+  workdir, c = run_dir
+  other = copy.deepcopy(c)
+  other.lora.quantize, other.lora.block_size = "int8", c.lora.block_size * 2
+  with pytest.raises(UserError, match=r"config\.lora\.block_size: \d+ \(saved\) -> \d+; "
+                                      r"config\.lora\.quantize: 'none' \(saved\) -> 'int8'$"):
+    stage.check_resume(other, workdir)

@@ -92,7 +92,10 @@ def lower_train_step(config, mesh):
     batch = batch_shapes(config, objective, mesh)
     lowered = jitted.lower(params, opt, batch, jax.ShapeDtypeStruct((), jnp.int32), frozen, ref)
     params = params if frozen is None else (params, frozen)  # every param byte the step holds
-  flops = model_cfg.train_flops_per_token(config.seq_len) * config.batch_size * config.seq_len
+  per_token = model_cfg.train_flops_per_token(config.seq_len, frozen_weights=frozen is not None)
+  if frozen is not None:  # the adapters: 6 per trained parameter
+    per_token += 6 * sum(x.size for x in jax.tree.leaves(abs_params))
+  flops = per_token * config.batch_size * config.seq_len
   if needs_ref:
     flops *= 4 / 3  # a reference forward: a third of a train step
   return lowered, params, opt, flops

@@ -17,7 +17,8 @@ from train import init_source, run_tokenizer, rundir
 
 # Keys (and sections) a resumed run may not change: its checkpoint holds params of their shape.
 FIXED_ON_RESUME = ("config.model.", "config.tokenizer.", "config.objective", "config.lora.rank",
-                   "config.lora.targets", "config.rl.value_model")
+                   "config.lora.targets", "config.lora.base_dtype", "config.lora.quantize",
+                   "config.lora.block_size", "config.rl.value_model")
 
 
 @dataclasses.dataclass(frozen=True)
