@@ -14,7 +14,7 @@ import pytest
 from model import sharding
 from model.transformer import ModelConfig, Transformer
 from tests import _cli
-from train import files, rundir
+from train import checksums, files, rundir
 from train import params as params_lib
 
 # gcsfs is not imported here: it reads GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT (below) when imported
@@ -94,6 +94,21 @@ def test_file_layer_writes_lists_renames_and_reads_objects(emulator):
 
   files.rmtree(f"{root}/b")
   assert not files.exists(f"{root}/b")
+
+
+def test_checksums_of_a_step_on_gcs_catch_a_changed_byte_and_the_step_is_set_aside(emulator):
+  root = f"gs://{BUCKET}/sums/checkpoints"
+  step = f"{root}/3"
+  for name, data in (("params/d.bin", bytes(range(200))), ("meta/m.json", b"{}")):
+    files.write_atomic(f"{step}/{name}", data)
+  checksums.write(step)
+  assert checksums.verify(step) == (checksums.OK, "")
+  files.write_atomic(f"{step}/params/d.bin", bytes(range(1, 201)))  # same size, other bytes
+  assert checksums.verify(step)[0] == "checksum"
+  assert checksums.verify(step, skip=("params",)) == (checksums.OK, "")
+  assert checksums.set_aside(root, 3, "checksum") == f"{root}-corrupt/3-checksum"
+  assert not files.exists(step)
+  assert files.files_under(f"{root}-corrupt/3-checksum") == ["kiln_checksums.json", "meta/m.json", "params/d.bin"]
 
 
 def test_a_second_run_in_a_gcs_workdir_stops_naming_the_first(emulator):
