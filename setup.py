@@ -5,6 +5,7 @@ TORCH = ["torch==2.13.0", "transformers>=5.0,<6"]  # the Hugging Face models Kil
 TFDS = ["tensorflow-datasets>=4.9.8,<5"]  # config.data.source=tfds only (train/sources.py imports it there)
 TPU = ["jax[tpu]>=0.10.2,<0.13"]  # libtpu: TPU VMs, and compiling for TPU slices on any host (train.aot)
 ARROW = ["pyarrow>=14"]  # parquet files, datasets' save_to_disk directories (train/formats.py imports it there)
+GCS = ["gcsfs>=2024.2"]  # gs:// paths (train/files.py, through fsspec; orbax's TensorStore has its own client)
 
 setup(
     name="kiln-lm",
@@ -38,9 +39,12 @@ setup(
         # tests/test_data.py builds a local TFDS dataset; ruff lints
         # tests/test_aot.py compiles for TPU slices on the CPU: libtpu (from jax[tpu]) gives the devices
         # tests/test_formats.py writes parquet files and save_to_disk directories with datasets
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6", "datasets>=3.0"] + TORCH + TFDS + TPU + ARROW,
+        # tests/test_gcs.py runs a Cloud Storage emulator on 127.0.0.1
+        "test": (["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6", "datasets>=3.0", "gcp-storage-emulator>=2024.8"]
+                 + TORCH + TFDS + TPU + ARROW + GCS),
         "tfds": TFDS,
         "arrow": ARROW,
+        "gcs": GCS,  # gs://bucket/... workdirs, data, init_from, HF import / export
         "gpu": ["jax[cuda12]>=0.10.2,<0.13"],
         "tpu": TPU,  # TPU VMs, and `python -m train.aot` anywhere
         "hf": TORCH,

@@ -4,6 +4,8 @@ of the RL stages."""
 import json
 import os
 
+from train import files
+
 FMT = {"perplexity": "{:.3f}", "accuracy": "{:.3f}", "pass@k": "{:.3f}", "sampled_accuracy": "{:.3f}",
        "format": "{:.3f}", "length": "{:.1f}", "pair_accuracy": "{:.3f}", "win_rate": "{:.3f}",
        "kl": "{:.3f}", "reward": "{:.3f}"}
@@ -23,9 +25,9 @@ def table(rows: dict, columns) -> str:
 
 def read_metrics(workdir: str) -> list:
   path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
+  if not files.exists(path):
     return []
-  with open(path) as f:
+  with files.open(path) as f:
     return [json.loads(line) for line in f]
 
 
@@ -39,6 +41,11 @@ def _pyplot():
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   return plt
+
+
+def _save(fig, out_path: str) -> None:
+  with files.open(out_path, "wb") as f:  # a gs:// workdir too
+    fig.savefig(f, dpi=100, format="png")
 
 
 def plot_curves(stage_dirs: dict, out_path: str):
@@ -57,7 +64,7 @@ def plot_curves(stage_dirs: dict, out_path: str):
     ax.set_xlabel("iteration" if keys[0][0] == "train/reward" else "step")
     ax.legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(out_path, dpi=100)
+  _save(fig, out_path)
   plt.close(fig)
 
 
@@ -81,7 +88,7 @@ def plot_bars(rows: dict, out_path: str):
   ax_r.set_title("reward-model score of greedy answers")
   ax_r.tick_params(axis="x", labelsize=7)
   fig.tight_layout()
-  fig.savefig(out_path, dpi=100)
+  _save(fig, out_path)
   plt.close(fig)
 
 
@@ -102,7 +109,7 @@ def plot_kl_reward(stage_dirs: dict, out_path: str) -> bool:
   ax.legend(fontsize=8)
   fig.tight_layout()
   if drawn:
-    fig.savefig(out_path, dpi=100)
+    _save(fig, out_path)
   plt.close(fig)
   return drawn
 
@@ -119,11 +126,11 @@ def write(workdir: str, rows: dict, stage_dirs: dict, columns) -> str:
   for stage, row in rows.items():
     for ex in (row.get("examples") or [])[:2]:
       examples.append(f"- **{stage}** — Q: {ex['question']} → `{ex['completion'].strip()}` (answer {ex['answer']})")
-  with open(os.path.join(workdir, "report.md"), "w") as f:
+  with files.open(os.path.join(workdir, "report.md"), "w") as f:
     f.write("# Kiln pipeline report\n\nHeld-out metrics of each stage's final checkpoint "
             "(problems never seen in training); `-` where a metric does not apply.\n\n" + md + "\n\n"
             + "\n\n".join(f"![{p[:-4]}]({p})" for p in plots)
             + "\n\n## Sample answers (greedy)\n\n" + "\n".join(examples) + "\n")
-  with open(os.path.join(workdir, "report.json"), "w") as f:
+  with files.open(os.path.join(workdir, "report.json"), "w") as f:
     json.dump({s: {k: v for k, v in r.items() if k not in NOT_SAVED} for s, r in rows.items()}, f, indent=2)
   return md

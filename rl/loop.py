@@ -31,7 +31,7 @@ from rl import algorithms, config as rl_config, grpo, kl, prompts, rollout, step
 from rl.accuracy import evaluate_problems
 from rl.models import setup_models
 from rl.rewards import combined_reward
-from train import optim, rundir, run_loop
+from train import files, optim, rundir, run_loop
 from train import state as state_lib
 from train.stage import start_run
 from train.validate import validate
@@ -209,7 +209,7 @@ def train(config, workdir: str) -> dict:
       if g > 1:
         m["train/zero_spread_fraction"] = float(grpo.zero_spread_fraction(scores, g))
       if is_main and r.num_samples_to_log:
-        with open(os.path.join(workdir, "samples.jsonl"), "a") as f:
+        with files.Appender(os.path.join(workdir, "samples.jsonl")) as f:
           for i in range(0, min(len(texts), r.num_samples_to_log * g), g):
             f.write(json.dumps({"step": step + 1, "prompt": batch_prompts[i // g].messages[-1]["content"],
                                 "completion": texts[i], "reward": float(scores[i])}) + "\n")

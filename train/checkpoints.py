@@ -22,7 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from configs.errors import UserError
-from train import checksums
+from train import checksums, files
 
 
 class _QuietOrbaxErrors(logging.Filter):
@@ -80,7 +80,7 @@ class Manager(ocp.CheckpointManager):
     steps, self._unsummed = self._unsummed, []
     try:
       for step in steps:
-        if jax.process_index() == 0 and os.path.isdir(self._step_dir(step)):
+        if jax.process_index() == 0 and files.isdir(self._step_dir(step)):
           checksums.write(self._step_dir(step))
     except OSError as e:
       raise self._failed(step, e) from e
@@ -91,7 +91,7 @@ class Manager(ocp.CheckpointManager):
   def _failed(self, step, error: BaseException) -> UserError:
     """The UserError of a failed save of `step`; the manager is closed (one process: the run ends)."""
     self._unsummed = []
-    good = [s for s in self.all_steps() if s != step and os.path.isdir(self._step_dir(s))]
+    good = [s for s in self.all_steps() if s != step and files.isdir(self._step_dir(s))]
     if jax.process_count() == 1:
       with contextlib.suppress(Exception):
         super().close()  # its background threads, else they outlive the run's end

@@ -13,6 +13,8 @@ import json
 import os
 import zlib
 
+from train import files
+
 FILE = "kiln_checksums.json"
 OK, UNVERIFIED = "ok", "unverified"
 _BLOCK = 1 << 24
@@ -20,7 +22,7 @@ _BLOCK = 1 << 24
 
 def _crc32(path: str) -> int:
   crc = 0
-  with open(path, "rb") as f:
+  with files.open(path, "rb") as f:
     while block := f.read(_BLOCK):
       crc = zlib.crc32(block, crc)
   return crc
@@ -28,22 +30,14 @@ def _crc32(path: str) -> int:
 
 def _files(step_dir: str) -> list:
   """Every file of a step (relative paths, sorted) but the checksum file and its temporary."""
-  out = []
-  for root, _, names in os.walk(step_dir):
-    out += [os.path.relpath(os.path.join(root, n), step_dir) for n in names]
-  return sorted(f for f in out if not f.startswith(FILE))
+  return [f for f in files.files_under(step_dir) if not f.startswith(FILE)]
 
 
 def write(step_dir: str) -> None:
   """Writes `step_dir`/kiln_checksums.json (atomically: a reader sees all of it or none)."""
-  sums = {f: [os.path.getsize(os.path.join(step_dir, f)), _crc32(os.path.join(step_dir, f))]
+  sums = {f: [files.getsize(os.path.join(step_dir, f)), _crc32(os.path.join(step_dir, f))]
           for f in _files(step_dir)}
-  tmp = os.path.join(step_dir, FILE + ".tmp")
-  with open(tmp, "w") as out:
-    json.dump({"crc32": sums}, out)
-    out.flush()
-    os.fsync(out.fileno())
-  os.replace(tmp, os.path.join(step_dir, FILE))
+  files.write_atomic(os.path.join(step_dir, FILE), json.dumps({"crc32": sums}))
 
 
 def verify(step_dir: str, skip=()) -> tuple:
@@ -51,10 +45,10 @@ def verify(step_dir: str, skip=()) -> tuple:
   is bad: "missing" (a file), "truncated" (a file's size differs), "checksum" (its bytes differ).
   Items named in `skip` ("opt_state": a reader of params only) are not read."""
   path = os.path.join(step_dir, FILE)
-  if not os.path.isfile(path):
+  if not files.isfile(path):
     return UNVERIFIED, f"{path} not found"
   try:
-    with open(path) as f:
+    with files.open(path) as f:
       sums = json.load(f)["crc32"]
   except (ValueError, KeyError, OSError) as e:
     return "checksum", f"{path} unreadable ({e})"
@@ -62,10 +56,10 @@ def verify(step_dir: str, skip=()) -> tuple:
     if name.split(os.sep)[0] in skip:
       continue
     file = os.path.join(step_dir, name)
-    if not os.path.isfile(file):
+    if not files.isfile(file):
       return "missing", f"{name} is missing"
-    if os.path.getsize(file) != size:
-      return "truncated", f"{name} is {os.path.getsize(file)} bytes, {size} were saved"
+    if files.getsize(file) != size:
+      return "truncated", f"{name} is {files.getsize(file)} bytes, {size} were saved"
     if _crc32(file) != crc:
       return "checksum", f"{name} does not match its checksum (bytes changed since the save)"
   return OK, ""
@@ -74,9 +68,9 @@ def verify(step_dir: str, skip=()) -> tuple:
 def set_aside(checkpoints: str, step: int, reason: str) -> str:
   """Moves `checkpoints`/<step> to `checkpoints`-corrupt/<step>-<reason>[-n]; returns where it went."""
   dest_root = checkpoints.rstrip(os.sep) + "-corrupt"
-  os.makedirs(dest_root, exist_ok=True)
+  files.makedirs(dest_root)
   dest, n = os.path.join(dest_root, f"{step}-{reason}"), 1
-  while os.path.exists(dest):
+  while files.exists(dest):
     dest, n = os.path.join(dest_root, f"{step}-{reason}-{n}"), n + 1
-  os.rename(os.path.join(checkpoints, str(step)), dest)
+  files.rename(os.path.join(checkpoints, str(step)), dest)
   return dest

@@ -36,7 +36,7 @@ from configs import sections
 from configs.errors import UserError
 from model import hf_tokenizer
 from model import tokenizer as tokenizer_lib
-from train import corpus
+from train import corpus, files
 from train import packing
 from train import sources
 
@@ -74,7 +74,7 @@ def load_or_train_tokenizer(config) -> tokenizer_lib.Tokenizer:
   """config.tokenizer.path, or a tokenizer trained on the training corpus (cached)."""
   vocab = config.model.get("vocab_size") if "model" in config else None
   if config.tokenizer.path:
-    tok = hf_tokenizer.load_tokenizer(os.path.expanduser(config.tokenizer.path))
+    tok = hf_tokenizer.load_tokenizer(files.local(config.tokenizer.path))  # a gs:// one: downloaded
   else:
     if not vocab:
       raise ValueError("config.model.vocab_size is needed to train a tokenizer (config.tokenizer.path is '')")

@@ -17,12 +17,12 @@ key of those files depends on; `messages` checks a conversation field of a recor
 records mean is the reader's business: train/sources.py (pretraining text, SFT conversations),
 train/pairs.py (preference pairs), rl/prompts.py (RL prompts).
 """
-import glob
 import json
 import os
 
 from configs.errors import UserError
 from model import tokenizer as tokenizer_lib
+from train import files as file_layer
 
 FORMATS = ("jsonl", "parquet", "hf_disk")
 BATCH_ROWS = 1024  # parquet / arrow rows decoded to Python at a time
@@ -30,7 +30,7 @@ BATCH_ROWS = 1024  # parquet / arrow rows decoded to Python at a time
 
 def files(pattern: str, key: str) -> list[str]:
   """The paths a glob matches, sorted; none is a UserError naming config.`key` ("data.path")."""
-  found = sorted(glob.glob(os.path.expanduser(pattern))) if pattern else []
+  found = file_layer.glob(pattern) if pattern else []
   if not found:
     raise UserError(f"config.{key}={pattern!r} matches no file")
   return found
@@ -38,7 +38,7 @@ def files(pattern: str, key: str) -> list[str]:
 
 def detect(path: str) -> str:
   """The format of one path: a directory is hf_disk, *.parquet parquet, anything else jsonl."""
-  if os.path.isdir(path):
+  if file_layer.isdir(path):
     return "hf_disk"
   return "parquet" if path.endswith(".parquet") else "jsonl"
 
@@ -61,9 +61,9 @@ def stats(path: str) -> list:
   """[(absolute path, size, mtime_ns)] of the files holding a data set's records: changes whenever
   one is rewritten (an hf_disk directory: its state.json and arrow shards)."""
   paths = [path]
-  if os.path.isdir(path):
+  if file_layer.isdir(path):
     paths = [os.path.join(path, "state.json")] + [os.path.join(path, f) for f in _hf_shards(path)]
-  return [(os.path.abspath(p), os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in paths]
+  return [(file_layer.absolute(p), *file_layer.stat(p)) for p in paths]
 
 
 # ----------------------------------------------------------------------------- jsonl
@@ -72,7 +72,7 @@ def stats(path: str) -> list:
 def utf8_lines(path: str):
   """Yields (line number, line) of a UTF-8 text file; a byte that is not UTF-8 raises UserError
   naming the file, the line and the byte's offset. Every reader of text and JSONL files uses it."""
-  with open(path, encoding="utf-8") as f:
+  with file_layer.open(path, encoding="utf-8") as f:
     try:
       yield from enumerate(f, 1)
     except UnicodeDecodeError:
@@ -82,7 +82,7 @@ def utf8_lines(path: str):
 def _not_utf8(path: str) -> UserError:
   """The error of the first line of `path` that does not decode (read again, as bytes)."""
   offset = 0
-  with open(path, "rb") as f:
+  with file_layer.open(path, "rb") as f:
     for n, raw in enumerate(f, 1):
       try:
         raw.decode("utf-8")
@@ -136,7 +136,7 @@ def parquet_records(path: str):
   """Yields ("path:row i", record) of a parquet file, BATCH_ROWS rows decoded at a time."""
   pa = _pyarrow()
   try:
-    f = pa.parquet.ParquetFile(path)
+    f = pa.parquet.ParquetFile(file_layer.open(path, "rb") if file_layer.is_url(path) else path)
   except (pa.ArrowInvalid, OSError) as e:
     raise UserError(f"{path}: not a parquet file ({e})") from None
   with f:
@@ -146,15 +146,15 @@ def parquet_records(path: str):
 def _hf_shards(path: str) -> list[str]:
   """The arrow files of a save_to_disk directory, in row order (its state.json's `_data_files`)."""
   state = os.path.join(path, "state.json")
-  if not os.path.isfile(state):
+  if not file_layer.isfile(state):
     splits = os.path.join(path, "dataset_dict.json")
-    if os.path.isfile(splits):
-      with open(splits) as f:
+    if file_layer.isfile(splits):
+      with file_layer.open(splits) as f:
         names = json.load(f).get("splits", [])
       raise UserError(f"{path} is a DatasetDict: name one split's directory",
                       hint=" or ".join(os.path.join(path, s) for s in names))
     raise UserError(f"{path}: no state.json: not a directory written by datasets' save_to_disk")
-  with open(state) as f:
+  with file_layer.open(state) as f:
     return [d["filename"] for d in json.load(f)["_data_files"]]
 
 
@@ -165,7 +165,7 @@ def hf_disk_records(path: str):
 
   def batches():
     for name in _hf_shards(path):
-      with pa.memory_map(os.path.join(path, name)) as source:
+      with pa.memory_map(file_layer.local(os.path.join(path, name))) as source:  # gs://: downloaded
         yield from pa.ipc.open_stream(source)
 
   yield from _rows(batches(), path.rstrip("/"))

@@ -23,7 +23,7 @@ import os
 from configs import models
 from configs.errors import UserError
 from model import hf_config, hf_tokenizer
-from train import data, rundir, run_tokenizer
+from train import data, files, rundir, run_tokenizer
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
@@ -33,16 +33,16 @@ def hf_source(init_from: str):
   if not init_from:
     return None
   if init_from.startswith(rundir.HF_PREFIX):
-    d = os.path.abspath(os.path.expanduser(init_from[len(rundir.HF_PREFIX):]))
-    has_tok = any(os.path.isfile(os.path.join(d, f)) for f in TOKENIZER_FILES)
-    return hf_config.read(d), os.path.join(d, "config.json"), d if has_tok else ""
+    d = files.absolute(init_from[len(rundir.HF_PREFIX):])
+    has_tok = any(files.isfile(os.path.join(d, f)) for f in TOKENIZER_FILES)
+    return hf_config.read(rundir.hf_dir(init_from)), os.path.join(d, "config.json"), d if has_tok else ""
   hf = rundir.read_hf_config(init_from)
   if hf is None:
     return None
   tok = ""
   if run_tokenizer.stored(init_from) is not None:
-    tok = os.path.abspath(run_tokenizer.directory(init_from))
-  elif os.path.isfile(os.path.join(init_from, rundir.CONFIG)):
+    tok = files.absolute(run_tokenizer.directory(init_from))
+  elif files.isfile(os.path.join(init_from, rundir.CONFIG)):
     tok = rundir.load_config(init_from).get("tokenizer", {}).get("path", "")
   return hf, os.path.join(init_from, rundir.HF_CONFIG), tok
 
@@ -79,7 +79,7 @@ def resolve(config, workdir: str = ""):
 
 def _has_checkpoint(workdir: str) -> bool:
   ckpt = os.path.join(workdir, "checkpoints")
-  return os.path.isdir(ckpt) and any(d.isdigit() for d in os.listdir(ckpt))
+  return files.isdir(ckpt) and any(d.isdigit() for d in files.listdir(ckpt))
 
 
 def _init_from_tokenizer(init_from: str):
@@ -88,16 +88,16 @@ def _init_from_tokenizer(init_from: str):
   if not init_from:
     return None, ""
   if init_from.startswith(rundir.HF_PREFIX):
-    d = os.path.expanduser(init_from[len(rundir.HF_PREFIX):])
+    d = rundir.hf_dir(init_from)
     has = any(os.path.isfile(os.path.join(d, f)) for f in TOKENIZER_FILES)
     return (hf_tokenizer.load(d), f"tokenizer of {init_from}") if has else (None, "")
-  if run_tokenizer.stored(init_from) is None and not os.path.isfile(os.path.join(init_from, rundir.CONFIG)):
+  if run_tokenizer.stored(init_from) is None and not files.isfile(os.path.join(init_from, rundir.CONFIG)):
     return None, ""
   return run_tokenizer.load(init_from, rundir.load_config(init_from)), f"tokenizer of {init_from}"
 
 
 def _explicit(config):
-  path = os.path.expanduser(config.tokenizer.path)
+  path = files.local(config.tokenizer.path)  # a gs:// one: downloaded
   if not os.path.exists(path):
     raise UserError(f"config.tokenizer.path={config.tokenizer.path}: no such file or directory",
                     "give a SentencePiece .model file or a Hugging Face tokenizer directory, or '' "

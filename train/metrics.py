@@ -6,6 +6,8 @@ import time
 
 import numpy as np
 
+from train import files
+
 
 class MetricsLogger:
   """`log(step, {"train/loss": ..., ...})` appends one JSON line and one TensorBoard point."""
@@ -16,8 +18,8 @@ class MetricsLogger:
     self.bar = self.tb = self.jsonl = None
     if not enabled:
       return
-    os.makedirs(workdir, exist_ok=True)
-    self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    files.makedirs(workdir)
+    self.jsonl = files.Appender(os.path.join(workdir, "metrics.jsonl"))
     try:
       from tensorboardX import SummaryWriter
       self.tb = SummaryWriter(os.path.join(workdir, "tb"))

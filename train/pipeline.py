@@ -25,7 +25,7 @@ from eval import report, suite
 from rl import loop as rl_loop
 from rl.algorithms import ALGORITHMS as RL_ALGORITHMS
 from configs.errors import UserError
-from train import cli, cpu_tuning, loop, rundir
+from train import cli, cpu_tuning, files, loop, rundir
 from train.validate import validate
 
 STAGE_REFS = ("init_from", "rl.reward_model", "rl.value_init_from")  # keys that may say "@stage"
@@ -34,7 +34,7 @@ STAGE_REFS = ("init_from", "rl.reward_model", "rl.value_init_from")  # keys that
 def finished_step(stage_dir: str) -> int:
   """Latest finalised checkpoint step in stage_dir that passes its checksums (-1: none); a stage
   whose last step is corrupt is unfinished: it reruns from the step before."""
-  if not os.path.isdir(os.path.join(stage_dir, "checkpoints")):
+  if not files.isdir(os.path.join(stage_dir, "checkpoints")):
     return -1
   step = rundir.latest_step(stage_dir)
   return -1 if step is None else step
@@ -61,7 +61,7 @@ def resolve(config, name: str, workdir: str):
       raise UserError(f"config.{name}.{key}={value!r}: no earlier stage called {value[1:]!r} "
                       f"(stages before {name}: {earlier})")
     section, _, last = key.rpartition(".")
-    (_get(cfg, section) if section else cfg)[last] = os.path.abspath(os.path.join(workdir, value[1:]))
+    (_get(cfg, section) if section else cfg)[last] = files.absolute(os.path.join(workdir, value[1:]))
   return cfg
 
 
@@ -139,8 +139,8 @@ def run_pipeline(config, workdir: str) -> dict:
   """Checks, trains every unfinished stage, evaluates all of them, writes the report; the rows."""
   t0 = time.time()
   resolved = check(config, workdir)
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "pipeline.json"), "w") as f:
+  files.makedirs(workdir)
+  with files.open(os.path.join(workdir, "pipeline.json"), "w") as f:
     f.write(config.to_json(indent=2))
   dirs = run_stages(resolved, workdir)
   rows = evaluate(config, resolved, dirs)

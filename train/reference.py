@@ -8,15 +8,15 @@
   training, cached in `workdir/reference_logps/`, and carried by the batches as `ref_logps` [b, 2]:
   no reference forward pass per step, and the full-fine-tuning copy is dropped afterwards.
 """
+import io
 import os
-import tempfile
 
 import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from model import sharding
-from train import objectives, pairs, rundir, sources
+from train import files, objectives, pairs, rundir, sources
 from train.params import abstract_params
 
 
@@ -35,22 +35,21 @@ def precompute_logps(config, workdir, tok, model, ref_params, mesh, split: str,
                      process_index: int = 0, process_count: int = 1) -> np.ndarray:
   """Reference log-probs [N, 2] (chosen, rejected) of every pair of a split; cached in the workdir."""
   ps = pairs.load(config, tok, split)
-  ident = sources.stable_hash(ps.key, os.path.abspath(config.init_from),
+  ident = sources.stable_hash(ps.key, files.absolute(config.init_from),
                               rundir.latest_step(config.init_from), config.model.to_dict())
   path = os.path.join(workdir, "reference_logps", f"{split}-{ident}.npy")
-  if os.path.isfile(path):
-    return np.load(path)
+  if files.isfile(path):
+    with files.open(path, "rb") as f:
+      return np.load(f)
   logps = jax.jit(lambda p, b: objectives.pair_logps(p, b, model, config.logits_chunk)[0],
                   out_shardings=NamedSharding(mesh, P()))  # [B, 2], on every process
   out = [np.asarray(logps(ref_params, sharding.put_batch(b, mesh)))
          for b in pairs.ordered_batches(ps, config.batch_size, process_index, process_count)]
   table = np.concatenate(out)[:len(ps)].astype(np.float32)  # [N, 2]
   if jax.process_index() == 0:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".npy.tmp")
-    with os.fdopen(fd, "wb") as f:
-      np.save(f, table)
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    np.save(buffer, table)
+    files.write_atomic(path, buffer.getvalue())
   return table
 
 

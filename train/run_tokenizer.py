@@ -19,7 +19,7 @@ import jax
 
 from model import hf_tokenizer
 from model import tokenizer as tokenizer_lib
-from train import data
+from train import data, files
 
 SUBDIR = "tokenizer"
 SENTENCEPIECE = "sentencepiece.model"
@@ -33,7 +33,7 @@ def directory(workdir: str) -> str:
 
 def stored(workdir: str):
   """The tokenizer stored in DIR/tokenizer/, or None when DIR stores none."""
-  d = directory(workdir)
+  d = files.local(directory(workdir))  # a gs:// run's: downloaded (the readers take local files)
   if os.path.isfile(os.path.join(d, SENTENCEPIECE)):
     return tokenizer_lib.load_sentencepiece(os.path.join(d, SENTENCEPIECE))
   if any(os.path.isfile(os.path.join(d, n)) for n in HF_FILES[:2]):
@@ -47,14 +47,15 @@ def identity(tok) -> tuple:
 
 
 def copy_hf_files(src: str, dst: str) -> bool:
-  """Copies the HF tokenizer files of directory `src` (or src's directory) into `dst`."""
-  src = src if os.path.isdir(src) else os.path.dirname(src)
-  names = [n for n in HF_FILES if os.path.isfile(os.path.join(src, n))]
+  """Copies the HF tokenizer files of directory `src` (or src's directory) into `dst` (either may
+  be a gs:// URL)."""
+  src = src if files.isdir(src) else os.path.dirname(src)
+  names = [n for n in HF_FILES if files.isfile(os.path.join(src, n))]
   if not names:
     return False
-  os.makedirs(dst, exist_ok=True)
+  files.makedirs(dst)
   for n in names:
-    shutil.copyfile(os.path.join(src, n), os.path.join(dst, n))
+    files.copyfile(os.path.join(src, n), os.path.join(dst, n))
   return True
 
 
@@ -77,16 +78,13 @@ def save(workdir: str, tok) -> None:
   old = stored(workdir)
   if old is not None and identity(old) == identity(tok):
     return
-  os.makedirs(workdir, exist_ok=True)
-  new, aside = (tempfile.mkdtemp(dir=workdir, prefix=f".{SUBDIR}.{k}.") for k in ("new", "old"))
+  files.makedirs(workdir)
+  new = tempfile.mkdtemp(dir=None if files.is_url(workdir) else workdir, prefix=f".{SUBDIR}.new.")
   try:
     _write(tok, new)
-    if os.path.isdir(directory(workdir)):
-      os.replace(directory(workdir), aside)
-    os.rename(new, directory(workdir))
+    files.replace_dir(new, directory(workdir))
   finally:
     shutil.rmtree(new, ignore_errors=True)
-    shutil.rmtree(aside, ignore_errors=True)
 
 
 def load(workdir: str, config):

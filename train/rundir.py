@@ -28,6 +28,7 @@ import logging
 import os
 import socket
 import sys
+import tempfile
 from typing import Any
 
 from etils import epath
@@ -42,7 +43,7 @@ from configs.errors import UserError
 from model import convert, hf_config, lora, quant, sharding
 from model.tokenizer import Tokenizer
 from model.transformer import ModelConfig, Transformer
-from train import checkpoints, checksums, cli, run_tokenizer
+from train import checkpoints, checksums, cli, files, run_tokenizer
 from train import params as params_lib
 
 HF_PREFIX = "hf:"  # init_from="hf:/path/to/dir": a Hugging Face checkpoint directory
@@ -62,10 +63,15 @@ logging.getLogger("absl").addFilter(_QuietReadOnly())
 
 
 def absolute(path: str) -> str:
-  """os.path.abspath that keeps the hf: prefix."""
+  """files.absolute (a local path made absolute, a gs:// URL as it is) that keeps the hf: prefix."""
   if path.startswith(HF_PREFIX):
-    return HF_PREFIX + os.path.abspath(os.path.expanduser(path[len(HF_PREFIX):]))
-  return os.path.abspath(path)
+    return HF_PREFIX + files.absolute(path[len(HF_PREFIX):])
+  return files.absolute(path)
+
+
+def hf_dir(path: str) -> str:
+  """The local directory of "hf:DIR" (a gs:// DIR is downloaded once: safetensors reads local files)."""
+  return files.local(path[len(HF_PREFIX):])
 
 
 class WorkdirInUse(UserError):
@@ -77,9 +83,14 @@ def locked(workdir: str):
   """Holds DIR/.lock (an flock) while the block runs: a second process that trains in the same
   directory stops at once with WorkdirInUse naming the holder's host and pid, before it writes
   anything. The kernel drops the lock when its holder exits, however it exits (kill -9 included).
-  Only process 0 of a multi-process run takes it (they share the directory)."""
+  Only process 0 of a multi-process run takes it (they share the directory). A gs:// workdir has
+  no flock: see `_object_lock`."""
   if jax.process_index() != 0:
     yield
+    return
+  if files.is_url(workdir):
+    with _object_lock(workdir):
+      yield
     return
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, LOCK), "a+") as f:
@@ -100,8 +111,45 @@ def locked(workdir: str):
       fcntl.flock(f, fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def _object_lock(workdir: str):
+  """locked() of a gs:// workdir: DIR/.lock is an object created only if absent (an upload with
+  if-generation-match=0) and deleted when the block ends. A holder killed without cleaning up
+  leaves it: the next run on the same host whose pid is gone takes it over; elsewhere the error
+  names the holder and the object to delete."""
+  path, me = os.path.join(workdir, LOCK), f"host {socket.gethostname()} pid {os.getpid()}"
+  if not files.create_new(path, me + "\n"):
+    holder = "another process"
+    if files.exists(path):
+      with files.open(path) as f:
+        holder = f.read().strip() or holder
+    if not _dead_here(holder):
+      raise WorkdirInUse(f"{workdir} is in use by {holder}: one run per workdir",
+                         hint=f"wait for it, stop it, or pick another --workdir (if {holder} is gone, "
+                              f"delete {path})")
+    files.write_atomic(path, me + "\n")
+  try:
+    yield
+  finally:
+    files.remove(path)
+
+
+def _dead_here(holder: str) -> bool:
+  """Whether lock text "host H pid P" names a process of this host that no longer runs."""
+  parts = holder.split()
+  if len(parts) != 4 or parts[1] != socket.gethostname() or not parts[3].isdigit():
+    return False
+  try:
+    os.kill(int(parts[3]), 0)
+  except ProcessLookupError:
+    return True
+  except OSError:
+    return False
+  return False
+
+
 def manager(workdir: str, keep: int, async_save: bool = True) -> checkpoints.Manager:
-  return checkpoints.Manager(os.path.abspath(os.path.join(workdir, "checkpoints")), keep, async_save)
+  return checkpoints.Manager(files.absolute(os.path.join(workdir, "checkpoints")), keep, async_save)
 
 
 def save(mngr: ocp.CheckpointManager, step: int, params, opt_state, meta: dict, force=False) -> bool:
@@ -152,7 +200,7 @@ def checkpoint_dir(path: str) -> str:
   """The absolute checkpoints/ folder of `path`, a run's workdir or that folder itself (orbax reads
   absolute paths only: a relative `init_from` of a PPO stage failed reading the reward head)."""
   sub = os.path.join(path, "checkpoints")
-  return os.path.abspath(sub if os.path.isdir(sub) else path)
+  return files.absolute(sub if files.isdir(sub) else path)
 
 
 def _reader(directory: str) -> ocp.CheckpointManager:
@@ -193,9 +241,9 @@ def restore_params(path: str, abstract_params, param_shardings, step=None, missi
   it aside when it resumes).
   """
   if path.startswith(HF_PREFIX):
-    return convert.load_hf(path[len(HF_PREFIX):], abstract_params, param_shardings, missing_ok), 0
-  directory = os.path.abspath(checkpoint_dir(path))
-  if not os.path.isdir(directory):
+    return convert.load_hf(hf_dir(path), abstract_params, param_shardings, missing_ok), 0
+  directory = checkpoint_dir(path)
+  if not files.isdir(directory):
     raise UserError(f"{path}: no such directory", hint="give the --workdir of a run that saved a checkpoint")
   mngr = _reader(directory)
   steps = mngr.all_steps() if step is None else [step]
@@ -254,35 +302,35 @@ def _restore_params_at(mngr, directory: str, step: int, abstract_params, param_s
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   """DIR/config.json: the config the run was trained with."""
   path = os.path.join(workdir, CONFIG)
-  if not os.path.exists(path):
+  if not files.exists(path):
     raise UserError(f"{path}: no such file",
                     hint="give the directory of a `python -m train` run (it has config.json)")
-  with open(path) as f:
+  with files.open(path) as f:
     return ml_collections.ConfigDict(json.load(f))
 
 
 def save_config(workdir: str, config) -> None:
   """Writes DIR/config.json (process 0 only)."""
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, CONFIG), "w") as f:
+    files.makedirs(workdir)
+    with files.open(os.path.join(workdir, CONFIG), "w") as f:
       f.write(config.to_json(indent=2))
 
 
 def read_hf_config(workdir: str):
   """DIR/hf_config.json (a dict), or None when the run does not descend from a HF checkpoint."""
   path = os.path.join(workdir, HF_CONFIG)
-  if not os.path.isfile(path):
+  if not files.isfile(path):
     return None
-  with open(path) as f:
+  with files.open(path) as f:
     return json.load(f)
 
 
 def save_hf_config(workdir: str, hf: dict) -> None:
   """Writes DIR/hf_config.json (process 0 only): later stages and export know the HF origin."""
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, HF_CONFIG), "w") as f:
+    files.makedirs(workdir)
+    with files.open(os.path.join(workdir, HF_CONFIG), "w") as f:
       json.dump(hf, f, indent=2, sort_keys=True)
 
 
@@ -318,21 +366,22 @@ def load_run(workdir: str, step=None, mesh=None) -> LoadedRun:
 # ----------------------------------------------------------------------------- Hugging Face
 
 
-def import_hf(hf_dir: str, workdir: str) -> str:
+def import_hf(source: str, workdir: str) -> str:
   """HF directory -> a Kiln run dir (checkpoints/0/params, config.json, hf_config.json, tokenizer/)
   that `init_from`, evaluation and sampling read. Returns the checkpoint directory."""
-  hf = hf_config.read(hf_dir)
+  local = files.local(source)
+  hf = hf_config.read(local)
   config = base.base_config()
-  config.model.update(hf_config.to_model(hf, os.path.join(hf_dir, "config.json")))
-  if run_tokenizer.copy_hf_files(hf_dir, run_tokenizer.directory(workdir)):
-    config.tokenizer.path = os.path.abspath(run_tokenizer.directory(workdir))
+  config.model.update(hf_config.to_model(hf, os.path.join(source, "config.json")))
+  if run_tokenizer.copy_hf_files(local, run_tokenizer.directory(workdir)):
+    config.tokenizer.path = files.absolute(run_tokenizer.directory(workdir))
   mesh = sharding.make_mesh(config.mesh)
   model = Transformer(ModelConfig.from_config(config.model))
   abstract, shardings, _, _ = params_lib.abstract_params(model, 8, mesh)
-  params = convert.load_hf(hf_dir, abstract, shardings)
+  params = convert.load_hf(local, abstract, shardings)
   mngr = manager(workdir, keep=1, async_save=False)
   mngr.save(0, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
-                                       meta=ocp.args.JsonSave({"step": 0, "hf": os.path.abspath(hf_dir)})))
+                                       meta=ocp.args.JsonSave({"step": 0, "hf": files.absolute(source)})))
   mngr.wait_until_finished()
   mngr.close()
   save_config(workdir, config)
@@ -359,12 +408,15 @@ def export_hf(workdir: str, out_dir: str, max_shard_bytes: int = 2 << 30, dtype:
     tensors = {k: v.astype(jnp.dtype(dtype)) for k, v in tensors.items()}
   out_dtype = str(next(iter(tensors.values())).dtype)
   hf = hf_config.from_model(model, read_hf_config(workdir), out_dtype)
-  files = convert.save_hf(tensors, hf, out_dir, max_shard_bytes)
-  if os.path.isdir(run_tokenizer.directory(workdir)):
-    run_tokenizer.copy_hf_files(run_tokenizer.directory(workdir), out_dir)
-  elif config.tokenizer.path:
-    run_tokenizer.copy_hf_files(os.path.expanduser(config.tokenizer.path), out_dir)
-  return files
+  with tempfile.TemporaryDirectory() if files.is_url(out_dir) else contextlib.nullcontext(out_dir) as local:
+    shards = convert.save_hf(tensors, hf, local, max_shard_bytes)
+    if files.isdir(run_tokenizer.directory(workdir)):
+      run_tokenizer.copy_hf_files(run_tokenizer.directory(workdir), local)
+    elif config.tokenizer.path:
+      run_tokenizer.copy_hf_files(os.path.expanduser(config.tokenizer.path), local)
+    if local != out_dir:  # a gs:// out_dir: written here, then uploaded
+      files.upload(local, out_dir)
+  return shards
 
 
 def convert_hf(workdir: str, config) -> None:
@@ -376,8 +428,8 @@ def convert_hf(workdir: str, config) -> None:
   if config.import_hf:
     print(f"wrote {import_hf(config.import_hf, workdir)} (use --config.init_from={workdir})")
   else:
-    files = export_hf(workdir, config.export_hf, int(config.max_shard_mb * 2**20), config.dtype)
-    print(f"wrote {config.export_hf}: config.json, {convert.INDEX}, {len(files)} safetensors shard(s)")
+    shards = export_hf(workdir, config.export_hf, int(config.max_shard_mb * 2**20), config.dtype)
+    print(f"wrote {config.export_hf}: config.json, {convert.INDEX}, {len(shards)} safetensors shard(s)")
 
 
 def main():

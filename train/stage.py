@@ -13,7 +13,7 @@ from configs.errors import UserError
 from model import sharding
 from model import tokenizer as tokenizer_lib
 from model.transformer import ModelConfig, Transformer
-from train import init_source, run_tokenizer, rundir
+from train import files, init_source, run_tokenizer, rundir
 
 # Keys (and sections) a resumed run may not change: its checkpoint holds params of their shape.
 FIXED_ON_RESUME = ("config.model.", "config.tokenizer.", "config.objective", "config.lora.rank",
@@ -43,12 +43,12 @@ def check_sources(config) -> None:
     if not path:
       continue
     if path.startswith(rundir.HF_PREFIX):
-      hf_dir = os.path.expanduser(path[len(rundir.HF_PREFIX):])
-      if not os.path.isfile(os.path.join(hf_dir, "config.json")):
-        raise UserError(f"config.{key}={path}: no config.json in {os.path.abspath(hf_dir)}",
+      hf_dir = files.absolute(path[len(rundir.HF_PREFIX):])
+      if not files.isfile(os.path.join(hf_dir, "config.json")):
+        raise UserError(f"config.{key}={path}: no config.json in {hf_dir}",
                         hint="hf:DIR is a Hugging Face checkpoint directory (config.json, *.safetensors)")
-    elif not os.path.isdir(path) or rundir.latest_step(path) is None:
-      what = "no such directory" if not os.path.isdir(path) else "no finished checkpoint there"
+    elif not files.isdir(path) or rundir.latest_step(path) is None:
+      what = "no such directory" if not files.isdir(path) else "no finished checkpoint there"
       raise UserError(f"config.{key}={path}: {what}",
                       hint="give the --workdir of a run that saved a checkpoint (or hf:DIR)")
 
@@ -74,7 +74,7 @@ def check_resume(config, workdir: str) -> list:
   """Compares `config` with DIR/config.json of a run that has a checkpoint: a key that shapes the
   checkpoint and differs is a UserError listing each one; the others are returned as lines
   `config.optim.lr: 0.003 (saved) -> 0.001` to log. [] for a fresh run."""
-  has = lambda name: os.path.exists(os.path.join(workdir, name))
+  has = lambda name: files.exists(os.path.join(workdir, name))
   if not has(rundir.CONFIG) or not has("checkpoints") or rundir.latest_step(workdir) is None:
     return []
   saved = flatten(rundir.load_config(workdir).to_dict())
