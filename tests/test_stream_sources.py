@@ -4,6 +4,7 @@ shards) give each process its own records, which together are the cached pipelin
 the streamed rows are the cached pipeline's rows; a process decodes only its own records; a resumed
 text or jsonl stream seeks to where it stopped instead of reading its files again."""
 import itertools
+import json
 
 import grain
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 from configs.errors import UserError
 from tests.test_formats import write_hf_disk, write_jsonl, write_parquet
 from model import tokenizer as T
-from tests.test_stream import make_config
+from tests.test_stream import make_config, same, take
 from train import corpus, data, shards
 from train import sources as S
 from train import stream as ST
@@ -110,3 +111,32 @@ def test_a_process_decodes_only_its_own_records(tmp_path, fmt):
   assert len([d for d, _ in S.shard_documents(cfg, "train", 0, 3)]) == 39
   with pytest.raises(UserError, match=r"(row 5|\.jsonl:6): 'messages' message 0 needs a role"):
     list(S.shard_documents(cfg, "train", 1, 3))
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "text"])
+def test_a_resumed_stream_seeks_past_the_lines_it_read(tmp_path, tok, monkeypatch, fmt):
+  """The lines before the saved seek are overwritten with bytes that are neither JSON nor UTF-8:
+  a resume that read them again would fail; it seeks, and gives the batches of an unbroken run."""
+  monkeypatch.setattr(ST, "WINDOW", 12)
+  recs = records("pretrain")
+  path = tmp_path / f"c.{fmt}"
+  if fmt == "jsonl":
+    write_jsonl(path, recs)
+  else:
+    path.write_text("\n\n".join(r["text"] for r in recs) + "\n")
+  cfg = config(fmt, str(path), "pretrain", str(tmp_path / "cache"))
+  it = ST.make_batch_iterator(cfg, tok)
+  straight = take(it, 30)
+  it = ST.make_batch_iterator(cfg, tok)
+  take(it, 20)
+  state = json.loads(json.dumps(it.get_state()))
+  epoch, _, _, _, _, file, byte, line = state["processes"]["0"]
+  assert epoch == 0 and file == 0 and byte > len(path.read_bytes()) // 4, state
+  raw = path.read_bytes()
+  path.write_bytes(bytes(b if b == 10 else 0xff for b in raw[:byte]) + raw[byte:])
+  with pytest.raises(UserError, match="not UTF-8"):
+    S.load_documents(cfg, "train")
+  resumed = ST.make_batch_iterator(cfg, tok)
+  resumed.set_state(state)
+  assert same(take(resumed, 8), straight[20:28])
+  assert line == raw[:byte].count(b"\n") + 1
