@@ -271,3 +271,22 @@ def test_two_processes_stream_killed_and_resumed_equal_uninterrupted(tmp_path, d
   a, b = _cli.train_losses(tmp_path / "straight"), _cli.train_losses(tmp_path / "resumed")
   assert sorted(a) == sorted(b) == list(range(1, 41))
   assert [b[s] for s in a] == [a[s] for s in a]  # bit-identical
+
+
+def test_batches_are_the_same_for_any_number_of_workers(corpus_path, chats_path, tok, small_window):
+  """Records tokenized in 1 or 2 worker processes (data.workers) give the batches of the trainer's
+  own thread (0), also after a resume."""
+  for cfg, counts in ((make_config(corpus_path), (0, 2)), (sft_config(chats_path), (0, 1))):
+    runs = []
+    for n in counts:
+      cfg.data.workers = n
+      it = ST.make_batch_iterator(cfg, tok)
+      first = take(it, 9)
+      state = json.loads(json.dumps(it.get_state()))
+      rest = take(it, 16)
+      it.set_state(state)  # the workers stay; the abandoned window's chunks are dropped
+      again = take(it, 6)
+      it.close()
+      runs.append(first + rest)
+      assert same(again, rest[:6]), (cfg.objective, n)
+    assert all(same(r, runs[0]) for r in runs[1:]), cfg.objective

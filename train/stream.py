@@ -20,7 +20,9 @@ exactly those of a run that never stopped, without reading the files before it a
 processes `get_state` gathers every process's state (a collective: every process saves), so the
 checkpoint holds them all and each resumes its own.
 
-A background thread prepares the next PREFETCH batches while the device trains. Held-out
+A background thread prepares the next PREFETCH batches while the device trains; with
+`data.workers` > 0, worker processes tokenize the records, in order (train/workers.py), so the
+batches are the same for any number of workers. Held-out
 batches are the first `config.eval_batches` global batches packed from the eval records.
 """
 import functools
@@ -35,6 +37,7 @@ from train import packing
 from train import pairs
 from train import shards
 from train import sources
+from train import workers
 
 WINDOW = 256   # rows (pretraining) or records (SFT conversations, preference records) shuffled together
 PREFETCH = 4   # batches made ahead by the background thread
@@ -76,22 +79,21 @@ def _records(config, split: str, pidx: int, pcount: int, document: int, seek: tu
   return (((w, rec), after) for w, rec, after in sources.shard_records(config, split, pidx, pcount, document, seek))
 
 
-def encoded(config, tok, items):
-  """(encoder(record), after) of (record, after) items, in order."""
-  encode = encoder(config, tok)
-  return ((encode(record), after) for record, after in items)
+def in_thread(config, tok) -> workers.OrderedMap:
+  """(encoder(record), after) of (record, after) items, computed in the calling thread."""
+  return workers.OrderedMap(encoder(config, tok), 0)
 
 
-def packed_rows(config, tok, pidx: int, pcount: int, start: tuple):
+def packed_rows(config, tok, pidx: int, pcount: int, start: tuple, encode=None):
   """Forever: (row [5, seq_len], (epoch, document, offset, seek) where the next row starts), the
   rows of this process's documents from token `offset` of its `document`-th of `epoch` on (`seek`:
-  where the reader resumes, after document - 1)."""
-  seq_len = config.seq_len
+  where the reader resumes, after document - 1); `encode`: a workers.OrderedMap of encoder()."""
+  encode, seq_len = encode or in_thread(config, tok), config.seq_len
   epoch, document, offset, seek = start
   row, fill = packing.empty_row(seq_len, tok.pad_id), 0
   while True:
     whole_epoch, tokens = document == 0, 0
-    examples = encoded(config, tok, _records(config, "train", pidx, pcount, document, seek))
+    examples = encode(_records(config, "train", pidx, pcount, document, seek))
     for document, (example, after) in enumerate(examples, document):
       x = packing._shifted(example)  # [3, n]
       tokens += x.shape[1]
@@ -114,9 +116,9 @@ def _no_tokens(config, pidx: int, pcount: int) -> UserError:
                    hint="give more documents than processes")
 
 
-def concat_windows(config, tok, pidx: int, pcount: int, start: tuple):
+def concat_windows(config, tok, pidx: int, pcount: int, start: tuple, encode=None):
   """Forever (pretraining): (WINDOW rows, where they start, where the next ones start)."""
-  rows = packed_rows(config, tok, pidx, pcount, start)
+  rows = packed_rows(config, tok, pidx, pcount, start, encode)
   while True:
     chunk = list(itertools.islice(rows, WINDOW))  # [(row, where the next row starts)]
     yield [r for r, _ in chunk], start, chunk[-1][1]
@@ -131,13 +133,14 @@ def _pack(config, tok, encoded_block: list) -> list:
   return [triple for triples in encoded_block for triple in triples]
 
 
-def record_windows(config, tok, pidx: int, pcount: int, start: tuple):
+def record_windows(config, tok, pidx: int, pcount: int, start: tuple, encode=None):
   """Forever (SFT, pairs): (rows of WINDOW records, where they start, where the next ones start);
   a conversation is never split, and no row mixes two windows."""
   epoch, document, _, seek = start
+  encode = encode or in_thread(config, tok)
   while True:
     whole_epoch, kept = document == 0, 0
-    items = encoded(config, tok, _records(config, "train", pidx, pcount, document, seek))
+    items = encode(_records(config, "train", pidx, pcount, document, seek))
     while block := list(itertools.islice(items, WINDOW)):
       rows = _pack(config, tok, [x for x, _ in block])
       kept += len(rows)
@@ -158,11 +161,11 @@ def _state(at: tuple, window: int, taken: int) -> tuple:
 FIRST_STATE = _state(FIRST, 0, 0)
 
 
-def shuffled_rows(config, tok, pidx: int, pcount: int, state: tuple):
+def shuffled_rows(config, tok, pidx: int, pcount: int, state: tuple, encode=None):
   """Forever: (row, state after it), the packed rows permuted window by window from `state`."""
   epoch, document, offset, window, taken, *seek = state
   windows = concat_windows if config.objective == "pretrain" else record_windows
-  for rows, start, end in windows(config, tok, pidx, pcount, (epoch, document, offset, tuple(seek))):
+  for rows, start, end in windows(config, tok, pidx, pcount, (epoch, document, offset, tuple(seek)), encode):
     order = np.random.default_rng([config.seed, pidx, window]).permutation(len(rows))
     for j in range(taken, len(rows)):
       after = _state(start, window, j + 1) if j + 1 < len(rows) else _state(end, window + 1, 0)
@@ -188,11 +191,11 @@ def _batch(config, tok, rows: list) -> dict:
   return pairs.make_batch(pairs.pair_set(rows, tok.pad_id, row_len=L, completions=K), np.arange(len(rows)))
 
 
-def local_batches(config, tok, pidx: int, pcount: int, state: tuple):
+def local_batches(config, tok, pidx: int, pcount: int, state: tuple, encode=None):
   """Forever: (this process's batch, state after it): {inputs, targets, segment_ids, positions,
   loss_mask} each [b, seq_len], or a batch of b pairs (train/pairs.py make_batch, L = 2 seq_len)."""
   b = config.batch_size // pcount
-  rows = shuffled_rows(config, tok, pidx, pcount, state)
+  rows = shuffled_rows(config, tok, pidx, pcount, state, encode)
   while True:
     taken = list(itertools.islice(rows, b))
     yield _batch(config, tok, [r for r, _ in taken]), taken[-1][1]
@@ -252,6 +255,7 @@ class StreamIterator:
       raise UserError(f"config.batch_size={config.batch_size} is not divisible by the {pcount} processes")
     self._config, self._tok, self._pidx, self._pcount = config, tok, pidx, pcount
     self.row_len = pair_sizes(config)[0]  # L of a pair row (preference objectives)
+    self._encode = workers.OrderedMap(encoder(config, tok), config.data.get("workers", 0))
     self._prefetch = None
     self.set_state({"step": 0, "processes": {str(pidx): FIRST_STATE}})
 
@@ -286,7 +290,13 @@ class StreamIterator:
     if len(local) == 5:  # saved before the state held a seek: scan the files from the start
       local = [*local, *shards.NO_SEEK]
     self._step, self._local = int(state["step"]), tuple(int(v) for v in local)
-    self._prefetch = _Prefetch(local_batches(self._config, self._tok, self._pidx, self._pcount, self._local))
+    self._prefetch = _Prefetch(local_batches(self._config, self._tok, self._pidx, self._pcount, self._local,
+                                             self._encode))
+
+  def close(self) -> None:
+    """Stops the background thread and the worker processes."""
+    self._prefetch.close()
+    self._encode.close()
 
 
 def check(config) -> None:
@@ -316,7 +326,7 @@ def make_eval_batches(config, tok, pidx: int = 0, pcount: int = 1) -> list[dict]
   """The first config.eval_batches (0: all) global batches of packed eval rows (or pairs), this
   process's slices; the last batch is padded with mask-0 rows (weight-0 pairs)."""
   B, b = config.batch_size, config.batch_size // pcount
-  items = encoded(config, tok, _records(config, "eval", 0, 1, 0, shards.START))
+  items = in_thread(config, tok)(_records(config, "eval", 0, 1, 0, shards.START))
   if config.objective not in ("pretrain", "sft"):
     triples = list(itertools.islice((t for ts, _ in items for t in ts), config.eval_batches * B or None))
     if not triples:
