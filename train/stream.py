@@ -57,7 +57,7 @@ def _sft_example(tok, template: str, train_on_prompt: bool, seq_len: int, overlo
 
 def encoder(config, tok):
   """The function (picklable) of a record: pretrain (ids, mask); sft (ids, mask) or None (dropped);
-  preference pairs: the kept (prompt, chosen, rejected) ids of a ((where, record)) (train/pairs.py)."""
+  preference pairs: the kept (prompt, chosen, rejected) ids of a (where, record) (train/pairs.py)."""
   d = config.data
   if config.objective == "pretrain":
     return functools.partial(_pretrain_example, tok)
