@@ -300,9 +300,9 @@ def encode_records(tok, recs, seq_len: int, template: str, key: str = "", overlo
   error names `where`; none left names `origin` (default: the first record's file)."""
   kept, fate = [], {"dropped": 0, "truncated": 0, "identical": 0}
   for where, pair in recs:
-    what, triple = encode_fitted(tok, where, pair, seq_len, template, overlong)
-    if what != "kept":
-      fate[what] += 1
+    became, triple = encode_fitted(tok, where, pair, seq_len, template, overlong)
+    if became != "kept":
+      fate[became] += 1
     if triple is not None:
       kept.append(triple)
   counts = sources.Counts(what, f"config.seq_len={seq_len}", overlong, len(recs), **fate)
