@@ -1,5 +1,6 @@
-"""Streamed pretraining batches (train/stream.py): deterministic, exactly resumable, sharded by
-process, lossless packing, and a run that learns from them."""
+"""Streamed pretraining and SFT batches (train/stream.py): deterministic, exactly resumable, sharded
+by process, lossless packing, the same for any number of tokenizing workers, and a run that learns
+from them."""
 import itertools
 import json
 import os
