@@ -87,7 +87,10 @@ def data() -> ml_collections.ConfigDict:
       chat_template="chatml",  # chatml | llama2 | hf (the tokenizer's own jinja template): all but pretrain
       train_on_prompt=False,  # sft: loss on every token instead of assistant tokens only
       pipeline="cache",       # cache: tokenize + pack the split once into rows on disk, shuffled per epoch;
-                              # stream (pretrain, sft): each process packs its own shard as it trains (train/stream.py)
+                              # stream (pretrain, sft, reward_model, dpo): each process packs its own shard as it
+                              # trains (train/stream.py)
+      workers=0,              # stream: processes tokenizing records (same batches for any number); 0 = the
+                              # pipeline's own thread (train/workers.py)
       overlong="drop",        # an sft conversation or preference pair longer than seq_len (an rl jsonl
                               # prompt longer than rl.max_prompt_len): drop | truncate (keep what fits)
   )

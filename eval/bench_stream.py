@@ -4,9 +4,10 @@ For each size (MB): a fresh data cache, then `python -m train` (the `small` mode
 data.pipeline=stream) for one step, timed from launch to exit (tokenizer training on the bounded
 sample, compile, the first step, a save), and the data cache's bytes afterwards; then, in this
 process, the rate at which the stream makes batches of the first corpus (tokenize + pack +
-shuffle, one thread) against what a `small` train step consumes (eval/bench.py `train_small`).
+shuffle) with each `data.workers` count of --workers (0: one thread), against what a `small` train
+step consumes (eval/bench.py `train_small`).
 
-  python -m eval.bench_stream [--sizes 25,250] [--dir /tmp/kiln_bench_stream] [--pipeline cache]
+  python -m eval.bench_stream [--sizes 25,250] [--dir /tmp/kiln_bench_stream] [--pipeline cache] [--workers 0,2]
 """
 import argparse
 import json
@@ -58,19 +59,22 @@ def first_step(corpus_path: str, work: str, pipeline: str = "stream") -> dict:
   return {"first_step_s": seconds, "cache_bytes": du(cache)}
 
 
-def stream_rate(corpus_path: str, work: str, batches: int = 200) -> float:
-  """Tokens per second of streamed `small` batches (8 x 256), after the first."""
+def stream_rate(corpus_path: str, work: str, batches: int = 200, workers: int = 0) -> float:
+  """Tokens per second of streamed `small` batches (8 x 256), after the first (which waits for the
+  workers to start)."""
   from configs import pretrain_tiny
   from train import run_tokenizer, stream
   c = pretrain_tiny.get_config("small")
   c.data.source, c.data.path, c.data.pipeline = "jsonl", corpus_path, "stream"
-  c.seq_len, c.batch_size = 256, 8
+  c.seq_len, c.batch_size, c.data.workers = 256, 8, workers
   it = stream.make_batch_iterator(c, run_tokenizer.load(os.path.join(work, "run"), c))
   next(it)
   t0 = time.perf_counter()
   for _ in range(batches):
     next(it)
-  return batches * c.seq_len * c.batch_size / (time.perf_counter() - t0)
+  seconds = time.perf_counter() - t0
+  it.close()
+  return batches * c.seq_len * c.batch_size / seconds
 
 
 def main():
@@ -78,6 +82,7 @@ def main():
   parser.add_argument("--sizes", default="25,250")
   parser.add_argument("--dir", default="/tmp/kiln_bench_stream")
   parser.add_argument("--pipeline", default="stream", help="cache: the same runs on cached rows, to compare")
+  parser.add_argument("--workers", default="0", help="data.workers counts of the stream's rate, e.g. 0,2")
   args = parser.parse_args()
   rows = []
   for mb in [float(s) for s in args.sizes.split(",")]:
@@ -92,8 +97,10 @@ def main():
   if args.pipeline != "stream":
     return
   first = os.path.join(args.dir, f"{float(args.sizes.split(',')[0]):g}mb")
-  rate = stream_rate(os.path.join(args.dir, f"corpus_{float(args.sizes.split(',')[0]):g}mb.jsonl"), first)
-  print(json.dumps({"stream_tokens_per_s": rate}))
+  for n in [int(w) for w in args.workers.split(",")]:
+    rate = stream_rate(os.path.join(args.dir, f"corpus_{float(args.sizes.split(',')[0]):g}mb.jsonl"), first,
+                       workers=n)
+    print(json.dumps({"workers": n, "stream_tokens_per_s": rate}), flush=True)
   if len(rows) > 1:
     print(json.dumps({"first_step_ratio": rows[-1]["first_step_s"] / rows[0]["first_step_s"]}))
 

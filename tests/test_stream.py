@@ -1,5 +1,6 @@
-"""Streamed pretraining batches (train/stream.py): deterministic, exactly resumable, sharded by
-process, lossless packing, and a run that learns from them."""
+"""Streamed pretraining and SFT batches (train/stream.py): deterministic, exactly resumable, sharded
+by process, lossless packing, the same for any number of tokenizing workers, and a run that learns
+from them."""
 import itertools
 import json
 import os
@@ -49,6 +50,10 @@ def make_config(path, seed=0, batch_size=8):
   return c
 
 
+def docs_of(shard):
+  return [doc for doc, _ in shard]
+
+
 def take(it, n):
   return [next(it) for _ in range(n)]
 
@@ -90,10 +95,10 @@ def test_processes_read_disjoint_documents_whose_union_is_the_corpus(corpus_path
   with open(corpus_path) as f:
     docs = [json.loads(line)["text"] for line in f]
   held_out = docs[::50]
-  mine = [list(S.shard_documents(cfg, "train", p, 3, 0)) for p in range(3)]
+  mine = [docs_of(S.shard_documents(cfg, "train", p, 3, 0)) for p in range(3)]
   assert sorted(itertools.chain(*mine)) == sorted(d for d in docs if d not in held_out)
   assert not set(mine[0]) & set(mine[1]) and not set(mine[1]) & set(mine[2])
-  assert list(S.shard_documents(cfg, "train", 1, 3, 5)) == mine[1][5:]
+  assert docs_of(S.shard_documents(cfg, "train", 1, 3, 5)) == mine[1][5:]
 
 
 def test_a_tfds_shard_reads_its_records_only(corpus_path, tmp_path):
@@ -101,15 +106,15 @@ def test_a_tfds_shard_reads_its_records_only(corpus_path, tmp_path):
   cfg.data.source, cfg.data.cache_dir = "tfds", str(tmp_path)  # a local TFDS build of the jsonl file
   for split in ("train", "eval"):
     docs = S.load_documents(cfg, split)
-    shards = [list(S.shard_documents(cfg, split, p, 3)) for p in range(3)]
+    shards = [docs_of(S.shard_documents(cfg, split, p, 3)) for p in range(3)]
     assert [d for d in itertools.chain(*itertools.zip_longest(*shards)) if d is not None] == docs, split
-    assert list(S.shard_documents(cfg, split, 2, 3, start=4)) == shards[2][4:]
+    assert docs_of(S.shard_documents(cfg, split, 2, 3, start=4)) == shards[2][4:]
 
 
 def test_packing_loses_no_token(corpus_path, tok):
   cfg = make_config(corpus_path)
   seq = cfg.seq_len
-  docs = list(S.shard_documents(cfg, "train", 1, 2, 0))
+  docs = docs_of(S.shard_documents(cfg, "train", 1, 2, 0))
   ids = [tok.encode(d, add_bos=True, add_eos=True) for d in docs]
   # Plain reference: document k contributes inputs ids[:-1], targets ids[1:], positions 0.. restarting
   # at each document and each row; the stream goes on into the next epoch.
@@ -119,7 +124,7 @@ def test_packing_loses_no_token(corpus_path, tok):
     targets += doc_ids[1:]
     positions += list(range(len(doc_ids) - 1))
   rows = []
-  for row, (epoch, _, _) in ST.packed_rows(cfg, tok, 1, 2, 0, 0, 0):
+  for row, (epoch, _, _, _) in ST.packed_rows(cfg, tok, 1, 2, ST.FIRST):
     rows.append(row.copy())
     if epoch:
       break
@@ -140,8 +145,8 @@ def test_packing_loses_no_token(corpus_path, tok):
 
 def test_a_window_is_a_permutation_of_its_rows(corpus_path, tok, small_window):
   cfg = make_config(corpus_path)
-  plain = [r.tobytes() for r, _ in itertools.islice(ST.packed_rows(cfg, tok, 0, 1, 0, 0, 0), 24)]
-  shuffled = [r.tobytes() for r, _ in itertools.islice(ST.shuffled_rows(cfg, tok, 0, 1, (0,) * 5), 24)]
+  plain = [r.tobytes() for r, _ in itertools.islice(ST.packed_rows(cfg, tok, 0, 1, ST.FIRST), 24)]
+  shuffled = [r.tobytes() for r, _ in itertools.islice(ST.shuffled_rows(cfg, tok, 0, 1, ST.FIRST_STATE), 24)]
   assert sorted(plain[:12]) == sorted(shuffled[:12]) and sorted(plain[12:]) == sorted(shuffled[12:])
   assert plain != shuffled
 
@@ -203,7 +208,7 @@ def test_sft_stream_resumes_exactly(chats_path, tok, small_window):
 
 def test_sft_windows_keep_every_conversation_whole(chats_path, tok, small_window):
   cfg = sft_config(chats_path)
-  docs = list(S.shard_documents(cfg, "train", 0, 1))
+  docs = docs_of(S.shard_documents(cfg, "train", 0, 1))
   want, dropped = [], 0
   for doc in docs:  # reference: every conversation of <= seq_len positions, whole; the others dropped
     ids, mask = T.apply_chat_template(tok, doc, "chatml")
@@ -213,8 +218,8 @@ def test_sft_windows_keep_every_conversation_whole(chats_path, tok, small_window
       want.append((tuple(ids[:-1]), tuple(mask[1:])))
   assert dropped and want
   got, ends = [], []
-  for rows, start, end in itertools.islice(ST.best_fit_windows(cfg, tok, 0, 1, (0, 0, 0)), 5):
-    ends.append(end)
+  for rows, start, end in itertools.islice(ST.record_windows(cfg, tok, 0, 1, ST.FIRST), 5):
+    ends.append(end[:3])
     for row in rows:
       for seg in set(row[2].tolist()) - {0}:
         at = row[2] == seg
@@ -235,24 +240,19 @@ def test_two_processes_stream_killed_and_resumed_equal_uninterrupted(tmp_path, d
   def two_processes(workdir, kill_after=0):
     """Two processes training in `workdir`; with kill_after, SIGTERM to process 0 once that many
     steps are logged (the stop flag is shared: both save the same step and exit)."""
-    for _ in range(3):
-      port = _cli.free_port()
-      procs = [subprocess.Popen(
-          _cli.command(str(workdir), data_cache, *flags, f"--coordinator=127.0.0.1:{port}",
-                       "--num_processes=2", f"--process_id={i}"),
-          env=_cli.env(2), cwd=_cli.ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-          for i in range(2)]
-      metrics, deadline = workdir / "metrics.jsonl", time.time() + 300
-      while kill_after and procs[0].poll() is None and time.time() < deadline:
-        if metrics.exists() and len(_cli.train_losses(workdir)) >= kill_after:
-          procs[0].send_signal(signal.SIGTERM)
-          break
-        time.sleep(0.2)
-      outs = [p.communicate(timeout=600)[0] for p in procs]
-      # A start-up race of orbax's CheckpointManager barriers over gloo (data.pipeline=cache too, before
-      # any data is read) fails some launches on a loaded box: launched again, nothing was trained yet.
-      if not all(p.returncode and "name mismatch ('CheckpointManager:" in o for p, o in zip(procs, outs)):
+    port = _cli.free_port()
+    procs = [subprocess.Popen(
+        _cli.command(str(workdir), data_cache, *flags, f"--coordinator=127.0.0.1:{port}",
+                     "--num_processes=2", f"--process_id={i}"),
+        env=_cli.env(2), cwd=_cli.ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for i in range(2)]
+    metrics, deadline = workdir / "metrics.jsonl", time.time() + 300
+    while kill_after and procs[0].poll() is None and time.time() < deadline:
+      if metrics.exists() and len(_cli.train_losses(workdir)) >= kill_after:
+        procs[0].send_signal(signal.SIGTERM)
         break
+      time.sleep(0.2)
+    outs = [p.communicate(timeout=600)[0] for p in procs]
     for p, out in zip(procs, outs):
       assert p.returncode == 0, out[-3000:]
     return outs
@@ -267,3 +267,22 @@ def test_two_processes_stream_killed_and_resumed_equal_uninterrupted(tmp_path, d
   a, b = _cli.train_losses(tmp_path / "straight"), _cli.train_losses(tmp_path / "resumed")
   assert sorted(a) == sorted(b) == list(range(1, 41))
   assert [b[s] for s in a] == [a[s] for s in a]  # bit-identical
+
+
+def test_batches_are_the_same_for_any_number_of_workers(corpus_path, chats_path, tok, small_window):
+  """Records tokenized in 1 or 2 worker processes (data.workers) give the batches of the trainer's
+  own thread (0), also after a resume."""
+  for cfg, counts in ((make_config(corpus_path), (0, 2)), (sft_config(chats_path), (0, 1))):
+    runs = []
+    for n in counts:
+      cfg.data.workers = n
+      it = ST.make_batch_iterator(cfg, tok)
+      first = take(it, 9)
+      state = json.loads(json.dumps(it.get_state()))
+      rest = take(it, 16)
+      it.set_state(state)  # the workers stay; the abandoned window's chunks are dropped
+      again = take(it, 6)
+      it.close()
+      runs.append(first + rest)
+      assert same(again, rest[:6]), (cfg.objective, n)
+    assert all(same(r, runs[0]) for r in runs[1:]), cfg.objective

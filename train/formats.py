@@ -101,12 +101,16 @@ def jsonl_records(path: str):
   for n, line in utf8_lines(path):
     if not line.strip():
       continue
-    try:
-      rec = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise UserError(f"{path}:{n}: invalid JSON ({e.msg} at column {e.colno})",
-                      hint="a JSONL file holds one JSON object per line") from None
-    yield f"{path}:{n}", rec
+    yield f"{path}:{n}", parse_json(line, f"{path}:{n}")
+
+
+def parse_json(line: str, where: str):
+  """One JSONL line parsed; not JSON raises UserError naming `where` ("path:line")."""
+  try:
+    return json.loads(line)
+  except json.JSONDecodeError as e:
+    raise UserError(f"{where}: invalid JSON ({e.msg} at column {e.colno})",
+                    hint="a JSONL file holds one JSON object per line") from None
 
 
 # ----------------------------------------------------------------------------- arrow

@@ -124,14 +124,14 @@ def evaluate(eval_fn, batches, mesh, perplexity: bool = True) -> dict:
 
 
 def make_batches(config, objective, tokenizer, pidx: int, pcount: int, columns=None):
-  """(resumable train iterator, list of eval batches): the objective's own, or packed rows."""
+  """(resumable train iterator, list of eval batches): streamed, the objective's own, or packed rows."""
   columns = columns or {}
-  if objective.make_batches is not None:
-    return (objective.make_batches(config, tokenizer, "train", pidx, pcount, columns.get("train")),
-            objective.make_batches(config, tokenizer, "eval", pidx, pcount, columns.get("eval")))
   if config.data.pipeline == "stream":
     return (stream.make_batch_iterator(config, tokenizer, pidx, pcount),
             stream.make_eval_batches(config, tokenizer, pidx, pcount))
+  if objective.make_batches is not None:
+    return (objective.make_batches(config, tokenizer, "train", pidx, pcount, columns.get("train")),
+            objective.make_batches(config, tokenizer, "eval", pidx, pcount, columns.get("eval")))
   return (data.make_batch_iterator(config, tokenizer, "train", pidx, pcount),
           list(data.make_eval_batches(config, tokenizer, pidx, pcount, max_batches=config.eval_batches or None)))
 

@@ -61,6 +61,7 @@ class PairSet:
   pad_id: int
   key: str = ""     # cache identity of the arrays
   counts: sources.Counts | None = None  # pairs read, dropped / cut for seq_len, skipped as identical
+  completions: int = 0  # K, target slots of a batch row; 0: the longest pair's chosen + rejected
 
   @property
   def truncated(self) -> int:
@@ -257,17 +258,39 @@ def encode_pair(tok, messages, chosen, rejected, seq_len: int, template: str):
   return ids[n - n_prompt:n], ids[n:], fitted[1][0][fitted[1][1]:], cut
 
 
-def pair_set(triples, pad_id: int, key: str = "", counts: sources.Counts | None = None) -> PairSet:
-  """[(prompt, chosen, rejected) id lists] -> PairSet of rows [prompt | chosen | rejected]."""
+def encode_fitted(tok, where: str, pair, seq_len: int, template: str, overlong: str = "drop"):
+  """(what became of a (messages, chosen, rejected) pair: "kept" | "truncated" | "dropped" |
+  "identical", its (prompt, chosen, rejected) ids or None), fitted to seq_len per `overlong`."""
+  try:
+    prompt, c, r, cut = encode_pair(tok, *pair, seq_len, template)
+  except ValueError as e:
+    raise _bad(where, str(e)) from None
+  if cut and overlong == "drop":
+    return "dropped", None
+  if c == r:
+    return "identical", None
+  return ("truncated" if cut else "kept"), (prompt, c, r)
+
+
+def encode_record(tok, seq_len: int, template: str, overlong: str, where: str, rec) -> list[tuple]:
+  """The (prompt, chosen, rejected) ids of a record's pairs that are kept (streamed pairs)."""
+  fitted = (encode_fitted(tok, where, p, seq_len, template, overlong) for p in parse_record(rec, where))
+  return [triple for _, triple in fitted if triple is not None]
+
+
+def pair_set(triples, pad_id: int, key: str = "", counts: sources.Counts | None = None,
+             row_len: int = 0, completions: int = 0) -> PairSet:
+  """[(prompt, chosen, rejected) id lists] -> PairSet of rows [prompt | chosen | rejected], padded to
+  `row_len` tokens and `completions` target slots (0: the set's longest, rounded up to 8)."""
   if not triples:
     raise UserError("no preference pairs")
   rows = [list(p) + list(c) + list(r) for p, c, r in triples]
-  tokens = np.full((len(rows), _round_up(max(map(len, rows)))), pad_id, np.int32)  # [N, L]
+  tokens = np.full((len(rows), row_len or _round_up(max(map(len, rows)))), pad_id, np.int32)  # [N, L]
   for i, row in enumerate(rows):
     tokens[i, :len(row)] = row
   cols = {"tokens": tokens, "prompt_lengths": np.array([len(p) for p, _, _ in triples], np.int32),
           "lengths": np.array([[len(c), len(r)] for _, c, r in triples], np.int32)}
-  return PairSet(cols, pad_id, key, counts)
+  return PairSet(cols, pad_id, key, counts, completions)
 
 
 def encode_records(tok, recs, seq_len: int, template: str, key: str = "", overlong: str = "drop",
@@ -276,18 +299,12 @@ def encode_records(tok, recs, seq_len: int, template: str, key: str = "", overlo
   were fitted ("truncate") to seq_len and whose completions differ, with their Counts. A template
   error names `where`; none left names `origin` (default: the first record's file)."""
   kept, fate = [], {"dropped": 0, "truncated": 0, "identical": 0}
-  for where, (messages, chosen, rejected) in recs:
-    try:
-      prompt, c, r, cut = encode_pair(tok, messages, chosen, rejected, seq_len, template)
-    except ValueError as e:
-      raise _bad(where, str(e)) from None
-    if cut and overlong == "drop":
-      fate["dropped"] += 1
-    elif c == r:
-      fate["identical"] += 1
-    else:
-      fate["truncated"] += cut
-      kept.append((prompt, c, r))
+  for where, pair in recs:
+    became, triple = encode_fitted(tok, where, pair, seq_len, template, overlong)
+    if became != "kept":
+      fate[became] += 1
+    if triple is not None:
+      kept.append(triple)
   counts = sources.Counts(what, f"config.seq_len={seq_len}", overlong, len(recs), **fate)
   if recs:
     counts.check(origin or recs[0][0].rsplit(":", 1)[0])
@@ -335,7 +352,7 @@ def make_batch(ps: PairSet, rows: np.ndarray) -> dict:
   idx = np.where(real_row, rows, 0)
   c = ps.columns
   L = c["tokens"].shape[-1]
-  K = _round_up(int(c["lengths"].sum(-1).max()))  # completion tokens of the longest pair
+  K = ps.completions or _round_up(int(c["lengths"].sum(-1).max()))  # completion tokens of the longest pair
   p = np.where(real_row, c["prompt_lengths"][idx], 0)[:, None]            # [b, 1]
   n_c, n_r = np.split(np.where(real_row[:, None], c["lengths"][idx], 0), 2, -1)  # [b, 1] each
   t = np.arange(L, dtype=np.int32)                                         # slots

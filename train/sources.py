@@ -37,12 +37,12 @@ import tempfile
 from etils import epath
 
 from configs.errors import UserError
-from train import corpus, formats
+from train import corpus, formats, shards
 from train.formats import jsonl_records, utf8_lines  # noqa: F401  (sources.jsonl_records: the old name)
 
 FILE_SOURCES = ("text",) + formats.FORMATS  # config.data.source values read from data.path files
 SOURCES = ("builtin",) + FILE_SOURCES + ("tfds",)
-EVAL_EVERY = 50  # without an eval file, documents with index % 50 == 0 are held out
+EVAL_EVERY = shards.EVAL_EVERY  # without an eval file, documents with index % 50 == 0 are held out
 BUILTIN_SEED = 0  # the built-in corpus is the same for every run
 BUILTIN_TOKENIZER_PROBLEMS = 20000  # builtin tokenizer corpus, fixed so pretrain and SFT share it
 
@@ -391,25 +391,43 @@ def _documents(config, split: str):
     yield from _holdout(docs, split, held_out)
 
 
-def shard_documents(config, split: str, index: int, count: int, start: int = 0):
-  """Documents index + (start + j) * count, j = 0, 1, ... of a split (shard `index` of `count`, from
-  its `start`-th document on), in the order of iter_documents. A TFDS split reads only those
-  records (random access); text and JSONL files are read up to them, tokenizing none."""
+def shard_records(config, split: str, index: int, count: int, start: int = 0, seek=shards.NO_SEEK):
+  """(where, record, after) of a file source's records index + (start + j) * count, j = 0, 1, ...
+  (shard `index` of `count`, from its `start`-th record on; `seek`: where the reader stopped after
+  record start - 1), decoding no other record (train/shards.py). Records as train/formats.py reads them."""
+  d = config.data
+  key = "eval_path" if (split == "eval" and d.eval_path) else "path"
+  paths, held_out = formats.files(d[key], f"data.{key}"), not d.eval_path
+  first = index + start * count
+  targets = (shards.raw_index(j, split, held_out) for j in itertools.count(first, count))
+  if d.max_documents:
+    targets = itertools.takewhile(lambda r: r < d.max_documents, targets)
+  resumed_at = shards.raw_index(first - count, split, held_out) + 1 if start else 0
+  return shards.records(d.source, paths, targets, seek, resumed_at)
+
+
+def shard_documents(config, split: str, index: int, count: int, start: int = 0, seek=shards.NO_SEEK):
+  """(document, after) of documents index + (start + j) * count, j = 0, 1, ... of a split (shard
+  `index` of `count`, from its `start`-th document on), in the order of iter_documents; `after`:
+  the `seek` that resumes after it. Files and TFDS splits decode only these records."""
   _check(config, split)
   d, first = config.data, index + start * count
+  if d.source in FILE_SOURCES:
+    for where, rec, after in shard_records(config, split, index, count, start, seek):
+      doc = rec["text"] if d.source == "text" else _select(_normalize(rec, d.text_key, where), config.objective, where)
+      yield doc, after
+    return
   if d.source != "tfds":
-    return itertools.islice(_documents(config, split), first, None, count)
-  name, held_out = _tfds_split(config, split)
-  source = _named_source(config, name) if d.tfds_name else _local_tfds(config)[name]
-  n = _tfds_len(source, config)
-  if not held_out:
-    where = lambda k: k
-  elif split == "eval":
-    where = lambda k: k * EVAL_EVERY
-  else:  # the k-th document that is not held out
-    where = lambda k: k + k // (EVAL_EVERY - 1) + 1
-  indices = itertools.takewhile(lambda i: i < n, map(where, itertools.count(first, count)))
-  return _tfds_docs(source, config, f"{d.tfds_name or 'kiln_files'}/{name}", indices)
+    docs = itertools.islice(_documents(config, split), first, None, count)
+  else:
+    name, held_out = _tfds_split(config, split)
+    source = _named_source(config, name) if d.tfds_name else _local_tfds(config)[name]
+    n = _tfds_len(source, config)
+    indices = itertools.takewhile(lambda i: i < n, (shards.raw_index(j, split, held_out)
+                                                    for j in itertools.count(first, count)))
+    docs = _tfds_docs(source, config, f"{d.tfds_name or 'kiln_files'}/{name}", indices)
+  for doc in docs:
+    yield doc, shards.NO_SEEK
 
 
 def load_documents(config, split: str) -> list:

@@ -8,12 +8,13 @@ import os
 from typing import Any, Callable
 
 import jax
+from jax.experimental import multihost_utils
 
 from configs.errors import UserError
 from model import sharding
 from model import tokenizer as tokenizer_lib
 from model.transformer import ModelConfig, Transformer
-from train import files, init_source, run_tokenizer, rundir
+from train import checkpoints, files, init_source, run_tokenizer, rundir
 
 # Keys (and sections) a resumed run may not change: its checkpoint holds params of their shape.
 FIXED_ON_RESUME = ("config.model.", "config.tokenizer.", "config.objective", "config.lora.rank",
@@ -73,9 +74,14 @@ def fixed(name: str) -> bool:
 def check_resume(config, workdir: str) -> list:
   """Compares `config` with DIR/config.json of a run that has a checkpoint: a key that shapes the
   checkpoint and differs is a UserError listing each one; the others are returned as lines
-  `config.optim.lr: 0.003 (saved) -> 0.001` to log. [] for a fresh run."""
+  `config.optim.lr: 0.003 (saved) -> 0.001` to log. [] for a fresh run.
+
+  With several processes, process 0's view of DIR decides for all: it writes DIR before the others
+  may look (a process that saw its checkpoints/ of this launch opened a reader, whose orbax barrier
+  met process 0's 'CheckpointManager:create_directory': "sync_global_devices name mismatch")."""
   has = lambda name: files.exists(os.path.join(workdir, name))
-  if not has(rundir.CONFIG) or not has("checkpoints") or rundir.latest_step(workdir) is None:
+  resumed = checkpoints.agree(has(rundir.CONFIG) and has("checkpoints"))
+  if not resumed or rundir.latest_step(workdir) is None:
     return []
   saved = flatten(rundir.load_config(workdir).to_dict())
   now = flatten(json.loads(config.to_json()))
@@ -99,6 +105,8 @@ def start_run(config, workdir: str, check: Callable) -> Run:
   resolved = init_source.resolve(config)
   mesh_shape = check(resolved)
   changed = check_resume(resolved, workdir)
+  if jax.process_count() > 1:  # DIR/config.json read by all before process 0 rewrites it
+    multihost_utils.sync_global_devices("kiln: resume checked")
   if jax.process_index() == 0:
     for line in changed:
       print(f"resume: {line}", flush=True)

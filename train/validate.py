@@ -6,7 +6,7 @@ import ml_collections
 from configs import base
 from configs.errors import UserError, unknown
 from model import quant, sharding, tokenizer
-from train import objectives, profile
+from train import objectives, profile, stream
 
 # The interval every numeric key of a stage config must lie in ("(0, inf)": > 0); rl/config.py
 # checks config.rl's the same way.
@@ -24,7 +24,7 @@ RANGES = {
     "model.rope_scaling.factor": "[0, inf)",
     "lora.rank": "[0, inf)", "lora.alpha": "(0, inf)", "lora.block_size": "(0, inf)",
     "reward.margin": "[0, inf)", "dpo.gamma": "[0, inf)", "dpo.orpo_lambda": "[0, inf)",
-    "data.num_documents": "(0, inf)", "data.max_documents": "[0, inf)",
+    "data.num_documents": "(0, inf)", "data.max_documents": "[0, inf)", "data.workers": "[0, 256]",
     "tokenizer.max_training_chars": "[0, inf)",
 }
 
@@ -98,9 +98,8 @@ def validate(config, num_devices: int, num_processes: int = 1) -> dict:
                     f"not {m.dtype!r} (or use attention=auto)")
   if config.data.pipeline not in ("cache", "stream"):
     raise UserError(f"config.data.pipeline={config.data.pipeline!r}: use cache | stream")
-  if config.data.pipeline == "stream" and config.objective not in ("pretrain", "sft"):
-    raise UserError(f"config.data.pipeline='stream' serves config.objective pretrain or sft, not "
-                    f"{config.objective!r}", hint="set config.data.pipeline=cache")
+  if config.data.pipeline == "stream":
+    stream.check(config)
   _check_lora(config.lora, m, head_dim)
   if config.logits_chunk and config.seq_len % config.logits_chunk:
     raise UserError(f"config.logits_chunk={config.logits_chunk} must divide config.seq_len={config.seq_len}",

@@ -1,0 +1,150 @@
+"""Streamed preference pairs (train/stream.py, reward model and DPO with data.pipeline=stream): the
+pairs of TRL-format JSONL and of parquet files are the cached pipeline's (same tokens, drops, skips,
+rankings), every process takes its records, a resumed stream gives the batches of one that never
+stopped, and DPO trains on the stream; a run interrupted and resumed logs the losses of one run."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from configs import dpo_tiny, pretrain_tiny
+from configs.errors import UserError
+from tests.test_formats import assistant, write_jsonl, write_parquet
+from tests.test_stream import take, same
+from tests.test_reward_dpo import configure
+from model import hf_tokenizer
+from train import corpus, data, loop, pairs
+from train import stream as ST
+
+
+def pair_records(n=90, seed=1):
+  """TRL conversational pairs (explicit and implicit prompt), Kiln pairs, rankings; some too long for
+  seq_len=64, some with chosen == rejected."""
+  out = []
+  for i, (msgs, chosen, rejected) in enumerate(pairs.builtin_records(corpus.train_problems(seed, n))):
+    if i % 7 == 3:
+      rejected = chosen
+    if i % 11 == 5:
+      chosen = chosen + " and so on" * 12
+    kind = i % 4
+    if kind == 0:
+      out.append({"prompt": msgs, "chosen": [assistant(chosen)], "rejected": [assistant(rejected)]})
+    elif kind == 1:
+      out.append({"chosen": msgs + [assistant(chosen)], "rejected": msgs + [assistant(rejected)]})
+    elif kind == 2:
+      out.append({"prompt": msgs[0]["content"], "chosen": chosen, "rejected": rejected})
+    else:
+      out.append({"prompt": msgs[0]["content"], "responses": [chosen, rejected, "I do not know."]})
+  return out
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+  d = tmp_path_factory.mktemp("pairs")
+  recs = pair_records()
+  flat = [{"prompt": m[0]["content"], "chosen": c, "rejected": rj}  # the same pairs as strings, for parquet
+          for r in recs for m, c, rj in pairs.parse_record(r, "x")]
+  return {"jsonl": write_jsonl(d / "trl.jsonl", recs), "parquet": write_parquet(d / "p.parquet", flat, 16)}
+
+
+@pytest.fixture(scope="module")
+def tok_path(data_cache):
+  """The built-in corpus's tokenizer (cached: the one the trainer tests use)."""
+  return data.load_or_train_tokenizer(configure(pretrain_tiny.get_config(), data_cache)).path
+
+
+@pytest.fixture(scope="module")
+def tok(tok_path):
+  return hf_tokenizer.load_tokenizer(tok_path)
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory, data_cache, tok_path):
+  """A 2-step pretraining run: the DPO start and reference."""
+  workdir = str(tmp_path_factory.mktemp("base"))
+  loop.train(configure(pretrain_tiny.get_config(), data_cache, seq_len=64, **{"data.num_documents": 4000}), workdir)
+  return workdir
+
+
+def dpo_config(tok_path, data_cache, fmt, path, init_from="", **kw):
+  return configure(dpo_tiny.get_config(), data_cache, **{
+      "init_from": init_from, "tokenizer.path": tok_path, "data.source": fmt, "data.path": path,
+      "data.pipeline": "stream", **kw})
+
+
+def triples_of(ps):
+  """The (prompt, chosen, rejected) ids of a PairSet, row by row."""
+  c = ps.columns
+  out = []
+  for row, p, (n_c, n_r) in zip(c["tokens"].tolist(), c["prompt_lengths"], c["lengths"]):
+    out.append((row[:p], row[p:p + n_c], row[p + n_c:p + n_c + n_r]))
+  return out
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_streamed_pairs_are_the_cached_pipelines(tok_path, data_cache, files, tok, fmt):
+  cfg = dpo_config(tok_path, data_cache, fmt, files[fmt])
+  cached = pairs.load(cfg.copy_and_resolve_references(), tok, "train")
+  assert cached.counts.dropped and cached.counts.identical
+  rows, start, end = next(ST.record_windows(cfg, tok, 0, 1, ST.FIRST))  # one window: every record
+  assert [tuple(map(list, t)) for t in rows] == triples_of(cached)
+  halves = [next(ST.record_windows(cfg, tok, p, 2, ST.FIRST))[0] for p in range(2)]
+  assert sorted(map(str, halves[0] + halves[1])) == sorted(map(str, rows))
+  # a streamed batch: the cached batch's tokens and targets, padded to L = K = 2 seq_len
+  got = ST._batch(cfg, tok, rows[:8])
+  want = pairs.make_batch(cached, np.arange(8))
+  L, K = ST.pair_sizes(cfg)
+  assert got["tokens"].shape == (8, L) and got["targets"].shape == (8, K)
+  for k, v in want.items():
+    n = v.shape[1] if v.ndim == 2 else None
+    np.testing.assert_array_equal(got[k][:, :n] if n else got[k], v, err_msg=k)
+    if n and k not in ("tokens", "targets"):  # padding: pad tokens, slots 0 (targets there: unread)
+      assert not got[k][:, n:].any(), k
+  evals = ST.make_eval_batches(cfg, tok)
+  held = pairs.load(cfg, tok, "eval")
+  assert sum(float(b["weight"].sum()) for b in evals) == len(held)
+
+
+def test_streamed_pairs_resume_exactly(tok_path, data_cache, files, tok, monkeypatch):
+  monkeypatch.setattr(ST, "WINDOW", 10)
+  cfg = dpo_config(tok_path, data_cache, "jsonl", files["jsonl"], batch_size=4)
+  it = ST.make_batch_iterator(cfg, tok)
+  straight = take(it, 40)
+  assert it.get_state()["processes"]["0"][0] >= 1, "the run should cross an epoch"
+  it = ST.make_batch_iterator(cfg, tok)
+  for stop in (1, 6, 17, 33):
+    take(it, stop - it.get_state()["step"])
+    resumed = ST.make_batch_iterator(cfg, tok)
+    resumed.set_state(json.loads(json.dumps(it.get_state())))
+    assert same(take(resumed, 6), straight[stop:stop + 6]), stop
+
+
+def test_stream_refuses_precomputed_reference_and_builtin_pairs(tok_path, data_cache, files):
+  cfg = dpo_config(tok_path, data_cache, "jsonl", files["jsonl"], **{"dpo.precompute_reference": True})
+  with pytest.raises(UserError, match="precompute_reference"):
+    ST.check(cfg)
+  with pytest.raises(UserError, match="jsonl | parquet | hf_disk"):
+    ST.check(dpo_config(tok_path, data_cache, "builtin", ""))
+
+
+def losses(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return {r["step"]: r["train/loss"] for r in map(json.loads, f) if "train/loss" in r}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_dpo_trains_on_a_stream_and_resumes_as_one_run(base_run, tok_path, data_cache, files, tmp_path, fmt):
+  kw = {"init_from": base_run, "optim.lr": 1e-3, "optim.schedule": "constant", "steps": 24,
+        "checkpoint_every": 12, "eval_every": 24}
+  out = loop.train(dpo_config(tok_path, data_cache, fmt, files[fmt], **kw), str(tmp_path / "straight"))
+  straight = losses(tmp_path / "straight")
+  first, last = np.mean([straight[s] for s in range(1, 5)]), np.mean([straight[s] for s in range(21, 25)])
+  print(fmt, "streamed DPO loss", first, "->", last, "eval", out["eval/loss"])
+  assert last < 0.8 * first
+  if fmt == "parquet":
+    return
+  loop.train(dpo_config(tok_path, data_cache, fmt, files[fmt], **{**kw, "steps": 12}), str(tmp_path / "resumed"))
+  loop.train(dpo_config(tok_path, data_cache, fmt, files[fmt], **kw), str(tmp_path / "resumed"))
+  assert losses(tmp_path / "resumed") == straight  # bit-identical
