@@ -8,10 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import models, pretrain_tiny
+from configs import grpo_arith, models, pretrain_tiny
 from configs.errors import UserError
 from model import context_parallel, sharding
 from model.transformer import ModelConfig, Transformer
+from rl import config as rl_config
 from train import aot, objectives
 from train.validate import validate
 
@@ -134,3 +135,10 @@ def test_a_sequence_split_config_compiles_for_a_v5p_slice():
   c.model.dtype, c.batch_size, c.seq_len = "bfloat16", 4, 64
   out = aot.report(c, "v5p-8")
   assert out["fits"] and out["collectives"]["collective-permute"]["count"] > 0  # the ring
+
+
+def test_rl_stages_keep_rows_whole():
+  c = grpo_arith.get_config()
+  c.mesh.sequence = 2
+  with pytest.raises(UserError, match="config.mesh.sequence=2"):
+    rl_config.check(c)
