@@ -141,7 +141,7 @@ def batch_sharding(mesh: Mesh, ndim: int = 2, length: int = 0) -> NamedSharding:
   """Batch arrays: leading axis over (data, fsdp); the second (the tokens of a row, `length` of
   them) over `sequence` when it divides them; the rest replicated."""
   ways = mesh.shape["sequence"]
-  seq = "sequence" if ways > 1 and length % ways == 0 else None
+  seq = "sequence" if ways > 1 and length and length % ways == 0 else None
   rest = [seq] + [None] * (ndim - 2) if ndim > 1 else []
   return NamedSharding(mesh, P(("data", "fsdp"), *rest))
 
