@@ -7,8 +7,8 @@ shard_map. Each device keeps its queries and folds in one block of t/n keys and 
 time, then hands the block (with its segment ids and branches) on to the next device: after
 n - 1 hand-offs (`ppermute`, issued before the block's scores so the transfer overlaps them)
 every query has seen every key. The blocks combine by the online softmax of flash attention, so a
-device holds [t/n, t/n] scores at a time, never [t/n, t], and the backward pass recomputes each
-block's scores (jax.checkpoint) instead of storing them. The mask is model/attention.py's
+device holds [QUERY_BLOCK, t/n] scores at a time, never [t/n, t], and the backward pass recomputes
+each block's scores (jax.checkpoint) instead of storing them. The mask is model/attention.py's
 `attention_mask`: same segment (packed documents), key slot <= query slot, branches.
 
 Causal masks leave the work unbalanced (device 0's queries need one block, device n - 1's all n),
@@ -26,6 +26,7 @@ from model import sharding
 
 AXIS = "sequence"
 NEG_INF = -1e30  # as model/attention.py: a fully masked row gets uniform weights, never NaN
+QUERY_BLOCK = 2048  # queries per score block within a hop: [.., 2048, t/n] scores at a time
 
 
 def block_mask(q_segments, k_segments, q_slots, k_slots, q_branches, k_branches):
@@ -55,9 +56,21 @@ def fold_block(q, k, v, mask, stats=None):
   return m, stats[1] * correction + jnp.sum(w, -1), stats[2] * correction[..., None] + wv
 
 
-def _ring(q, k, v, segments, branches, *, n: int):
+def _split(x, axis: int, n: int):
+  """x with its `axis` cut into n equal blocks, stacked on a new leading axis."""
+  return jnp.moveaxis(x.reshape(x.shape[:axis] + (n, -1) + x.shape[axis + 1:]), axis, 0)
+
+
+def _merge(x, axis: int):
+  """Inverse of _split: [n, ...] blocks laid back along `axis`."""
+  y = jnp.moveaxis(x, 0, axis)
+  return y.reshape(y.shape[:axis] + (-1,) + y.shape[axis + 2:])
+
+
+def _ring(q, k, v, segments, branches, *, n: int, query_block: int):
   """On one device: its queries q [b, tl, kv, g, hd] against the keys k, v [b, tl, kv, hd] of all n
-  devices, segments and branches [b, tl] -> [b, tl, kv, g, hd]."""
+  devices, segments and branches [b, tl] -> [b, tl, kv, g, hd]. Within a hop the queries go
+  `query_block` at a time (when it divides tl), each block under jax.checkpoint."""
   tl, hd = q.shape[1], q.shape[-1]
   me = jax.lax.axis_index(AXIS)
   local = jnp.arange(tl)
@@ -66,11 +79,22 @@ def _ring(q, k, v, segments, branches, *, n: int):
   to_next = lambda block: jax.tree.map(lambda x: jax.lax.ppermute(x, AXIS, [(j, (j + 1) % n) for j in range(n)]),
                                        block)
 
+  nq = tl // query_block if 0 < query_block < tl and tl % query_block == 0 else 1
+
   def fold(block, stats, hop):  # after `hop` hand-offs a device holds the block of device me - hop
     k, v, k_segments, k_branches = block
     k_slots = ((me - hop) % n) * tl + local
-    return fold_block(q, k, v, block_mask(segments, k_segments, q_slots, k_slots, branches, k_branches),
-                      stats)
+
+    def queries(q, q_segments, q_branches, q_slots, stats):  # [b, tq, kv, g, hd], [b, tq], [b, tq], [tq]
+      mask = block_mask(q_segments, k_segments, q_slots, k_slots, q_branches, k_branches)
+      return fold_block(q, k, v, mask, stats)
+
+    if nq == 1:
+      return queries(q, segments, branches, q_slots, stats)
+    blocks = (_split(q, 1, nq), _split(segments, 1, nq), _split(branches, 1, nq), _split(q_slots, 0, nq),
+              None if stats is None else tuple(_split(x, 3, nq) for x in stats))
+    out = jax.lax.map(lambda xs: jax.checkpoint(queries)(*xs), blocks)
+    return tuple(_merge(x, 3) for x in out)
 
   def hop(carry, i):  # the hand-off of the next block overlaps this one's scores
     block, stats = carry
@@ -82,12 +106,13 @@ def _ring(q, k, v, segments, branches, *, n: int):
   return (acc / l[..., None]).transpose(0, 3, 1, 2, 4).astype(v.dtype)  # [b, tl, kv, g, hd]
 
 
-def attention(q, k, v, segment_ids, branches=None):
+def attention(q, k, v, segment_ids, branches=None, query_block: int = QUERY_BLOCK):
   """Causal self-attention of rows split over the `sequence` mesh axis, as model/attention.py
   `causal_attention` of `attention_mask(segment_ids, segment_ids, slots, slots, branches)`.
 
   q [b, t, kv, group, hd], k/v [b, t, kv, hd], segment_ids and branches (or None) [b, t]: global
-  arrays inside a jit under `sharding.use_mesh` -> [b, t, kv, group, hd], split like q."""
+  arrays inside a jit under `sharding.use_mesh` -> [b, t, kv, group, hd], split like q.
+  query_block: queries per score block within a hop ([.., query_block, t/n] scores at a time)."""
   n = sharding.mesh_axis_size(AXIS)
   t = q.shape[1]
   if t % n:
@@ -97,6 +122,6 @@ def attention(q, k, v, segment_ids, branches=None):
   spec = lambda x, *names: sharding.spec_for(("batch", "length") + names, x.shape, mesh)
   branches = jnp.zeros_like(segment_ids) if branches is None else branches
   q_spec, kv_spec, row_spec = spec(q, "act_kv_heads", None, None), spec(k, "act_kv_heads", None), spec(segment_ids)
-  ring = jax.shard_map(functools.partial(_ring, n=n), mesh=mesh,
+  ring = jax.shard_map(functools.partial(_ring, n=n, query_block=query_block), mesh=mesh,
                        in_specs=(q_spec, kv_spec, kv_spec, row_spec, row_spec), out_specs=q_spec)
   return ring(q, k, v, segment_ids, branches)

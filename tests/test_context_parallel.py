@@ -10,7 +10,7 @@ import pytest
 
 from configs import grpo_arith, models, pretrain_tiny
 from configs.errors import UserError
-from model import context_parallel, sharding
+from model import attention, context_parallel, sharding
 from model.transformer import ModelConfig, Transformer
 from rl import config as rl_config
 from train import aot, objectives
@@ -48,9 +48,11 @@ def reference_attention(q, k, v, seg, branches):
 
 
 @pytest.mark.eight_devices
-def test_ring_attention_equals_float64_attention():
+@pytest.mark.parametrize("query_block", [16, 4])
+def test_ring_attention_equals_float64_attention(query_block):
   """Packed documents, padding, branches (a shared trunk, two branches that never see each other)
-  and grouped queries (2 kv heads x 3 queries), rows split 4 ways."""
+  and grouped queries (2 kv heads x 3 queries), rows split 4 ways (16 tokens per device), each
+  device's queries in one block or in 4."""
   rng = np.random.default_rng(1)
   b, t, kv, g, hd = 2, 64, 2, 3, 8
   q = rng.standard_normal((b, t, kv, g, hd)).astype(np.float32)
@@ -60,8 +62,31 @@ def test_ring_attention_equals_float64_attention():
   branches[1, 20:40], branches[1, 40:] = 1, 2
   mesh = sharding.make_mesh(dict(data=2, fsdp=1, sequence=4, tensor=1))
   with sharding.use_mesh(mesh):
-    got = jax.jit(context_parallel.attention)(q, k, v, seg, branches)
+    got = jax.jit(context_parallel.attention, static_argnums=5)(q, k, v, seg, branches, query_block)
   np.testing.assert_allclose(np.asarray(got), reference_attention(q, k, v, seg, branches), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.eight_devices
+def test_ring_attention_gradients_equal_one_device_attention():
+  """d<out, cotangent>/d(q, k, v) of the ring (4 query blocks per hop) against model/attention.py's
+  grouped_attention under attention_mask, on one device."""
+  rng = np.random.default_rng(2)
+  b, t, kv, g, hd = 2, 64, 2, 2, 8
+  q = rng.standard_normal((b, t, kv, g, hd)).astype(np.float32)
+  k, v = (rng.standard_normal((b, t, kv, hd)).astype(np.float32) for _ in range(2))
+  cot = rng.standard_normal((b, t, kv, g, hd)).astype(np.float32)
+  seg = packed_rows(rng, b, t)["segment_ids"]
+  branches = np.zeros((b, t), np.int32)
+  branches[0, 30:45], branches[0, 45:] = 1, 2
+  slots = np.broadcast_to(np.arange(t), (b, t))
+  mask = attention.attention_mask(seg, seg, slots, slots, branches)
+  one = jax.grad(lambda q, k, v: jnp.sum(attention.grouped_attention(q, k, v, mask) * cot), (0, 1, 2))
+  ring = jax.grad(lambda q, k, v: jnp.sum(context_parallel.attention(q, k, v, seg, branches, 4) * cot), (0, 1, 2))
+  want = jax.jit(one)(q, k, v)
+  with sharding.use_mesh(sharding.make_mesh(dict(data=2, fsdp=1, sequence=4, tensor=1))):
+    got = jax.jit(ring)(q, k, v)
+  for g_, w in zip(got, want):
+    np.testing.assert_allclose(np.asarray(g_), np.asarray(w), rtol=1e-5, atol=1e-6)
 
 
 def _collectives(hlo: str) -> list:
