@@ -26,7 +26,8 @@ def profile() -> ml_collections.ConfigDict:
 
 def mesh() -> ml_collections.ConfigDict:
   """Device mesh axes; -1 = every device left (model/sharding.py)."""
-  return _section(data=-1, fsdp=1, tensor=1)
+  return _section(data=-1, fsdp=1, tensor=1,
+                  sequence=1)                  # > 1: each row's tokens split (context parallelism)
 
 
 def optim() -> ml_collections.ConfigDict:

@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from model import sharding
+from model import context_parallel, sharding
 from model.dense import dense
 
 NEG_INF = -1e30  # finite, so fully masked rows (padding) give a uniform softmax instead of NaN
@@ -168,7 +168,9 @@ class Attention(nn.Module):
   """Grouped-query self-attention with RoPE.
 
   x [batch, t, d]; cos_sin: `rope_cos_sin` of the tokens' positions, computed once for all layers;
-  mask [batch, 1, 1, t, s]: `attention_mask` (training, s = t) or `cache_mask` (decoding, s = T).
+  mask [batch, 1, 1, t, s]: `attention_mask` (training, s = t) or `cache_mask` (decoding, s = T);
+  on a mesh whose `sequence` axis splits the rows (training only), (segment_ids, branch_ids or
+  None) [batch, t], from which model/context_parallel.py builds the mask block by block.
   `cache` (decoding only) is this layer's k, v [batch, kv_heads, T, head_dim] plus `index`, the
   slot of the first new token. Returns (output [batch, t, d], updated {k, v} or None)."""
   cfg: "ModelConfig"  # noqa: F821 (model/transformer.py, which imports this module)
@@ -189,7 +191,9 @@ class Attention(nn.Module):
     q, k = qk[:, :, :, :group], qk[:, :, :, group]             # [b, t, kv, group, hd], [b, t, kv, hd]
     v = qkv[:, :, :, group + 1]                                 # [b, t, kv, hd]
 
-    if cache is None:
+    if cache is None and sharding.mesh_axis_size("sequence") > 1:
+      out, new_cache = context_parallel.attention(q, k, v, *mask), None
+    elif cache is None:
       impl = attention_impl(cfg.attention, cfg.dtype, hd, sharding.mesh_platform())
       out, new_cache = causal_attention(q, k, v, mask, impl), None
     else:

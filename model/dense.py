@@ -23,10 +23,14 @@ def matmul(x, kernel, n_in: int):
   than the same einsum with several contracting or output axes. Under a mesh whose `tensor` axis
   splits devices the output axes stay separate: the MLP's [embed, 2, mlp] kernel is sharded on
   `mlp`, and merged into [embed, 2 * mlp] its shards are no longer column blocks, so every step
-  all-gathered the whole kernel (forward) and the [b, t, 2, mlp] activation gradient (backward)."""
+  all-gathered the whole kernel (forward) and the [b, t, 2, mlp] activation gradient (backward).
+  Under a mesh whose `sequence` axis splits the rows, b and t stay separate too: merged, the
+  shards of t would not be row blocks of [b * t] and every activation would be all-gathered."""
   b, t = x.shape[:2]
   k = math.prod(kernel.shape[:n_in])
   out = kernel.shape[n_in:]
+  if sharding.mesh_axis_size("sequence") > 1:
+    return jax.lax.dot_general(x.reshape(b, t, k), kernel.reshape((k,) + out), (((2,), (0,)), ((), ())))
   if sharding.mesh_axis_size("tensor") > 1:
     y = jax.lax.dot_general(x.reshape(b * t, k), kernel.reshape((k,) + out), (((1,), (0,)), ((), ())))
   else:
@@ -46,5 +50,5 @@ def dense(module, name: str, x, n_in: int, shape, axes, cfg):
   if module.has_variable("params", name + lora.A):
     a = module.get_variable("params", name + lora.A).astype(cfg.dtype)   # [in, r]
     b = module.get_variable("params", name + lora.B).astype(cfg.dtype)   # [r, out]
-    y = y + (x.reshape(-1, a.shape[0]) @ a @ b).reshape(y.shape)
+    y = y + (x.reshape(x.shape[:2] + (-1,)) @ a @ b).reshape(y.shape)
   return y

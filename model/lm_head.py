@@ -9,7 +9,8 @@ went from 81 to 132 GFLOP/s and its weight gradient (h^T @ dlogits) from 72 to 1
 narrow output) stays one dot. Other platforms get the plain dot, which their compilers tile
 themselves (chosen when the program is lowered: `jax.lax.platform_dependent`), and so do few
 rows (decoding: [8, 256] x [256, 4096] is 2x slower in blocks), and so does a vocabulary split
-over a `tensor` mesh axis (blocks would cut across its shards and move them between devices).
+over a `tensor` mesh axis (blocks would cut across its shards and move them between devices), and
+so do rows split over a `sequence` axis ([b * t] rows would cut across its shards).
 """
 import jax
 import jax.numpy as jnp
@@ -48,7 +49,8 @@ def logits(h, kernel, tied: bool):
   w = kernel.T if tied else kernel  # [d, vocab]
   b, t, d = h.shape
   one_dot = lambda h, w: jnp.einsum("btd,dv->btv", h, w)
-  if w.shape[1] <= VOCAB_BLOCK or b * t < MIN_ROWS or sharding.mesh_axis_size("tensor") > 1:
+  split = sharding.mesh_axis_size("tensor") > 1 or sharding.mesh_axis_size("sequence") > 1
+  if w.shape[1] <= VOCAB_BLOCK or b * t < MIN_ROWS or split:
     return one_dot(h, w)
   blocked = lambda h, w: blocked_matmul(h.reshape(b * t, d), w).reshape(b, t, -1)
   return jax.lax.platform_dependent(h, w, cpu=blocked, default=one_dot)
@@ -63,7 +65,9 @@ def _in_chunks(stats, h, targets, chunk: int):
   """stats(h [b, c, d], targets [b, c]) -> tuple of [b, c] arrays, run on `chunk` positions at a
   time under jax.checkpoint (the backward recomputes each chunk's logits), so only [b, chunk,
   vocab] logits exist. t is padded up to a multiple of chunk (pads are cut from the result);
-  chunk <= 0 or >= t: one piece."""
+  chunk <= 0 or >= t: one piece. Chunk i holds every n-th position from i on (n = t / chunk
+  chunks): rows split over a `sequence` mesh axis stay split within each chunk, where contiguous
+  chunks would each live on one device and be moved between them."""
   b, t, d = h.shape
   if chunk <= 0 or chunk >= t:
     return stats(h, targets)
@@ -71,10 +75,10 @@ def _in_chunks(stats, h, targets, chunk: int):
   pad = n * chunk - t
   h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
   targets = jnp.pad(targets, ((0, 0), (0, pad)))
-  hs = h.reshape(b, n, chunk, d).swapaxes(0, 1)             # [n, b, c, d]
-  ys = targets.reshape(b, n, chunk).swapaxes(0, 1)          # [n, b, c]
+  hs = h.reshape(b, chunk, n, d).transpose(2, 0, 1, 3)     # [n, b, c, d]
+  ys = targets.reshape(b, chunk, n).transpose(2, 0, 1)      # [n, b, c]
   _, outs = jax.lax.scan(lambda _, xs: (None, jax.checkpoint(stats)(*xs)), None, (hs, ys))
-  return tuple(o.swapaxes(0, 1).reshape(b, n * chunk)[:, :t] for o in outs)
+  return tuple(o.transpose(1, 2, 0).reshape(b, n * chunk)[:, :t] for o in outs)
 
 
 def _logits32(h, kernel, tied: bool):

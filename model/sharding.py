@@ -1,7 +1,8 @@
 """Device mesh and logical-axis sharding rules.
 
 Parameters and activations are annotated with logical axis names; RULES maps them onto the mesh
-axes `data` (pure data parallel), `fsdp` (data parallel with sharded weights and optimizer state)
+axes `data` (pure data parallel), `fsdp` (data parallel with sharded weights and optimizer state),
+`sequence` (every row's tokens split across devices: context parallelism, model/context_parallel.py)
 and `tensor` (heads / mlp / vocab split across devices). A dimension whose size the mesh axes do
 not divide is replicated instead, so every preset runs on every mesh.
 """
@@ -15,12 +16,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from configs.errors import UserError
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "sequence", "tensor")  # `tensor` on the nearest devices
 
 RULES = (
     # activations
     ("batch", ("data", "fsdp")),
-    ("length", None),
+    ("length", "sequence"),
     ("act_embed", None),
     ("act_kv_heads", "tensor"),
     ("act_mlp", "tensor"),
@@ -41,8 +42,9 @@ RULES = (
 
 
 def mesh_shape(mesh_cfg, num_devices: int) -> dict:
-  """Resolves config.mesh ({data, fsdp, tensor}, at most one -1 = the rest) for num_devices."""
-  sizes = {a: int(mesh_cfg[a]) for a in MESH_AXES}
+  """Resolves config.mesh ({data, fsdp, sequence, tensor}, at most one -1 = the rest; an axis left
+  out has size 1) for num_devices."""
+  sizes = {a: int(dict(mesh_cfg).get(a, 1)) for a in MESH_AXES}
   unknown = set(dict(mesh_cfg)) - set(MESH_AXES)
   if unknown:
     raise UserError(f"config.mesh: unknown axes {sorted(unknown)}; use {MESH_AXES}")
@@ -64,7 +66,7 @@ def mesh_shape(mesh_cfg, num_devices: int) -> dict:
 
 
 def make_mesh(mesh_cfg, devices=None) -> Mesh:
-  """A (data, fsdp, tensor) mesh over `devices` (default: all devices of all processes)."""
+  """A (data, fsdp, sequence, tensor) mesh over `devices` (default: all devices of all processes)."""
   devices = jax.devices() if devices is None else devices
   sizes = mesh_shape(mesh_cfg, len(devices))
   shape = tuple(sizes[a] for a in MESH_AXES)
@@ -135,12 +137,18 @@ def unbox(tree):
                       is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-  """Batch arrays: leading axis over (data, fsdp), the rest replicated."""
-  return NamedSharding(mesh, P(("data", "fsdp"), *([None] * (ndim - 1))))
+def batch_sharding(mesh: Mesh, ndim: int = 2, length: int = 0) -> NamedSharding:
+  """Batch arrays: leading axis over (data, fsdp); the second (the tokens of a row, `length` of
+  them) over `sequence` when it divides them; the rest replicated."""
+  ways = mesh.shape["sequence"]
+  seq = "sequence" if ways > 1 and length and length % ways == 0 else None
+  rest = [seq] + [None] * (ndim - 2) if ndim > 1 else []
+  return NamedSharding(mesh, P(("data", "fsdp"), *rest))
 
 
 def put_batch(local_batch: dict, mesh: Mesh) -> dict:
-  """Host-local numpy rows -> one global jax.Array per key, sharded over the batch axes."""
-  return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v)
+  """Host-local numpy rows -> one global jax.Array per key, sharded over the batch axes (rows)
+  and `sequence` (tokens)."""
+  return {k: jax.make_array_from_process_local_data(
+              batch_sharding(mesh, v.ndim, v.shape[1] if v.ndim > 1 else 0), v)
           for k, v in local_batch.items()}

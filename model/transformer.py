@@ -170,7 +170,9 @@ class Transformer(nn.Module):
 
     inv_freq = rope_frequencies(cfg.head_dim, cfg.rope_theta, dict(cfg.rope_scaling or ()))
     cos_sin = rope_cos_sin(positions, inv_freq)  # 2 x [b, t, head_dim / 2]
-    if cache is None:
+    if cache is None and sharding.mesh_axis_size("sequence") > 1:  # rows split: model/context_parallel.py
+      index, mask = None, (segment_ids, branch_ids)
+    elif cache is None:
       index = None
       slots = jnp.broadcast_to(jnp.arange(t), (b, t))
       mask = attention_mask(segment_ids, segment_ids, slots, slots, branch_ids)  # [b, 1, 1, t, t]

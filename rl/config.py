@@ -65,6 +65,9 @@ def check(config, data_ways: int = 1) -> None:
   if "rl" not in config:
     raise UserError("config.rl is missing: start the config from `configs.base.rl_config()`")
   r = config.rl
+  if config.mesh.get("sequence", 1) > 1:
+    raise UserError(f"config.mesh.sequence={config.mesh.sequence}: rows split over devices (context "
+                    f"parallelism) serve the offline stages; RL stages decode", hint="set config.mesh.sequence=1")
   unknown_keys(r, schema(), "config.rl")
   check_ranges(r, RANGES, "config.rl")
   _one_of(r, "prompts", ("builtin",) + formats.FORMATS)

@@ -60,8 +60,8 @@ def batch_shapes(config, objective, mesh) -> dict:
     spec.update({"ends": ((b, 2), i32), "weight": ((b,), f32)})
     if config.dpo.precompute_reference and objective.needs_reference(config):
       spec["ref_logps"] = ((b, 2), f32)
-  return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape)))
-          for k, (shape, dtype) in spec.items()}
+  return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(
+              mesh, len(shape), shape[1] if len(shape) > 1 else 0)) for k, (shape, dtype) in spec.items()}
 
 
 def lower_train_step(config, mesh):

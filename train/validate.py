@@ -116,6 +116,9 @@ def validate(config, num_devices: int, num_processes: int = 1) -> dict:
   if config.batch_size % num_processes:
     raise UserError(f"config.batch_size={config.batch_size} is not divisible by the "
                     f"{num_processes} processes")
+  if config.seq_len % mesh["sequence"]:
+    raise UserError(f"config.seq_len={config.seq_len} is not divisible by config.mesh.sequence={mesh['sequence']}",
+                    hint="each device of the sequence axis holds seq_len / mesh.sequence tokens of every row")
   accum = config.optim.grad_accum
   if accum < 1 or config.batch_size % accum or (config.batch_size // accum) % data_ways:
     raise UserError(f"config.optim.grad_accum={accum}: batch_size {config.batch_size} must split "
