@@ -215,7 +215,9 @@ class Attention(nn.Module):
     if cache is None:
       platform = sharding.mesh_platform()  # segment ids for a mask: training_mask chose splash
       impl = "splash" if mask.ndim == 2 else attention_impl(cfg.attention, cfg.dtype, hd, platform)
-      out, new_cache = checkpoint_name(causal_attention(q, k, v, mask, impl), "context"), None
+      out, new_cache = causal_attention(q, k, v, mask, impl), None
+      if impl != "splash":  # the kernel names its own output and logsumexp so (model/splash.py)
+        out = checkpoint_name(out, "context")
     else:
       write = lambda buf, new: jax.lax.dynamic_update_slice(
           buf, new.transpose(0, 2, 1, 3).astype(buf.dtype), (0, 0, cache["index"], 0))
