@@ -10,8 +10,10 @@ Check that it compiles and fits first, on any machine with the `tpu` extra insta
   python -m train.aot --config configs/pretrain_llama3_70b.py --topology v5p-512 --out aot_70b.json
 
 Mesh: fsdp over all 256 chips (parameters and Adam state split 256 ways: ~3.3 GB of the 840 GB per
-chip), one row of 8192 tokens per chip (global batch 256 x 8192 = 2M tokens/step), bf16 compute,
-scanned + fully rematerialised layers, the LM head and loss 1024 positions at a time.
+chip), two rows of 8192 tokens per chip (global batch 512 x 8192 = 4M tokens/step: the per-step
+FSDP collectives over twice the work), bf16 compute, splash attention (model.attention=auto on a
+TPU), scanned + fully rematerialised layers, the LM head and loss 1024 positions at a time: peak
+43.4 GiB of 95 per chip (docs/performance.md).
 `arg` may give the device count to plan for (default 256).
 """
 from configs import base, models
@@ -29,7 +31,7 @@ def get_config(arg=None):
   c.model.remat = "full"
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
   c.steps = 500_000
-  c.batch_size = devices            # 256 on 256 chips: divisible by data * fsdp
+  c.batch_size = 2 * devices        # 512 on 256 chips: divisible by data * fsdp
   c.seq_len = 8192
   c.logits_chunk = 1024
   c.optim.lr = 1.5e-4

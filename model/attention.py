@@ -10,8 +10,9 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
-from model import context_parallel, sharding
+from model import context_parallel, sharding, splash
 from model.dense import dense
 
 NEG_INF = -1e30  # finite, so fully masked rows (padding) give a uniform softmax instead of NaN
@@ -77,6 +78,18 @@ def attention_mask(q_segments, k_segments, q_slots, k_slots, branches=None):
   return mask[:, None, None]
 
 
+def training_mask(cfg, segment_ids, branches=None):
+  """The mask of a training self-attention (cache-less), built once for all layers: the segment ids
+  [batch, t] themselves where the splash kernel runs (it applies the causal part by slot), else
+  `attention_mask`'s [batch, 1, 1, t, t]. cfg: the ModelConfig."""
+  b, t = segment_ids.shape
+  impl = attention_impl(cfg.attention, cfg.dtype, cfg.head_dim, sharding.mesh_platform(), t, branches is None)
+  if impl == "splash":
+    return segment_ids
+  slots = jnp.broadcast_to(jnp.arange(t), (b, t))
+  return attention_mask(segment_ids, segment_ids, slots, slots, branches)
+
+
 def cache_mask(segment_ids, segments, index):
   """[batch, 1, 1, t, T] bool: what t new tokens (slots index.., segment_ids [batch, t]) see of a
   KV cache whose `segments` [batch, T] already hold their ids. Unwritten slots and left padding
@@ -87,15 +100,20 @@ def cache_mask(segment_ids, segments, index):
   return attention_mask(segment_ids, segments, q_slots, k_slots) & (segments != 0)[:, None, None, None, :]
 
 
-def attention_impl(name: str, dtype, head_dim: int, platform) -> str:
-  """config.model.attention -> the implementation used: "xla" or "cudnn".
+def attention_impl(name: str, dtype, head_dim: int, platform, seq_len: int = 0, segments_only: bool = False) -> str:
+  """config.model.attention -> the implementation of a training self-attention: "xla", "cudnn" or "splash".
 
-  "auto" picks cuDNN's fused attention for NVIDIA GPUs when it applies (bf16/fp16 compute, head_dim
-  a multiple of 8 up to 128): on one H100, a llama3_1b train step (bf16, seq 2048, batch 2) took
-  86 ms with it against 138 ms with the einsum path (40% vs 25% MFU). Elsewhere (CPU, TPU, fp32)
-  the einsum path, which XLA fuses well there. `platform` is that of the devices the step is
-  compiled for (`sharding.mesh_platform()`: "gpu", "cpu", "tpu", or None outside a mesh, which
-  gets the einsum path that lowers everywhere)."""
+  "auto" picks the Pallas splash kernel on TPUs (model/splash.py: no [t, t] scores in HBM) and
+  cuDNN's fused attention on NVIDIA GPUs when it applies (bf16/fp16 compute, head_dim a multiple of
+  8 up to 128): on one H100, a llama3_1b train step (bf16, seq 2048, batch 2) took 86 ms with it
+  against 138 ms with the einsum path (40% vs 25% MFU). Elsewhere (CPU, fp32 on GPUs) the einsum
+  path, which XLA fuses well there. `platform` is that of the devices the step is compiled for
+  (`sharding.mesh_platform()`: "gpu", "cpu", "tpu", or None outside a mesh, which gets the einsum
+  path that lowers everywhere). Splash ("auto" on a TPU, or asked for by name; off a TPU it runs
+  interpreted) needs a mask of segment ids alone (`segments_only`: no preference-pair branches,
+  which only a dense mask expresses) and rows of a multiple of 128 tokens; otherwise the einsum path."""
+  if name == "splash" or (name == "auto" and platform == "tpu"):
+    return "splash" if segments_only and splash.fits(seq_len) else "xla"
   if name != "auto":
     return name
   fits = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 and head_dim <= 128
@@ -136,7 +154,10 @@ def causal_attention(q, k, v, mask, impl: str = "xla"):
   Shapes as grouped_attention (t == s). The queries split into n <= MAX_QUERY_BLOCKS blocks of
   >= 64; block i attends only to keys [0, end of block i), since `mask` is causal and hides the
   rest anyway: the same result with (n + 1) / 2n of the score work (62% at n = 4, 56% at n = 8).
-  On CPU the attention forward + backward of a `medium` layer drops from ~147 to ~77 ms."""
+  On CPU the attention forward + backward of a `medium` layer drops from ~147 to ~77 ms. impl
+  "splash" takes the segment ids [b, t] as its mask and runs model/splash.py instead."""
+  if impl == "splash":
+    return splash.attention(q, k, v, mask)  # mask: segment ids [b, t] (`training_mask`)
   t = q.shape[1]
   n = min(MAX_QUERY_BLOCKS, t // 64)
   if impl != "xla" or n < 2:
@@ -168,9 +189,10 @@ class Attention(nn.Module):
   """Grouped-query self-attention with RoPE.
 
   x [batch, t, d]; cos_sin: `rope_cos_sin` of the tokens' positions, computed once for all layers;
-  mask [batch, 1, 1, t, s]: `attention_mask` (training, s = t) or `cache_mask` (decoding, s = T);
-  on a mesh whose `sequence` axis splits the rows (training only), (segment_ids, branch_ids or
-  None) [batch, t], from which model/context_parallel.py builds the mask block by block.
+  mask [batch, 1, 1, t, s]: `training_mask` (s = t; the segment ids [batch, t] where splash runs) or
+  `cache_mask` (decoding, s = T); on a mesh whose `sequence` axis splits the rows (training only),
+  (segment_ids, branch_ids or None) [batch, t], from which model/context_parallel.py builds the
+  mask block by block.
   `cache` (decoding only) is this layer's k, v [batch, kv_heads, T, head_dim] plus `index`, the
   slot of the first new token. Returns (output [batch, t, d], updated {k, v} or None)."""
   cfg: "ModelConfig"  # noqa: F821 (model/transformer.py, which imports this module)
@@ -187,15 +209,19 @@ class Attention(nn.Module):
           (kv, group + 2, hd), cfg.param_dtype)
       qkv = qkv + bias.astype(cfg.dtype)
     qkv = sharding.constrain(qkv, ("batch", "length", "act_kv_heads", None, None))
+    qkv = checkpoint_name(qkv, "qkv_proj")                      # remat names: model/transformer.py
     qk = apply_rope(qkv[:, :, :, :group + 1], *cos_sin)        # q heads and k in one rotation
     q, k = qk[:, :, :, :group], qk[:, :, :, group]             # [b, t, kv, group, hd], [b, t, kv, hd]
     v = qkv[:, :, :, group + 1]                                 # [b, t, kv, hd]
 
     if cache is None and sharding.mesh_axis_size("sequence") > 1:
-      out, new_cache = context_parallel.attention(q, k, v, *mask), None
+      out, new_cache = checkpoint_name(context_parallel.attention(q, k, v, *mask), "context"), None
     elif cache is None:
-      impl = attention_impl(cfg.attention, cfg.dtype, hd, sharding.mesh_platform())
+      platform = sharding.mesh_platform()  # segment ids for a mask: training_mask chose splash
+      impl = "splash" if mask.ndim == 2 else attention_impl(cfg.attention, cfg.dtype, hd, platform)
       out, new_cache = causal_attention(q, k, v, mask, impl), None
+      if impl != "splash":  # the kernel names its own output and logsumexp so (model/splash.py)
+        out = checkpoint_name(out, "context")
     else:
       write = lambda buf, new: jax.lax.dynamic_update_slice(
           buf, new.transpose(0, 2, 1, 3).astype(buf.dtype), (0, 0, cache["index"], 0))
@@ -204,4 +230,4 @@ class Attention(nn.Module):
 
     y = dense(self, "out", out, 3, (kv, group, hd, cfg.d_model), ("kv_heads", "q_group", "head_dim", "embed"),
               cfg)   # [b, t, d]
-    return sharding.constrain(y, ("batch", "length", "act_embed")), new_cache
+    return checkpoint_name(sharding.constrain(y, ("batch", "length", "act_embed")), "out_proj"), new_cache

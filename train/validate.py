@@ -5,7 +5,8 @@ import ml_collections
 
 from configs import base
 from configs.errors import UserError, unknown
-from model import quant, sharding, tokenizer
+from model import quant, sharding, splash, tokenizer
+from model.transformer import REMAT_POLICIES
 from train import objectives, profile, stream
 
 # The interval every numeric key of a stage config must lie in ("(0, inf)": > 0); rl/config.py
@@ -89,10 +90,14 @@ def validate(config, num_devices: int, num_processes: int = 1) -> dict:
   head_dim = m.head_dim or m.d_model // m.n_heads
   if head_dim % 2:
     raise UserError(f"config.model.head_dim={head_dim} must be even for rotary embeddings")
-  if m.remat not in ("none", "full", "dots"):
-    raise UserError(f"config.model.remat={m.remat!r}: use none | full | dots")
-  if m.attention not in ("auto", "xla", "cudnn"):
-    raise UserError(f"config.model.attention={m.attention!r}: use auto | xla | cudnn")
+  remats = ("none",) + tuple(REMAT_POLICIES)
+  if m.remat not in remats:
+    raise UserError(f"config.model.remat={m.remat!r}: use {' | '.join(remats)}")
+  if m.attention not in ("auto", "xla", "cudnn", "splash"):
+    raise UserError(f"config.model.attention={m.attention!r}: use auto | xla | cudnn | splash")
+  if m.attention == "splash" and not splash.fits(config.seq_len):
+    raise UserError(f"config.model.attention='splash' needs config.seq_len={config.seq_len} to be a multiple "
+                    f"of {splash.BLOCKS[-1]} (the kernel's tiles)", hint="or use attention=auto")
   if m.attention == "cudnn" and m.dtype not in ("bfloat16", "float16"):
     raise UserError(f"config.model.attention='cudnn' needs config.model.dtype bfloat16 or float16, "
                     f"not {m.dtype!r} (or use attention=auto)")
