@@ -36,6 +36,12 @@ def fsdp_ideal_ici_bytes(n_params: int, itemsize: int, fsdp: int, data: int, gat
   return sent
 
 
+def _share(collectives: dict, part: str, whole: str) -> float:
+  """sum of `part` over sum of `whole` across the kinds of collectives (1 when there are none)."""
+  total = sum(c[whole] for c in collectives.values())
+  return sum(c[part] for c in collectives.values()) / total if total else 1.0
+
+
 def _ici_seconds(collectives: dict, chip) -> tuple[float, float]:
   """(seconds of synchronous, of asynchronous collectives) per step at the chip's ICI bandwidth."""
   sent = lambda key: sum(c[key] for c in collectives.values()) / chip.ici_bandwidth
@@ -44,8 +50,9 @@ def _ici_seconds(collectives: dict, chip) -> tuple[float, float]:
 
 def program_report(compiled, flops: float, chip, n: int) -> dict:
   """per_chip memory (peak = arguments + outputs - donated + temporaries + code), flops_per_step,
-  collectives (and their async_share of ICI bytes), hbm_traffic_bytes, largest_buffers, roofline,
-  est_step_s, est_mfu of one program compiled for n chips."""
+  collectives, the asynchronous share of their result bytes (async_share) and of their ICI bytes
+  (async_ici_share), hbm_traffic_bytes, largest_buffers, roofline, est_step_s, est_mfu of one
+  program compiled for n chips."""
   mem = compiled.memory_analysis()
   hlo = hlo_stats.stats(compiled.as_text(), n)
   peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
@@ -62,7 +69,8 @@ def program_report(compiled, flops: float, chip, n: int) -> dict:
                    "alias_bytes": int(mem.alias_size_in_bytes), "temp_bytes": int(mem.temp_size_in_bytes)},
       "flops_per_step": flops,
       "collectives": {k: {f: int(x) for f, x in v.items()} for k, v in hlo["collectives"].items()},
-      "async_share": async_s / (sync_s + async_s) if sync_s + async_s else 1.0,
+      "async_share": _share(hlo["collectives"], "async_bytes", "bytes"),
+      "async_ici_share": _share(hlo["collectives"], "async_ici_bytes", "ici_bytes"),
       "hbm_traffic_bytes": int(hlo["hbm_bytes"]),
       "largest_buffers": hlo["largest_buffers"],
       "roofline": times, "est_step_s": est, "est_mfu": compute_s / est if est else 0.0,

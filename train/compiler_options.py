@@ -24,6 +24,7 @@ TPU_OVERLAP = {
     "xla_tpu_megacore_fusion_allow_ags": False,
     "xla_tpu_enable_data_parallel_all_reduce_opt": True,
     "xla_tpu_data_parallel_opt_different_sized_ops": True,
+    "xla_tpu_enable_reduce_scatter_legalizer": True,  # else gradients: all-reduce + dynamic-slice
 }
 GPU_OVERLAP = {
     "xla_gpu_enable_latency_hiding_scheduler": True,

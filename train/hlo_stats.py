@@ -6,6 +6,11 @@ XLA's own cost analysis counts a while loop's body once, so a scanned 32-layer m
 while loop that runs it (read from its condition, `i < N`), the caller's for calls, conditionals
 and async wrappers. The HLO is SPMD-partitioned, so every shape in it is one device's shape.
 
+A collective is asynchronous when it is split into -start / -done, runs in an async wrapper, or
+(TPU) is marked so (`async_collective_name`) or is one of a chain of continuation fusions
+(`chain_id`): XLA:TPU fuses an async collective into a start, compute fusions it overlaps, and a
+done, each holding a copy of the collective; it is counted once, in the start.
+
 A collective's result bytes say little about the link traffic: a reduce-scatter over g chips
 returns 1/g of what each chip sends. Each one's ICI bytes are what one chip sends in a ring
 (bandwidth-optimal) algorithm over its group of g chips (`replica_groups`): an all-gather or an
@@ -105,9 +110,10 @@ def trip_count(cond: list) -> int:
   return 1
 
 
-def multiplicities(comps: dict, entry: str) -> tuple[dict, set, set]:
-  """(how often each computation runs per step, the fused ones, the async-wrapped ones)."""
-  mult, fused, wrapped = defaultdict(float), set(), set()
+def multiplicities(comps: dict, entry: str) -> tuple[dict, set, set, dict]:
+  """(how often each computation runs per step, the fused ones, the async-wrapped ones, the name of
+  an instruction calling each)."""
+  mult, fused, wrapped, callers = defaultdict(float), set(), set(), {}
   mult[entry] = 1.0
   order = [entry]
   for name in order:  # callers come before callees in this walk
@@ -128,9 +134,10 @@ def multiplicities(comps: dict, entry: str) -> tuple[dict, set, set]:
         if ins.opcode.startswith("async-") or ins.opcode.endswith("-start"):
           wrapped.add(callee)
         mult[callee] += times
+        callers.setdefault(callee, ins.name)
         if callee not in order:
           order.append(callee)
-  return mult, fused, wrapped
+  return mult, fused, wrapped, callers
 
 
 def group_size(rest: str, n: int) -> int:
@@ -176,7 +183,7 @@ def stats(hlo: str, n: int, top: int = 8) -> dict:
   results), hbm_bytes and the largest arrays, per chip per step, of an optimized (SPMD-partitioned)
   HLO module's text compiled for n chips."""
   comps, entry = parse(hlo)
-  mult, fused, wrapped = multiplicities(comps, entry)
+  mult, fused, wrapped, callers = multiplicities(comps, entry)
   fields = ("count", "bytes", "async_bytes", "ici_bytes", "async_ici_bytes")
   collectives = {k: dict.fromkeys(fields, 0.0) for k in COLLECTIVES}
   hbm, largest = 0.0, {}
@@ -187,6 +194,9 @@ def stats(hlo: str, n: int, top: int = 8) -> dict:
     sizes = {i.name: array_bytes(i.shape) for i in instrs}
     for ins in instrs:
       kind = _kind(ins.opcode)
+      chained = "chain_id=" in ins.rest
+      if kind and chained and not callers.get(name, "").startswith("async-collective-start"):
+        kind = None  # a continuation or done of a chain: counted in its start
       if kind:
         shape = ins.shape
         if ins.opcode.endswith("-start") and shape.startswith("("):  # (operand, result[, ...]) -> result
@@ -200,7 +210,7 @@ def stats(hlo: str, n: int, top: int = 8) -> dict:
         c["count"] += times
         c["bytes"] += times * nbytes
         c["ici_bytes"] += times * sent
-        if ins.opcode.endswith("-start") or name in wrapped:
+        if ins.opcode.endswith("-start") or name in wrapped or chained or "async_collective_name=" in ins.rest:
           c["async_bytes"] += times * nbytes
           c["async_ici_bytes"] += times * sent
       if name in fused or ins.opcode in NO_TRAFFIC:
