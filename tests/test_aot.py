@@ -13,7 +13,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import grpo_arith, ppo_arith, pretrain_tiny
 from model.transformer import ModelConfig
-from train import aot, chips, hlo_stats, topology
+from configs.errors import UserError
+from train import aot, chips, compiler_options, hlo_stats, topology
 
 # The tests' persistent compilation cache (tests/conftest.py) stores TPU programs it cannot load back
 # without a TPU: it says so, and compiles again.
@@ -120,6 +121,32 @@ def test_the_tiny_config_compiles_for_a_v5p_slice_and_fits(objective):
   r = out["roofline"]
   assert out["est_step_s"] >= max(r["compute_s"], r["hbm_s"]) + r["ici_sync_s"] > 0
   assert math.isclose(out["est_mfu"], out["roofline"]["compute_s"] / out["est_step_s"])
+
+
+def test_fsdp_collectives_are_overlapped_and_weighed_against_the_ideal():
+  """The tiny model scanned and rematerialized, fsdp over 4 chips: parameters are all-gathered,
+  asynchronously under the overlap options (and not without them), gradients reduce-scattered.
+  The ideal: every parameter gathered in the forward and in the recomputed backward and its
+  gradient reduce-scattered, bf16, a chip sending 3/4 of each."""
+  c = pretrain_tiny.get_config()
+  c.model.dtype, c.model.scan_layers, c.model.remat = "bfloat16", True, "full"
+  c.mesh.data, c.mesh.fsdp = 1, -1
+  reports = {}
+  for preset in ("overlap", "default"):
+    c.compiler_options = preset
+    reports[preset] = aot.report(c, "v5p-8")
+  out = reports["overlap"]
+  col = out["collectives"]
+  assert col["all-gather"]["count"] > 0 and col["reduce-scatter"]["count"] > 0
+  assert col["all-gather"]["async_bytes"] == col["all-gather"]["bytes"] > 0
+  assert reports["default"]["async_share"] == 0 < out["async_share"]
+  n_params = ModelConfig.from_config(c.model).num_params()
+  assert out["fsdp"]["ideal_ici_bytes"] == int(3 * n_params * 2 * 3 / 4)
+  sent = sum(k["ici_bytes"] for k in col.values())
+  assert out["fsdp"]["ici_bytes"] == sent and out["fsdp"]["over_ideal"] == pytest.approx(sent / (3 * n_params * 1.5))
+  assert out["async_ici_share"] == pytest.approx(sum(k["async_ici_bytes"] for k in col.values()) / sent)
+  with pytest.raises(UserError, match="config.compiler_options='fast': use overlap | default"):
+    compiler_options.for_platform("fast", "tpu")
 
 
 def test_cpu_runs_skip_an_installed_libtpu():
