@@ -28,7 +28,7 @@ def _base(**kw) -> ml_collections.ConfigDict:
       dtype="float32",        # compute dtype (bfloat16 on accelerators)
       param_dtype="float32",  # storage dtype of the weights
       scan_layers=False,      # nn.scan over layers: faster compiles for deep models
-      remat="none",           # none | full | dots (save matmul outputs)
+      remat="none",           # none | full | dots (save matmul outputs) | offload (layer inputs to host)
       attention="auto",       # auto (cudnn on NVIDIA GPUs in bf16, else xla) | xla (einsum) | cudnn
       init_std=0.02,
   )

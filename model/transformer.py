@@ -11,6 +11,7 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from model import lm_head, sharding
 from model.attention import Attention, attention_mask, cache_mask, rope_cos_sin, rope_frequencies
@@ -102,6 +103,7 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x, cos_sin, mask, cache=None):
     cfg = self.cfg
+    x = checkpoint_name(x, "layer_input")  # what remat=offload keeps in host memory
     h = RMSNorm(cfg.norm_eps, cfg.param_dtype, name="attn_norm")(x)
     a, new_cache = Attention(cfg, name="attn")(h, cos_sin, mask, cache)
     x = x + a
@@ -119,9 +121,16 @@ class ScannedBlock(nn.Module):
     return Block(self.cfg, name="block")(x, cos_sin, mask, cache)
 
 
+# full: each layer keeps only its input [b, t, d] for the backward pass and recomputes the rest; dots:
+# also its matmul outputs; offload: only its input, moved to host memory (TPU / GPU) until the
+# backward pass needs it (scanned layers: [layers, b, t, d] off the chip, e.g. 8 GiB per v5p chip
+# for pretrain_llama3_8b).
 REMAT_POLICIES = {
     "full": None,
     "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "offload": jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[], names_which_can_be_offloaded=["layer_input"],
+        offload_src="device", offload_dst="pinned_host"),
 }
 
 

@@ -89,8 +89,8 @@ def validate(config, num_devices: int, num_processes: int = 1) -> dict:
   head_dim = m.head_dim or m.d_model // m.n_heads
   if head_dim % 2:
     raise UserError(f"config.model.head_dim={head_dim} must be even for rotary embeddings")
-  if m.remat not in ("none", "full", "dots"):
-    raise UserError(f"config.model.remat={m.remat!r}: use none | full | dots")
+  if m.remat not in ("none", "full", "dots", "offload"):
+    raise UserError(f"config.model.remat={m.remat!r}: use none | full | dots | offload")
   if m.attention not in ("auto", "xla", "cudnn"):
     raise UserError(f"config.model.attention={m.attention!r}: use auto | xla | cudnn")
   if m.attention == "cudnn" and m.dtype not in ("bfloat16", "float16"):
