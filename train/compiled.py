@@ -66,7 +66,8 @@ def program_report(compiled, flops: float, chip, n: int) -> dict:
   return {
       "per_chip": {"hbm_bytes": int(chip.hbm_bytes), "peak_bytes": int(peak),
                    "argument_bytes": int(mem.argument_size_in_bytes), "output_bytes": int(mem.output_size_in_bytes),
-                   "alias_bytes": int(mem.alias_size_in_bytes), "temp_bytes": int(mem.temp_size_in_bytes)},
+                   "alias_bytes": int(mem.alias_size_in_bytes), "temp_bytes": int(mem.temp_size_in_bytes),
+                   "host_temp_bytes": int(mem.host_temp_size_in_bytes)},  # e.g. remat=offload's layer inputs
       "flops_per_step": flops,
       "collectives": {k: {f: int(x) for f, x in v.items()} for k, v in hlo["collectives"].items()},
       "async_share": _share(hlo["collectives"], "async_bytes", "bytes"),
