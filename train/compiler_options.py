@@ -24,7 +24,12 @@ TPU_OVERLAP = {
     "xla_tpu_megacore_fusion_allow_ags": False,
     "xla_tpu_enable_data_parallel_all_reduce_opt": True,
     "xla_tpu_data_parallel_opt_different_sized_ops": True,
-    "xla_tpu_enable_reduce_scatter_legalizer": True,  # else gradients: all-reduce + dynamic-slice
+    # gradients reduce-scattered (else all-reduced whole, then sliced); the layout flags are
+    # MaxText's LAYOUT_FOR_ALL_REDUCE_SCATTER: without them the LM head's [4096, 128256] is not
+    "xla_tpu_enable_reduce_scatter_legalizer": True,
+    "xla_tpu_use_minor_sharding_for_major_trivial_input": True,
+    "xla_tpu_relayout_group_size_threshold_for_reduce_scatter": 1,
+    "xla_tpu_assign_all_reduce_scatter_layout": True,
 }
 GPU_OVERLAP = {
     "xla_gpu_enable_latency_hiding_scheduler": True,
