@@ -24,6 +24,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.async_checkpoints = True
   c.peak_flops_per_device = 0.0      # for MFU; 0 = by device kind (CPU: a measured matmul rate)
+  c.compiler_options = "overlap"     # XLA options of the step on TPU / GPU: overlap | default (train/compiler_options)
   c.profile = sections.profile()
   c.mesh = sections.mesh()
   c.optim = sections.optim()

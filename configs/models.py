@@ -28,7 +28,7 @@ def _base(**kw) -> ml_collections.ConfigDict:
       dtype="float32",        # compute dtype (bfloat16 on accelerators)
       param_dtype="float32",  # storage dtype of the weights
       scan_layers=False,      # nn.scan over layers: faster compiles for deep models
-      remat="none",           # none | full | dots | context | qkv_context | attention (model/transformer.py)
+      remat="none",           # none | full | dots | context | qkv_context | attention | offload (model/transformer.py)
       attention="auto",       # auto (splash on TPUs, cudnn on NVIDIA GPUs in bf16, else xla) | xla | cudnn | splash
       init_std=0.02,
   )

@@ -9,8 +9,12 @@ Check that it compiles and fits first, on any machine with the `tpu` extra insta
 
   python -m train.aot --config configs/pretrain_llama3_8b.py --topology v5p-256 --out aot_8b.json
 
-Mesh: fsdp over all 128 devices x tensor 1 (8B fits comfortably with full FSDP); global batch
-512 x 8192 tokens = 4M tokens/step, bf16 compute, scanned + rematerialised layers.
+Mesh: data 2 x fsdp 64 x tensor 1: params and Adam state split 64 ways (1.4 GiB per chip), each
+half of the slice a replica. Over all 128 chips of a v5p-256 (4x4x8, a full 3D torus) XLA:TPU
+compiles every all-gather as an all-reduce of the zero-padded shards (twice the bytes, never
+asynchronous); over 64 they are all-gathers, overlapped with the layers' compute (docs/performance.md).
+Global batch 512 x 8192 tokens = 4M tokens/step, bf16 compute, scanned layers rematerialised with
+their inputs offloaded to host memory (model.remat=offload).
 `arg` may give the device count to plan for (default 128).
 """
 from configs import base, models
@@ -25,8 +29,8 @@ def get_config(arg=None):
   c.model = models.llama3_8b()
   c.model.dtype = "bfloat16"
   c.model.scan_layers = True
-  c.model.remat = "full"
-  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
+  c.model.remat = "offload"
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, -1, 1
   c.steps = 250_000
   c.batch_size = 4 * devices        # 512 on 128 devices: divisible by data * fsdp
   c.seq_len = 8192

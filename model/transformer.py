@@ -11,6 +11,7 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from model import lm_head, sharding
 from model.attention import Attention, cache_mask, rope_cos_sin, rope_frequencies, training_mask
@@ -106,6 +107,7 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x, cos_sin, mask, cache=None):
     cfg = self.cfg
+    x = checkpoint_name(x, "layer_input")  # what remat=offload keeps in host memory
     h = RMSNorm(cfg.norm_eps, cfg.param_dtype, name="attn_norm")(x)
     a, new_cache = Attention(cfg, name="attn")(h, cos_sin, mask, cache)
     x = x + a
@@ -130,13 +132,19 @@ _save = jax.checkpoint_policies.save_only_these_names
 # "qkv_proj" the fused q/k/v projection [b, t, kv, group + 2, hd]; "context" the attention output
 # [b, t, kv, group, hd] (with the splash kernel also its logsumexp [b, heads, t] fp32, both saved
 # under that name by the kernel); "out_proj" the attention block's output [b, t, d]. Per layer and
-# row of 8192 tokens of llama3_70b in bf16: 160, 128 and 128 MiB (+ 2 MiB logsumexp).
+# row of 8192 tokens of llama3_70b in bf16: 160, 128 and 128 MiB (+ 2 MiB logsumexp). "offload":
+# only the layer's input ("layer_input"), moved to host memory (TPU / GPU) until the backward pass
+# needs it (scanned layers: [layers, b, t, d] off the chip, e.g. 8 GiB per v5p chip for
+# pretrain_llama3_8b).
 REMAT_POLICIES = {
     "full": None,                          # only the layer's input: the whole layer runs again
     "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,  # every weight matmul's output
     "context": _save("context"),           # the attention kernel's forward is not run again
     "qkv_context": _save("qkv_proj", "context"),              # nor the q/k/v projection
     "attention": _save("qkv_proj", "context", "out_proj"),    # only the MLP half runs again
+    "offload": jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[], names_which_can_be_offloaded=["layer_input"],
+        offload_src="device", offload_dst="pinned_host"),
 }
 
 

@@ -13,7 +13,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import grpo_arith, ppo_arith, pretrain_tiny
 from model.transformer import ModelConfig
-from train import aot, chips, hlo_stats, topology
+from configs.errors import UserError
+from train import aot, chips, compiler_options, hlo_stats, topology
 
 # The tests' persistent compilation cache (tests/conftest.py) stores TPU programs it cannot load back
 # without a TPU: it says so, and compiles again.
@@ -58,9 +59,38 @@ def test_a_scanned_loop_counts_its_collectives_once_per_iteration():
   x = jax.ShapeDtypeStruct((64, 512), jnp.bfloat16, sharding=NamedSharding(mesh, P("x")))
   hlo = jax.jit(forward).lower(ws, x).compile().as_text()
   assert hlo.count("all-gather(") + hlo.count("all-gather-start(") == 1
-  gathers = hlo_stats.stats(hlo)["collectives"]["all-gather"]
+  gathers = hlo_stats.stats(hlo, 4)["collectives"]["all-gather"]
   assert gathers["count"] == layers
   assert gathers["bytes"] == layers * 512 * 512 * 2
+
+
+def test_the_ici_bytes_of_each_collective_follow_its_group():
+  """On 4 chips as 2 groups of 2 and as 1 group of 4, each chip holding [256, 128] f32: an
+  all-gather to [256 g, 128], its all-reduce, and its reduce-scatter back to [256, 128]. A chip
+  sends (g - 1)/g of an all-gather's result, g - 1 times a reduce-scatter's, 2 (g - 1)/g of an
+  all-reduce's."""
+  mesh = jax.sharding.Mesh(np.array(topology.devices("v5p-8")).reshape(2, 2), ("a", "b"))
+  x = jax.ShapeDtypeStruct((1024, 128), jnp.float32, sharding=NamedSharding(mesh, P(("a", "b"))))
+  for axes, g in ((("b",), 2), (("a", "b"), 4)):
+    def f(x):
+      full = jax.lax.all_gather(x, axes, tiled=True)  # [256 g, 128]
+      return full, jax.lax.psum(full, axes), jax.lax.psum_scatter(full, axes, tiled=True)
+    spec = P(("a", "b"))
+    step = jax.shard_map(f, mesh=mesh, in_specs=spec, out_specs=(spec, spec, spec), check_vma=False)
+    out = hlo_stats.stats(jax.jit(step).lower(x).compile().as_text(), 4)["collectives"]
+    result = 256 * g * 128 * 4  # bytes of the gathered [256 g, 128] f32
+    expect = {"all-gather": result * (g - 1) / g, "all-reduce": 2 * result * (g - 1) / g,
+              "reduce-scatter": (result / g) * (g - 1)}
+    for kind, sent in expect.items():
+      assert out[kind]["count"] == 1 and out[kind]["ici_bytes"] == pytest.approx(sent), (kind, g)
+
+
+def test_group_sizes_in_the_three_spellings_of_replica_groups():
+  assert hlo_stats.group_size("replica_groups=mesh['axis_0'=4,'axis_1'=32] {'axis_1'}, x=1", 128) == 32
+  assert hlo_stats.group_size("replica_groups=mesh['axis_0'=4,'axis_1'=32] {'axis_0','axis_1'}", 128) == 128
+  assert hlo_stats.group_size("replica_groups=[16,8]<=[8,16]T(1,0), use_global_device_ids=true", 128) == 8
+  assert hlo_stats.group_size("replica_groups={{0,2},{1,3}}, to_apply=%add", 4) == 2
+  assert hlo_stats.group_size("replica_groups={}, to_apply=%add", 4) == 4
 
 
 def test_array_bytes_of_shapes():
@@ -91,6 +121,32 @@ def test_the_tiny_config_compiles_for_a_v5p_slice_and_fits(objective):
   r = out["roofline"]
   assert out["est_step_s"] >= max(r["compute_s"], r["hbm_s"]) + r["ici_sync_s"] > 0
   assert math.isclose(out["est_mfu"], out["roofline"]["compute_s"] / out["est_step_s"])
+
+
+def test_fsdp_collectives_are_overlapped_and_weighed_against_the_ideal():
+  """The tiny model scanned and rematerialized, fsdp over 4 chips: parameters are all-gathered,
+  asynchronously under the overlap options (and not without them), gradients reduce-scattered.
+  The ideal: every parameter gathered in the forward and in the recomputed backward and its
+  gradient reduce-scattered, bf16, a chip sending 3/4 of each."""
+  c = pretrain_tiny.get_config()
+  c.model.dtype, c.model.scan_layers, c.model.remat = "bfloat16", True, "full"
+  c.mesh.data, c.mesh.fsdp = 1, -1
+  reports = {}
+  for preset in ("overlap", "default"):
+    c.compiler_options = preset
+    reports[preset] = aot.report(c, "v5p-8")
+  out = reports["overlap"]
+  col = out["collectives"]
+  assert col["all-gather"]["count"] > 0 and col["reduce-scatter"]["count"] > 0
+  assert col["all-gather"]["async_bytes"] == col["all-gather"]["bytes"] > 0
+  assert reports["default"]["async_share"] == 0 < out["async_share"]
+  n_params = ModelConfig.from_config(c.model).num_params()
+  assert out["fsdp"]["ideal_ici_bytes"] == int(3 * n_params * 2 * 3 / 4)
+  sent = sum(k["ici_bytes"] for k in col.values())
+  assert out["fsdp"]["ici_bytes"] == sent and out["fsdp"]["over_ideal"] == pytest.approx(sent / (3 * n_params * 1.5))
+  assert out["async_ici_share"] == pytest.approx(sum(k["async_ici_bytes"] for k in col.values()) / sent)
+  with pytest.raises(UserError, match="config.compiler_options='fast': use overlap | default"):
+    compiler_options.for_platform("fast", "tpu")
 
 
 def test_cpu_runs_skip_an_installed_libtpu():

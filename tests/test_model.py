@@ -162,6 +162,28 @@ def test_scan_over_layers_equals_unrolled_layers():
   np.testing.assert_allclose(got, model.apply({"params": params}, tokens), atol=1e-5)
 
 
+def test_offloaded_layer_inputs_give_the_same_gradients():
+  """remat=offload (scanned layers' inputs kept in host memory for the backward pass) changes
+  where an array lives, not the gradient: the same as remat=full's, and as the unrolled model's
+  up to float32 summation order."""
+  cfg, model, params, tokens = make()
+  layers = [params[f"layer_{i}"] for i in range(cfg.n_layers)]
+  stacked = {k: v for k, v in params.items() if not k.startswith("layer_")}
+  stacked["layers"] = {"block": jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}
+  loss = lambda m: lambda p: jnp.sum(jnp.sin(m.apply({"params": p}, tokens)))
+  grad = lambda remat: jax.jit(jax.grad(loss(Transformer(ModelConfig.from_config(
+      dict(models.tiny(), scan_layers=True, remat=remat))))))(stacked)
+  got, full = grad("offload"), grad("full")
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(full)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  want = jax.grad(loss(model))(params)
+  np.testing.assert_allclose(got["embedding"], want["embedding"], rtol=1e-3, atol=2e-4)
+  for i in range(cfg.n_layers):
+    for a, b in zip(jax.tree.leaves(jax.tree.map(lambda x: x[i], got["layers"]["block"])),
+                    jax.tree.leaves(want[f"layer_{i}"])):
+      np.testing.assert_allclose(a, b, rtol=1e-3, atol=2e-4)
+
+
 def test_llama3_rope_scaling_formula():
   scaling = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_positions=8192)
   got = np.asarray(rope_frequencies(128, 500_000.0, scaling))

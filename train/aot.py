@@ -7,10 +7,12 @@ No data, no checkpoint, no real array: parameters, optimizer state and the batch
 their shardings on a compile-only mesh of the slice (train/topology.py), and the step is the one
 `python -m train` runs (train/loop.py `make_train_step`). It prints (and writes to --out) one JSON
 object: whether the step fits a chip's HBM, its memory per chip, FLOPs per step (the model's own
-formula: XLA counts a scanned layer once), collectives per chip per step with the share that is
-asynchronous, the largest arrays, and a roofline estimate of the step time and MFU from the chip's
-published figures (train/chips.py) (train/compiled.py). A step that does not fit is an error naming
-its biggest arrays.
+formula: XLA counts a scanned layer once), collectives per chip per step (results, ICI bytes sent)
+with the share that is asynchronous, "fsdp": those ICI bytes against FSDP done ideally, the largest
+arrays, and a roofline estimate of the step time and MFU from the chip's published figures
+(train/chips.py) (train/compiled.py). The step is compiled with the XLA options
+`config.compiler_options` picks for TPU (train/compiler_options.py). A step that does not fit is an
+error naming its biggest arrays.
 
 An online RL objective (grpo, rloo, gspo, ppo) is several programs (rl/aot.py): the update step,
 the rollout's prefill and one decode step. Its report has one entry per program under "programs"
@@ -31,7 +33,7 @@ from model.transformer import ModelConfig, Transformer
 from configs.errors import UserError
 from rl import aot as rl_aot
 from rl.algorithms import ALGORITHMS
-from train import chips, cli, compiled, cpu_tuning, objectives, optim, topology
+from train import chips, cli, compiled, compiler_options, cpu_tuning, objectives, optim, topology
 from train import state as state_lib
 from train.compiled import shaped
 from train.loop import make_train_step
@@ -88,7 +90,8 @@ def lower_train_step(config, mesh):
       ref = params  # a frozen full copy, sharded like the params (under LoRA: the base itself)
     step = make_train_step(model, objective, tx, lr_fn, config.optim.grad_accum, lora_cfg, config,
                            ref_is_frozen=needs_ref and frozen is not None)
-    jitted = jax.jit(step, out_shardings=(param_sh, opt_sh, None), donate_argnums=(0, 1))
+    options = compiler_options.for_platform(config.compiler_options, mesh.devices.flat[0].platform)
+    jitted = jax.jit(step, out_shardings=(param_sh, opt_sh, None), donate_argnums=(0, 1), compiler_options=options)
     batch = batch_shapes(config, objective, mesh)
     lowered = jitted.lower(params, opt, batch, jax.ShapeDtypeStruct((), jnp.int32), frozen, ref)
     params = params if frozen is None else (params, frozen)  # every param byte the step holds
@@ -101,12 +104,26 @@ def lower_train_step(config, mesh):
   return lowered, params, opt, flops
 
 
+def fsdp_report(config, mesh, collectives: dict) -> dict:
+  """The step's ICI bytes per chip against FSDP done ideally (train/compiled.py): the parameters
+  gathered in the forward and again in a rematerialized backward, in the compute dtype, and (unless
+  LoRA freezes them) their gradients reduce-scattered once."""
+  m = ModelConfig.from_config(config.model)
+  gathers = 1 + (m.remat != "none")
+  ideal = compiled.fsdp_ideal_ici_bytes(m.num_params(), m.dtype.itemsize, mesh.shape["fsdp"], mesh.shape["data"],
+                                        gathers, grads=not state_lib.lora_enabled(config))
+  sent = sum(c["ici_bytes"] for c in collectives.values())
+  return {"ideal_ici_bytes": int(ideal), "ici_bytes": int(sent), "over_ideal": sent / ideal if ideal else 0.0,
+          "gathers_per_param": gathers}
+
+
 def _offline_report(config, devices, chip) -> dict:
   objectives.get(config.objective).check(config)
   mesh = sharding.make_mesh(config.mesh, devices)
   lowered, params, opt, flops = lower_train_step(config, mesh)
   out = compiled.program_report(lowered.compile(), flops, chip, len(devices))
   out["per_chip"].update(params_bytes=compiled.bytes_per_chip(params), opt_state_bytes=compiled.bytes_per_chip(opt))
+  out["fsdp"] = fsdp_report(config, mesh, out["collectives"])
   return {"fits": out["per_chip"]["peak_bytes"] <= chip.hbm_bytes, **out}
 
 

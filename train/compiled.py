@@ -2,9 +2,9 @@
 
 `program_report(compiled, flops, chip, n)` gives the fields every compiled step of the report has
 (train/aot.py): memory per chip from XLA's analysis, FLOPs per call (the caller's formula: XLA
-counts a scanned layer once), collectives per chip with the share that is asynchronous
-(train/hlo_stats.py), the largest arrays, and the step time and MFU at the chip's published
-figures (train/chips.py).
+counts a scanned layer once), collectives per chip: their results, the bytes a chip sends for them
+over ICI and the share of those that is asynchronous (train/hlo_stats.py), the largest arrays, and
+the step time and MFU at the chip's published figures (train/chips.py).
 """
 import math
 
@@ -12,11 +12,6 @@ import jax
 import jax.numpy as jnp
 
 from train import hlo_stats
-
-# Bytes a chip sends per byte of a collective's result: a ring all-reduce is a reduce-scatter then an
-# all-gather, so about twice its result; the others about once.
-ICI_BYTES_PER_RESULT_BYTE = {"all-reduce": 2.0}
-
 
 def shaped(abstract, shardings):
   """Abstract arrays with their shardings: what `jit(...).lower` takes instead of real arrays."""
@@ -28,18 +23,38 @@ def bytes_per_chip(tree) -> int:
   return sum(jnp.dtype(x.dtype).itemsize * math.prod(x.sharding.shard_shape(x.shape)) for x in jax.tree.leaves(tree))
 
 
+def fsdp_ideal_ici_bytes(n_params: int, itemsize: int, fsdp: int, data: int, gathers: int, grads: bool) -> float:
+  """Bytes a chip sends per step for FSDP done ideally: every parameter all-gathered `gathers` times
+  over the fsdp chips (in the forward, and again in a rematerialized backward), its gradient
+  reduce-scattered once (`grads`: the params are trained) then all-reduced over the data chips,
+  all in the compute dtype (itemsize bytes); ring algorithms (train/hlo_stats.py `ici_bytes`)."""
+  full = n_params * itemsize
+  gather = full * (fsdp - 1) / fsdp
+  sent = gathers * gather
+  if grads:
+    sent += gather + 2 * (full / fsdp) * (data - 1) / data
+  return sent
+
+
+def _share(collectives: dict, part: str, whole: str) -> float:
+  """sum of `part` over sum of `whole` across the kinds of collectives (1 when there are none)."""
+  total = sum(c[whole] for c in collectives.values())
+  return sum(c[part] for c in collectives.values()) / total if total else 1.0
+
+
 def _ici_seconds(collectives: dict, chip) -> tuple[float, float]:
   """(seconds of synchronous, of asynchronous collectives) per step at the chip's ICI bandwidth."""
-  sent = lambda key: sum(ICI_BYTES_PER_RESULT_BYTE.get(k, 1.0) * c[key] for k, c in collectives.items())
-  return (sent("bytes") - sent("async_bytes")) / chip.ici_bandwidth, sent("async_bytes") / chip.ici_bandwidth
+  sent = lambda key: sum(c[key] for c in collectives.values()) / chip.ici_bandwidth
+  return sent("ici_bytes") - sent("async_ici_bytes"), sent("async_ici_bytes")
 
 
 def program_report(compiled, flops: float, chip, n: int) -> dict:
   """per_chip memory (peak = arguments + outputs - donated + temporaries + code), flops_per_step,
-  collectives, hbm_traffic_bytes, largest_buffers, roofline, est_step_s, est_mfu of one program
-  compiled for n chips."""
+  collectives, the asynchronous share of their result bytes (async_share) and of their ICI bytes
+  (async_ici_share), hbm_traffic_bytes, largest_buffers, roofline, est_step_s, est_mfu of one
+  program compiled for n chips."""
   mem = compiled.memory_analysis()
-  hlo = hlo_stats.stats(compiled.as_text())
+  hlo = hlo_stats.stats(compiled.as_text(), n)
   peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
           + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes)
   compute_s = flops / n / chip.peak_flops
@@ -51,10 +66,12 @@ def program_report(compiled, flops: float, chip, n: int) -> dict:
   return {
       "per_chip": {"hbm_bytes": int(chip.hbm_bytes), "peak_bytes": int(peak),
                    "argument_bytes": int(mem.argument_size_in_bytes), "output_bytes": int(mem.output_size_in_bytes),
-                   "alias_bytes": int(mem.alias_size_in_bytes), "temp_bytes": int(mem.temp_size_in_bytes)},
+                   "alias_bytes": int(mem.alias_size_in_bytes), "temp_bytes": int(mem.temp_size_in_bytes),
+                   "host_temp_bytes": int(mem.host_temp_size_in_bytes)},  # e.g. remat=offload's layer inputs
       "flops_per_step": flops,
-      "collectives": {k: {"count": int(v["count"]), "bytes": int(v["bytes"]), "async_bytes": int(v["async_bytes"])}
-                      for k, v in hlo["collectives"].items()},
+      "collectives": {k: {f: int(x) for f, x in v.items()} for k, v in hlo["collectives"].items()},
+      "async_share": _share(hlo["collectives"], "async_bytes", "bytes"),
+      "async_ici_share": _share(hlo["collectives"], "async_ici_bytes", "ici_bytes"),
       "hbm_traffic_bytes": int(hlo["hbm_bytes"]),
       "largest_buffers": hlo["largest_buffers"],
       "roofline": times, "est_step_s": est, "est_mfu": compute_s / est if est else 0.0,

@@ -5,6 +5,17 @@ XLA's own cost analysis counts a while loop's body once, so a scanned 32-layer m
 1-layer one. Here every computation gets a multiplicity: 1 for the entry, the trip count of each
 while loop that runs it (read from its condition, `i < N`), the caller's for calls, conditionals
 and async wrappers. The HLO is SPMD-partitioned, so every shape in it is one device's shape.
+
+A collective is asynchronous when it is split into -start / -done, runs in an async wrapper, or
+(TPU) is marked so (`async_collective_name`) or is one of a chain of continuation fusions
+(`chain_id`): XLA:TPU fuses an async collective into a start, compute fusions it overlaps, and a
+done, each holding a copy of the collective; it is counted once, in the start.
+
+A collective's result bytes say little about the link traffic: a reduce-scatter over g chips
+returns 1/g of what each chip sends. Each one's ICI bytes are what one chip sends in a ring
+(bandwidth-optimal) algorithm over its group of g chips (`replica_groups`): an all-gather or an
+all-to-all (g - 1)/g of its result, a reduce-scatter (g - 1) times its result, an all-reduce (a
+reduce-scatter then an all-gather) 2 (g - 1)/g, a collective-permute its result.
 """
 import dataclasses
 import math
@@ -27,6 +38,11 @@ _INSTR = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = ")
 _CALLED = re.compile(r"\b(body|condition|calls|to_apply|true_computation|false_computation)=%([\w.\-]+)")
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
+# replica_groups as a mesh ("mesh['axis_0'=4,'axis_1'=32] {'axis_1'}"), an iota list ("[4,32]<=[128]")
+# or explicit groups ("{{0,1},{2,3}}"); none (or "{}"): every device.
+_MESH_GROUPS = re.compile(r"replica_groups=mesh\[([^\]]*)\] \{([^}]*)\}")
+_IOTA_GROUPS = re.compile(r"replica_groups=\[([\d,]+)\]<=")
+_LIST_GROUPS = re.compile(r"replica_groups=\{\{([\d,]*)\}")
 
 
 def array_bytes(shape: str) -> float:
@@ -94,9 +110,10 @@ def trip_count(cond: list) -> int:
   return 1
 
 
-def multiplicities(comps: dict, entry: str) -> tuple[dict, set, set]:
-  """(how often each computation runs per step, the fused ones, the async-wrapped ones)."""
-  mult, fused, wrapped = defaultdict(float), set(), set()
+def multiplicities(comps: dict, entry: str) -> tuple[dict, set, set, dict]:
+  """(how often each computation runs per step, the fused ones, the async-wrapped ones, the name of
+  an instruction calling each)."""
+  mult, fused, wrapped, callers = defaultdict(float), set(), set(), {}
   mult[entry] = 1.0
   order = [entry]
   for name in order:  # callers come before callees in this walk
@@ -117,9 +134,31 @@ def multiplicities(comps: dict, entry: str) -> tuple[dict, set, set]:
         if ins.opcode.startswith("async-") or ins.opcode.endswith("-start"):
           wrapped.add(callee)
         mult[callee] += times
+        callers.setdefault(callee, ins.name)
         if callee not in order:
           order.append(callee)
-  return mult, fused, wrapped
+  return mult, fused, wrapped, callers
+
+
+def group_size(rest: str, n: int) -> int:
+  """Chips in each replica group of a collective (its attributes `rest`), of n partitions."""
+  m = _MESH_GROUPS.search(rest)
+  if m:
+    sizes = dict(re.findall(r"'([^']+)'=(\d+)", m.group(1)))
+    return math.prod(int(sizes[a]) for a in re.findall(r"'([^']+)'", m.group(2)))
+  m = _IOTA_GROUPS.search(rest)
+  if m:
+    return int(m.group(1).split(",")[-1])
+  m = _LIST_GROUPS.search(rest)
+  return len(m.group(1).split(",")) if m else n
+
+
+def ici_bytes(kind: str, result_bytes: float, g: int) -> float:
+  """Bytes one chip sends for a collective of `result_bytes` over a group of g chips (above)."""
+  if kind == "collective-permute":
+    return result_bytes
+  per_result = {"reduce-scatter": g - 1, "all-reduce": 2 * (g - 1) / g}.get(kind, (g - 1) / g)
+  return per_result * result_bytes
 
 
 def _kind(opcode: str):
@@ -139,12 +178,14 @@ def _traffic(ins: Instr, op_name: str, sizes: dict) -> float:
   return sizes[ins.name] + sum(operands)
 
 
-def stats(hlo: str, top: int = 8) -> dict:
-  """Collectives {kind: {count, bytes, async_bytes}}, hbm_bytes and the largest arrays, per chip
-  per step, of an optimized (SPMD-partitioned) HLO module's text."""
+def stats(hlo: str, n: int, top: int = 8) -> dict:
+  """Collectives {kind: {count, bytes, async_bytes, ici_bytes, async_ici_bytes}} (bytes: of the
+  results), hbm_bytes and the largest arrays, per chip per step, of an optimized (SPMD-partitioned)
+  HLO module's text compiled for n chips."""
   comps, entry = parse(hlo)
-  mult, fused, wrapped = multiplicities(comps, entry)
-  collectives = {k: {"count": 0, "bytes": 0.0, "async_bytes": 0.0} for k in COLLECTIVES}
+  mult, fused, wrapped, callers = multiplicities(comps, entry)
+  fields = ("count", "bytes", "async_bytes", "ici_bytes", "async_ici_bytes")
+  collectives = {k: dict.fromkeys(fields, 0.0) for k in COLLECTIVES}
   hbm, largest = 0.0, {}
   for name, instrs in comps.items():
     times = mult.get(name, 0.0)
@@ -153,6 +194,9 @@ def stats(hlo: str, top: int = 8) -> dict:
     sizes = {i.name: array_bytes(i.shape) for i in instrs}
     for ins in instrs:
       kind = _kind(ins.opcode)
+      chained = "chain_id=" in ins.rest
+      if kind and chained and not callers.get(name, "").startswith("async-collective-start"):
+        kind = None  # a continuation or done of a chain: counted in its start
       if kind:
         shape = ins.shape
         if ins.opcode.endswith("-start") and shape.startswith("("):  # (operand, result[, ...]) -> result
@@ -161,11 +205,14 @@ def stats(hlo: str, top: int = 8) -> dict:
           nbytes = DTYPE_BYTES[out[0]] * math.prod(int(x) for x in out[1].split(",") if x)
         else:
           nbytes = array_bytes(shape)
+        sent = ici_bytes(kind, nbytes, group_size(ins.rest, n))
         c = collectives[kind]
         c["count"] += times
         c["bytes"] += times * nbytes
-        if ins.opcode.endswith("-start") or name in wrapped:
+        c["ici_bytes"] += times * sent
+        if ins.opcode.endswith("-start") or name in wrapped or chained or "async_collective_name=" in ins.rest:
           c["async_bytes"] += times * nbytes
+          c["async_ici_bytes"] += times * sent
       if name in fused or ins.opcode in NO_TRAFFIC:
         continue
       op = _OP_NAME.search(ins.rest)

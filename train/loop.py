@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from model import sharding
-from train import chips, data, finite, objectives, optim, reference, rundir, run_loop, stream
+from train import chips, compiler_options, data, finite, objectives, optim, reference, rundir, run_loop, stream
 from train import state as state_lib
 from train.stage import start_run
 from train.validate import validate
@@ -173,7 +173,9 @@ def train(config, workdir: str) -> dict:
     train_step = jax.jit(make_train_step(model, objective, tx, lr_fn, config.optim.grad_accum, lora_cfg,
                                          config, ref_is_frozen),
                          out_shardings=(st.trainable_shardings, st.opt_shardings, None),
-                         donate_argnums=(0, 1))
+                         donate_argnums=(0, 1),
+                         compiler_options=compiler_options.for_platform(config.compiler_options,
+                                                                        jax.default_backend()))
     eval_step = jax.jit(lambda p, f, r, b: objective.loss(
         state_lib.to_params(p, f, lora_cfg), b, model, objectives.Context(config, ctx_ref(f, r))))
 

@@ -7,7 +7,7 @@ from configs import base
 from configs.errors import UserError, unknown
 from model import quant, sharding, splash, tokenizer
 from model.transformer import REMAT_POLICIES
-from train import objectives, profile, stream
+from train import compiler_options, objectives, profile, stream
 
 # The interval every numeric key of a stage config must lie in ("(0, inf)": > 0); rl/config.py
 # checks config.rl's the same way.
@@ -106,6 +106,7 @@ def validate(config, num_devices: int, num_processes: int = 1) -> dict:
   if config.data.pipeline == "stream":
     stream.check(config)
   _check_lora(config.lora, m, head_dim)
+  compiler_options.for_platform(config.compiler_options, "cpu")  # a known preset
   if config.logits_chunk and config.seq_len % config.logits_chunk:
     raise UserError(f"config.logits_chunk={config.logits_chunk} must divide config.seq_len={config.seq_len}",
                     hint="0 runs the LM head on the whole sequence at once")
