@@ -65,8 +65,8 @@ def plot_curves(stage_dirs: dict, out_path: str):
       pts = series(rows, k)
       if pts and k == "train/reward":
         steps, values = zip(*pts)
-        ax.plot(steps, values, "-", color="tab:blue", alpha=0.3, linewidth=0.8)
-        ax.plot(steps, moving_average(values, REWARD_WINDOW), "-", color="tab:blue",
+        ax.plot(steps, values, "-", color="tab:green", alpha=0.3, linewidth=0.8)
+        ax.plot(steps, moving_average(values, REWARD_WINDOW), "-", color="tab:green",
                 label=f"train/reward ({REWARD_WINDOW}-iteration mean)")
       elif pts:
         ax.plot(*zip(*pts), style, label=k, markersize=3)
