@@ -11,6 +11,7 @@ FMT = {"perplexity": "{:.3f}", "accuracy": "{:.3f}", "pass@k": "{:.3f}", "sample
        "kl": "{:.3f}", "reward": "{:.3f}"}
 BAR_METRICS = ("accuracy", "pass@k", "format", "win_rate", "pair_accuracy")
 NOT_SAVED = ("completions", "examples")
+REWARD_WINDOW = 10  # iterations in the moving average of an RL stage's reward curve
 
 
 def table(rows: dict, columns) -> str:
@@ -36,6 +37,16 @@ def series(rows: list, key: str) -> list:
   return sorted({r["step"]: r[key] for r in rows if key in r}.items())
 
 
+def moving_average(values, window: int) -> list:
+  """Mean of each value and the window - 1 before it (fewer at the start): a rollout's mean reward
+  over a few prompts is noisy, its trend over iterations is what a curve should show."""
+  out, total = [], 0.0
+  for i, v in enumerate(values):
+    total += v - (values[i - window] if i >= window else 0.0)
+    out.append(total / min(i + 1, window))
+  return out
+
+
 def _pyplot():
   import matplotlib
   matplotlib.use("Agg")
@@ -49,7 +60,8 @@ def _save(fig, out_path: str) -> None:
 
 
 def plot_curves(stage_dirs: dict, out_path: str):
-  """One panel per stage: train loss (RL: mean reward) and its held-out curve where logged."""
+  """One panel per stage: train loss (RL: mean reward, faint, and its moving average over
+  REWARD_WINDOW iterations) and its held-out curve where logged."""
   plt = _pyplot()
   fig, axes = plt.subplots(1, len(stage_dirs), figsize=(3.6 * len(stage_dirs), 3.0), squeeze=False)
   for ax, (stage, wd) in zip(axes[0], stage_dirs.items()):
@@ -58,7 +70,12 @@ def plot_curves(stage_dirs: dict, out_path: str):
            (("train/loss", "-"), ("eval/loss", "o-"))
     for k, style in keys:
       pts = series(rows, k)
-      if pts:
+      if pts and k == "train/reward":
+        steps, values = zip(*pts)
+        ax.plot(steps, values, "-", color="tab:green", alpha=0.3, linewidth=0.8)
+        ax.plot(steps, moving_average(values, REWARD_WINDOW), "-", color="tab:green",
+                label=f"train/reward ({REWARD_WINDOW}-iteration mean)")
+      elif pts:
         ax.plot(*zip(*pts), style, label=k, markersize=3)
     ax.set_title(stage)
     ax.set_xlabel("iteration" if keys[0][0] == "train/reward" else "step")

@@ -1,7 +1,9 @@
 """Prompts of the online RL stages: where they come from, and how a batch of them is tokenized.
 
-- "builtin": fresh problems every iteration, `corpus.train_problems(seed + iteration, n)`; the
-  held-out set is `corpus.heldout_problems(n)` (fixed). State = the iteration: nothing to replay.
+- "builtin": fresh problems every iteration, `corpus.train_problems((seed, iteration, STREAM), n)`
+  (a seed tuple: runs of seeds s and s + 1 share no iteration's prompts, nor the SFT corpus's stream,
+  `train_problems(0, n)`); the held-out set is `corpus.heldout_problems(n)` (fixed). State = the
+  iteration: nothing to replay.
 - "jsonl" | "parquet" | "hf_disk": the records of `rl.prompts_path` (a glob; train/formats.py),
   `{"prompt": str}`, `{"messages": [...]}` or TRL's `{"prompt": [...]}` (a conversation not ending
   with an assistant turn), with an optional `"answer"`; read in an endless per-epoch shuffle (seed
@@ -22,6 +24,9 @@ from configs.errors import UserError
 from model import tokenizer as tokenizer_lib
 from model.decode import left_pad
 from train import corpus, formats, sources
+
+
+STREAM = 1  # last entry of the built-in prompts' seed tuple: numpy reads (0, 0) as 0, (0, 0, 1) not
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +87,7 @@ class PromptSource:
 
   def next(self) -> list:
     if self.records is None:
-      out = [from_problem(p) for p in corpus.train_problems(self.seed + self.iteration, self.n)]
+      out = [from_problem(p) for p in corpus.train_problems((self.seed, self.iteration, STREAM), self.n)]
     else:
       m = len(self.records)
       idx = [self._order(i // m)[i % m] for i in range(self.consumed, self.consumed + self.n)]

@@ -6,10 +6,11 @@ import math
 import os
 import shutil
 
+import numpy as np
 import pytest
 
 from configs import demo
-from eval import suite
+from eval import report, suite
 from train import pipeline
 
 STEPS = dict(pretrain=4, sft=4, reward=3, dpo=3, grpo=2, ppo=2)
@@ -116,3 +117,10 @@ def test_a_stopped_stage_stops_the_pipeline(data_cache, tmp_path, monkeypatch):
   with pytest.raises(SystemExit, match=r"== pretrain: stopped at step -1 of 4; rerun"):
     pipeline.run_stages(pipeline.check(config, str(tmp_path)), str(tmp_path))
   assert ran == [str(tmp_path / "pretrain")]
+
+
+def test_reward_curve_moving_average_matches_numpy():
+  values = np.random.default_rng(0).normal(size=23)
+  for window in (1, 4, 10, 30):
+    want = [np.mean(values[max(0, i - window + 1):i + 1], dtype=np.float64) for i in range(len(values))]
+    np.testing.assert_allclose(report.moving_average(list(values), window), want, rtol=1e-12)

@@ -14,7 +14,7 @@ from configs import grpo_arith, ppo_arith
 from model import decode, lora, sharding
 from model.transformer import ModelConfig, Transformer
 from rl import algorithms, loop, prompts, rewards, rollout, steps, value
-from train import optim, rundir
+from train import corpus, optim, rundir
 from train.params import abstract_params
 
 
@@ -353,3 +353,13 @@ def test_rl_raises_heldout_accuracy(objective, sft_run, tmp_path):
   # measured with the configs' defaults (tiny, 400 held-out problems): GRPO and PPO 0.163 -> 0.205
   assert after >= before + 0.02, (before, after)
   assert out["eval/format"] > 0.9
+
+
+def test_builtin_prompts_of_two_seeds_share_no_iteration():
+  """Seeds give disjoint prompt streams (seed + iteration made seeds 0 and 1 share 59 of 60
+  iterations), and iteration 0 is not the SFT corpus's first problems (train_problems(0, n))."""
+  a, b = prompts.PromptSource(16, seed=0), prompts.PromptSource(16, seed=1)
+  seen_a = {p.messages[0]["content"] for _ in range(5) for p in a.next()}
+  seen_b = {p.messages[0]["content"] for _ in range(5) for p in b.next()}
+  sft = {p.question for p in corpus.train_problems(0, 80)}
+  assert len(seen_a) > 70 and len(seen_a & seen_b) < 5 and len(seen_a & sft) < 5

@@ -168,7 +168,7 @@ def is_heldout(p: Problem) -> bool:
   return int(hashlib.sha1(p.question.encode()).hexdigest(), 16) % 10 == 0
 
 
-def _problems(seed: int, n: int, heldout: bool) -> list[Problem]:
+def _problems(seed, n: int, heldout: bool) -> list[Problem]:
   rng = np.random.default_rng(seed)
   out = []
   while len(out) < n:
@@ -178,8 +178,9 @@ def _problems(seed: int, n: int, heldout: bool) -> list[Problem]:
   return out
 
 
-def train_problems(seed: int, n: int) -> list[Problem]:
-  """n problems for training (never held-out ones)."""
+def train_problems(seed, n: int) -> list[Problem]:
+  """n problems for training (never held-out ones); seed: an int or a tuple of ints (numpy's
+  default_rng entropy)."""
   return _problems(seed, n, heldout=False)
 
 
