@@ -184,7 +184,7 @@ class Transformer(nn.Module):
     embedding = self.param(
         "embedding", nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), ("vocab", "embed")),
         (cfg.vocab_size, cfg.d_model), cfg.param_dtype)
-    x = jnp.take(embedding, tokens, axis=0).astype(cfg.dtype)  # [b, t, d]
+    x = jnp.take(embedding.astype(cfg.dtype), tokens, axis=0)  # [b, t, d]; its gradient in cfg.dtype, like the kernels
     x = sharding.constrain(x, ("batch", "length", "act_embed"))
 
     inv_freq = rope_frequencies(cfg.head_dim, cfg.rope_theta, dict(cfg.rope_scaling or ()))
