@@ -9,11 +9,13 @@ Check that it compiles and fits first, on any machine with the `tpu` extra insta
 
   python -m train.aot --config configs/pretrain_llama3_70b.py --topology v5p-512 --out aot_70b.json
 
-Mesh: fsdp over all 256 chips (parameters and Adam state split 256 ways: ~3.3 GB of the 840 GB per
-chip), two rows of 8192 tokens per chip (global batch 512 x 8192 = 4M tokens/step: the per-step
-FSDP collectives over twice the work), bf16 compute, splash attention (model.attention=auto on a
-TPU), scanned + fully rematerialised layers, the LM head and loss 1024 positions at a time: peak
-43.4 GiB of 95 per chip (docs/performance.md).
+Mesh: data 2 x fsdp 128 (parameters and Adam state split 128 ways: ~6.6 GB of the 840 GB per chip;
+over all 256 chips XLA:TPU compiles the parameter gathers as all-reduces, over half of them as
+asynchronous all-gathers, docs/performance.md), two rows of 8192 tokens per chip (global batch
+512 x 8192 = 4M tokens/step: the per-step FSDP collectives over twice the work), bf16 compute,
+splash attention (model.attention=auto on a TPU), scanned layers rematerialised with their inputs
+in host memory (model.remat=offload), the LM head and loss 1024 positions at a time: peak 23.0
+GiB of 95 per chip, + 20 GiB of host memory.
 `arg` may give the device count to plan for (default 256).
 """
 from configs import base, models
@@ -28,8 +30,8 @@ def get_config(arg=None):
   c.model = models.llama3_70b()
   c.model.dtype = "bfloat16"
   c.model.scan_layers = True
-  c.model.remat = "full"
-  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
+  c.model.remat = "offload"
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, -1, 1
   c.steps = 500_000
   c.batch_size = 2 * devices        # 512 on 256 chips: divisible by data * fsdp
   c.seq_len = 8192
