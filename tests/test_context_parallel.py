@@ -15,21 +15,12 @@ from model.transformer import ModelConfig, Transformer
 from rl import config as rl_config
 from train import aot, objectives
 from train.validate import validate
+from tests.test_sharding import random_batch
 
 
 def packed_rows(rng, batch, length, vocab=512):
-  """Rows of 1-4 documents, a padded tail (segment 0, no loss) on every other row; random tokens
-  and loss masks."""
-  seg = np.sort(rng.integers(1, 5, (batch, length)), axis=1).astype(np.int32)
-  seg[::2, -length // 5:] = 0
-  pos = np.zeros_like(seg)
-  for b in range(batch):
-    for t in range(1, length):
-      pos[b, t] = pos[b, t - 1] + 1 if seg[b, t] == seg[b, t - 1] else 0
-  return dict(inputs=rng.integers(0, vocab, (batch, length)).astype(np.int32),
-              targets=rng.integers(0, vocab, (batch, length)).astype(np.int32),
-              segment_ids=seg, positions=pos,
-              loss_mask=((rng.random((batch, length)) < 0.8) & (seg > 0)).astype(np.float32))
+  """Rows of 1-4 documents, a padded tail (segment 0, no loss) on every other row."""
+  return random_batch(rng, batch, length, vocab, docs=4, padded=True)
 
 
 def reference_attention(q, k, v, seg, branches):

@@ -14,9 +14,12 @@ from model.transformer import ModelConfig, Transformer
 from train import loop, objectives, optim
 
 
-def random_batch(rng, batch=16, length=32, vocab=512):
-  """Packed rows with 1-3 documents each, random tokens and loss masks."""
-  seg = np.sort(rng.integers(1, 4, (batch, length)), axis=1).astype(np.int32)
+def random_batch(rng, batch=16, length=32, vocab=512, docs=3, padded=False):
+  """Packed rows with 1-`docs` documents each, random tokens and loss masks; `padded`: a padded tail
+  (segment 0, no loss) on every other row."""
+  seg = np.sort(rng.integers(1, docs + 1, (batch, length)), axis=1).astype(np.int32)
+  if padded:
+    seg[::2, -length // 5:] = 0
   pos = np.zeros_like(seg)
   for b in range(batch):
     for t in range(1, length):
@@ -24,7 +27,7 @@ def random_batch(rng, batch=16, length=32, vocab=512):
   return dict(inputs=rng.integers(0, vocab, (batch, length)).astype(np.int32),
               targets=rng.integers(0, vocab, (batch, length)).astype(np.int32),
               segment_ids=seg, positions=pos,
-              loss_mask=(rng.random((batch, length)) < 0.8).astype(np.float32))
+              loss_mask=((rng.random((batch, length)) < 0.8) & (seg > 0)).astype(np.float32))
 
 
 def setup():

@@ -62,6 +62,17 @@ def same(a, b):
   return len(a) == len(b) and all(np.array_equal(x[k], y[k]) for x, y in zip(a, b) for k in x)
 
 
+def assert_resumes(cfg, tok, straight, stops):
+  """A stream restored from its state (through JSON) at each of `stops` gives the next 6 batches
+  of `straight`, the batches of one unbroken stream."""
+  it = ST.make_batch_iterator(cfg, tok)
+  for stop in stops:
+    take(it, stop - it.get_state()["step"])
+    resumed = ST.make_batch_iterator(cfg, tok)
+    resumed.set_state(json.loads(json.dumps(it.get_state())))
+    assert same(take(resumed, 6), straight[stop:stop + 6]), stop
+
+
 @pytest.fixture
 def small_window(monkeypatch):
   monkeypatch.setattr(ST, "WINDOW", 12)  # windows (and epochs) end within a few batches
@@ -198,12 +209,7 @@ def test_sft_stream_resumes_exactly(chats_path, tok, small_window):
   straight = take(it, 40)
   assert it.get_state()["processes"]["0"][0] >= 1, "the run should cross an epoch"
   assert any((b["segment_ids"] == 0).any() for b in straight)  # best fit pads
-  it = ST.make_batch_iterator(cfg, tok)
-  for stop in (1, 5, 17, 30):
-    take(it, stop - it.get_state()["step"])
-    resumed = ST.make_batch_iterator(cfg, tok)
-    resumed.set_state(json.loads(json.dumps(it.get_state())))
-    assert same(take(resumed, 6), straight[stop:stop + 6]), stop
+  assert_resumes(cfg, tok, straight, (1, 5, 17, 30))
 
 
 def test_sft_windows_keep_every_conversation_whole(chats_path, tok, small_window):

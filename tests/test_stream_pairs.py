@@ -11,7 +11,7 @@ import pytest
 from configs import dpo_tiny, pretrain_tiny
 from configs.errors import UserError
 from tests.test_formats import assistant, write_jsonl, write_parquet
-from tests.test_stream import take, same
+from tests.test_stream import assert_resumes, take
 from tests.test_reward_dpo import configure
 from model import hf_tokenizer
 from train import corpus, data, loop, pairs
@@ -112,12 +112,7 @@ def test_streamed_pairs_resume_exactly(tok_path, data_cache, files, tok, monkeyp
   it = ST.make_batch_iterator(cfg, tok)
   straight = take(it, 40)
   assert it.get_state()["processes"]["0"][0] >= 1, "the run should cross an epoch"
-  it = ST.make_batch_iterator(cfg, tok)
-  for stop in (1, 6, 17, 33):
-    take(it, stop - it.get_state()["step"])
-    resumed = ST.make_batch_iterator(cfg, tok)
-    resumed.set_state(json.loads(json.dumps(it.get_state())))
-    assert same(take(resumed, 6), straight[stop:stop + 6]), stop
+  assert_resumes(cfg, tok, straight, (1, 6, 17, 33))
 
 
 def test_stream_refuses_precomputed_reference_and_builtin_pairs(tok_path, data_cache, files):
