@@ -81,6 +81,14 @@ def _in_chunks(stats, h, targets, chunk: int):
   return tuple(o.transpose(1, 2, 0).reshape(b, n * chunk)[:, :t] for o in outs)
 
 
+def gathered(kernel, tied: bool):
+  """The head's kernel whole on every device (split over `tensor` by vocab if that axis is), before
+  the chunk loop: one all-gather of the fsdp shards per step instead of one per chunk (and per
+  recomputed chunk), and the chunks' gradients summed on each device, reduced once after the loop.
+  lm_head [d, vocab], or the tied embedding [vocab, d]."""
+  return sharding.constrain(kernel, ("vocab", None) if tied else (None, "vocab"))
+
+
 def _logits32(h, kernel, tied: bool):
   return sharding.constrain(logits(h, kernel, tied).astype(jnp.float32), ("batch", "length", "act_vocab"))
 
@@ -91,6 +99,7 @@ def token_nll(h, kernel, tied: bool, targets, chunk: int = 0):
   h [b, t, d], targets [b, t] -> (nll [b, t] float32, hit [b, t] bool). chunk > 0: the head runs
   on `chunk` positions at a time (`_in_chunks`), so no [b, t, vocab] array exists in the forward
   or the backward pass. Same values and gradients as chunk = 0 (one piece)."""
+  kernel = gathered(kernel, tied)
   def stats(h_c, y_c):  # [b, c, d], [b, c]
     z = _logits32(h_c, kernel, tied)
     target = jnp.take_along_axis(z, y_c[..., None], axis=-1)[..., 0]
@@ -104,6 +113,7 @@ def token_logps(h, kernel, tied: bool, targets, chunk: int = 0, temperature: flo
 
   h [b, t, d], targets [b, t] -> (logp [b, t], entropy [b, t] or None): DPO's completion
   log-probs, the RL scoring and update passes. In `chunk` positions at a time as token_nll."""
+  kernel = gathered(kernel, tied)
   def stats(h_c, y_c):  # [b, c, d], [b, c]
     z = _logits32(h_c, kernel, tied)
     if temperature != 1.0:

@@ -14,6 +14,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from configs import grpo_arith, ppo_arith, pretrain_tiny
 from model.transformer import ModelConfig
 from configs.errors import UserError
+from model import sharding
 from train import aot, chips, compiler_options, hlo_stats, topology
 
 # The tests' persistent compilation cache (tests/conftest.py) stores TPU programs it cannot load back
@@ -198,3 +199,26 @@ def test_the_error_of_a_report_that_does_not_fit_names_the_program():
   err = aot._too_big(out)
   assert "the decode_step needs 100.0 GiB per chip, 95 GiB available" in str(err)
   assert "bf16[32,16,8,1535,128] (1.5 GiB, copy)" in str(err) and "config.batch_size" in err.hint
+
+
+def test_the_chunked_lm_head_gathers_its_kernel_once_whatever_its_chunks():
+  """The tiny model, fsdp over 4 chips, its LM head in 2 and in 8 chunks: the kernel bf16[64, 512]
+  is all-gathered once per step (not in every chunk and recomputed chunk) and its gradient
+  reduce-scattered once, so no collective grows with the chunks."""
+  c = pretrain_tiny.get_config()
+  c.model.dtype, c.model.scan_layers, c.model.remat = "bfloat16", True, "full"
+  c.mesh.data, c.mesh.fsdp = 1, -1
+  mesh = sharding.make_mesh(c.mesh, topology.devices("v5p-8"))
+  kernel = f"bf16[{c.model.d_model},{c.model.vocab_size}]"
+  found = {}
+  for chunks in (2, 8):
+    c.logits_chunk = c.seq_len // chunks
+    hlo = aot.lower_train_step(c, mesh)[0].compile().as_text()
+    comps, entry = hlo_stats.parse(hlo)
+    mult = hlo_stats.multiplicities(comps, entry)[0]
+    gathers = sum(mult[name] for name, instrs in comps.items() for i in instrs
+                  if i.opcode.startswith("all-gather") and kernel in i.shape and not i.opcode.endswith("-done"))
+    col = hlo_stats.stats(hlo, 4)["collectives"]
+    found[chunks] = gathers, {k: (v["count"], v["bytes"]) for k, v in col.items()}
+  assert found[2][0] == found[8][0] == 1, found
+  assert found[2][1] == found[8][1], found
