@@ -153,6 +153,7 @@ def rl() -> ml_collections.ConfigDict:
       # PPO
       value_model="critic",       # critic (separate model) | policy (a head on the policy trunk)
       value_init_from="",         # critic / head start: '' = reward_model if set, else init_from
+      critic_lr=0.0,              # the critic's peak lr (optim's schedule shape); 0 = config.optim.lr
       gamma=1.0,
       lam=0.95,
       value_clip=0.2,

@@ -23,7 +23,7 @@ RANGES = {
     "temperature": "(0, inf)", "top_k": "[0, inf)", "top_p": "(0, 1]", "missing_eos_penalty": "[0, inf)",
     "beta": "[0, inf)", "kl_target": "[0, inf)", "kl_horizon": "[1, inf)", "num_iterations": "[1, inf)",
     "eps_low": "(0, 1)", "eps_high": "(0, inf)", "gamma": "[0, 1]", "lam": "[0, 1]", "value_clip": "(0, inf)",
-    "vf_coef": "[0, inf)", "ent_coef": "[0, inf)", "num_samples_to_log": "[0, inf)",
+    "critic_lr": "[0, inf)", "vf_coef": "[0, inf)", "ent_coef": "[0, inf)", "num_samples_to_log": "[0, inf)",
 }
 
 

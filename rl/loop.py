@@ -27,7 +27,7 @@ import numpy as np
 from configs import base
 from model import sharding
 from model.tokenizer import stop_id
-from rl import algorithms, config as rl_config, grpo, kl, prompts, rollout, steps
+from rl import algorithms, config as rl_config, grpo, kl, prompts, rollout, steps, value
 from rl.accuracy import evaluate_problems
 from rl.models import setup_models
 from rl.rewards import combined_reward
@@ -99,13 +99,14 @@ def train(config, workdir: str) -> dict:
   g, n_prompts = r.num_generations, rl_config.num_prompts(config)
   updates_per_iter = r.num_iterations * r.num_minibatches
   tx, lr_fn = optim.make_optimizer(config.optim, config.steps * updates_per_iter)
+  critic_tx, _ = value.critic_optimizer(config, config.steps * updates_per_iter)
   lora_cfg = config.lora if state_lib.lora_enabled(config) else None
   weights = rl_config.reward_weights(config)
   use_ref = rl_config.needs_reference(config)
   kl_in_reward = use_ref and algorithms.kl_placement(config) == "in_reward"
 
   with sharding.use_mesh(mesh):
-    ms = setup_models(config, workdir, model, tx, mesh, mngr)
+    ms = setup_models(config, workdir, model, tx, mesh, mngr, critic_tx)
     frozen, start, meta, cmngr, ref, rm = ms.frozen, ms.start, ms.meta, ms.cmngr, ms.ref, ms.rm
     source = prompts.make_source(config, any(k in weights for k in ANSWER_REWARDS), tok)
     eval_problems = prompts.heldout_problems(config) if r.num_eval_problems else []
@@ -122,7 +123,7 @@ def train(config, workdir: str) -> dict:
     critic_cfg = model_cfg if ms.critic is not None else None
     score_fn = jax.jit(steps.make_score_fn(model_cfg, config, lora_cfg, old=need_old, ref=use_ref,
                                            critic_cfg=critic_cfg, rm_cfg=ms.rm_cfg))
-    update = jax.jit(steps.make_update_step(model_cfg, config, tx, lr_fn, lora_cfg, critic_cfg),
+    update = jax.jit(steps.make_update_step(model_cfg, config, tx, lr_fn, lora_cfg, critic_cfg, critic_tx),
                      donate_argnums=(0, 1, 2, 3))
     # The policy's params for sampling / eval: under LoRA the base with the adapters next to their
     # kernels (applied unmerged, no merged copy of the model).

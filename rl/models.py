@@ -48,8 +48,9 @@ class Models:
   notes: list = dataclasses.field(default_factory=list)  # for the start-up line
 
 
-def setup_models(config, workdir, model, tx, mesh, mngr) -> Models:
-  """Policy state from train/state.setup (resume, init_from, LoRA), then critic, reference, reward model."""
+def setup_models(config, workdir, model, tx, mesh, mngr, critic_tx=None) -> Models:
+  """Policy state from train/state.setup (resume, init_from, LoRA), then critic (optimizer `critic_tx`,
+  default `tx`), reference, reward model."""
   r = config.rl
   where_values = algorithms.value_model(config)  # None, "policy" or "critic"
   head_on_policy = where_values == "policy"
@@ -63,7 +64,7 @@ def setup_models(config, workdir, model, tx, mesh, mngr) -> Models:
                                  config.async_checkpoints)
     # The policy's newest steps were bad (moved aside by its resume): the critic resumes with it.
     checkpoints.set_aside(m.cmngr, {s: "after-policy" for s in m.cmngr.all_steps() if s > m.start})
-    cst = state_lib.setup(value.critic_config(config), model, tx, mesh, m.cmngr, value.value_head_params)
+    cst = state_lib.setup(value.critic_config(config), model, critic_tx or tx, mesh, m.cmngr, value.value_head_params)
     if cst.start != m.start:
       raise ValueError(f"{workdir}: the critic's checkpoint is at iteration {cst.start} but the policy's "
                        f"at {m.start}; delete the later one to resume from the earlier")

@@ -98,17 +98,18 @@ def _loss(config, algo, logp, token_entropy, vals, batch, beta):
   return loss, m
 
 
-def make_update_step(cfg, config, tx, lr_fn, lora_cfg, critic_cfg=None):
+def make_update_step(cfg, config, tx, lr_fn, lora_cfg, critic_cfg=None, critic_tx=None):
   """(trainable, opt_state, critic, critic_opt, frozen, batch, beta, count) ->
   (trainable, opt_state, critic, critic_opt, logp [r, T], metrics).
 
-  `critic`/`critic_opt` are None unless the values come from a separate critic (same optimizer
-  settings). The returned logp (no gradient) is pi_old for later passes when the first pass had no
-  old_logp. An update whose loss or gradient norms are not finite changes nothing (train/finite.py):
-  metric skipped = 1."""
+  `critic`/`critic_opt` are None unless the values come from a separate critic, updated by
+  `critic_tx` (rl/value.py `critic_optimizer`; default: `tx`). The returned logp (no gradient) is
+  pi_old for later passes when the first pass had no old_logp. An update whose loss or gradient
+  norms are not finite changes nothing (train/finite.py): metric skipped = 1."""
   g = config.rl.num_generations
   algo = algorithms.get(config.objective)
   head_on_policy = algorithms.value_model(config) == "policy"
+  critic_tx = critic_tx or tx
 
   def loss_fn(trainable, critic, frozen, batch, beta):
     params = state_lib.to_params(trainable, frozen, lora_cfg)
@@ -133,7 +134,7 @@ def make_update_step(cfg, config, tx, lr_fn, lora_cfg, critic_cfg=None):
       updates, opt_state = tx.update(grads, opt_state, trainable)
       trainable = optax.apply_updates(trainable, updates)
       if critic is not None:
-        updates, critic_opt = tx.update(critic_grads, critic_opt, critic)
+        updates, critic_opt = critic_tx.update(critic_grads, critic_opt, critic)
         critic = optax.apply_updates(critic, updates)
       return trainable, opt_state, critic, critic_opt
 

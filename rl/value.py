@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from model import heads
-from train import rundir
+from train import optim, rundir
 
 
 def value_head_params(model_cfg, rng) -> dict:
@@ -33,6 +33,15 @@ def values(params, hidden):
 
 def init_from(config) -> str:
   return config.rl.value_init_from or config.rl.reward_model or config.init_from
+
+
+def critic_optimizer(config, steps: int):
+  """(optax transformation, schedule) of a separate critic: config.optim's, peaking at rl.critic_lr
+  (0 = optim.lr). With Adam, rl.vf_coef barely scales a separate critic's steps; its lr does."""
+  optim_cfg = copy.deepcopy(config.optim)
+  with optim_cfg.unlocked():
+    optim_cfg.lr = config.rl.critic_lr or config.optim.lr
+  return optim.make_optimizer(optim_cfg, steps)
 
 
 def critic_config(config):
