@@ -22,7 +22,7 @@ from model.sampling import Sampling, sample
 from model.transformer import Transformer
 from rl import algorithms, config as rl_config, rollout, steps, value
 from rl.loop import check_config
-from train import optim
+from train import compiler_options, optim
 from train import state as state_lib
 from train.compiled import shaped
 from train.params import abstract_params
@@ -61,7 +61,9 @@ def _update(config, model_cfg, mesh, state, tx, lr_fn):
   batch.update(_rows(jax.eval_shape(score, params, None, ref, critic, None, batch), mesh))
   adv = lambda s, b, beta: algorithms.get(config.objective).advantages(config, s, b, beta)
   batch.update(_rows(jax.eval_shape(adv, jax.ShapeDtypeStruct((rows,), jnp.float32), batch, 0.0), mesh))
-  update = jax.jit(steps.make_update_step(model_cfg, config, tx, lr_fn, None, critic_cfg), donate_argnums=(0, 1, 2, 3))
+  options = compiler_options.for_platform(config.compiler_options, mesh.devices.flat[0].platform)
+  update = jax.jit(steps.make_update_step(model_cfg, config, tx, lr_fn, None, critic_cfg), donate_argnums=(0, 1, 2, 3),
+                   compiler_options=options)
   scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype, sharding=replicated)
   return update.lower(params, opt, critic, critic_opt, None, batch, scalar(jnp.float32), scalar(jnp.int32)).compile()
 

@@ -31,7 +31,7 @@ from rl import algorithms, config as rl_config, grpo, kl, prompts, rollout, step
 from rl.accuracy import evaluate_problems
 from rl.models import setup_models
 from rl.rewards import combined_reward
-from train import files, optim, rundir, run_loop
+from train import compiler_options, files, optim, rundir, run_loop
 from train import state as state_lib
 from train.stage import start_run
 from train.validate import validate
@@ -124,7 +124,9 @@ def train(config, workdir: str) -> dict:
     score_fn = jax.jit(steps.make_score_fn(model_cfg, config, lora_cfg, old=need_old, ref=use_ref,
                                            critic_cfg=critic_cfg, rm_cfg=ms.rm_cfg))
     update = jax.jit(steps.make_update_step(model_cfg, config, tx, lr_fn, lora_cfg, critic_cfg, critic_tx),
-                     donate_argnums=(0, 1, 2, 3))
+                     donate_argnums=(0, 1, 2, 3),  # the FSDP overlap options, as the offline step's
+                     compiler_options=compiler_options.for_platform(config.compiler_options,
+                                                                    jax.default_backend()))
     # The policy's params for sampling / eval: under LoRA the base with the adapters next to their
     # kernels (applied unmerged, no merged copy of the model).
     policy = lambda t: state_lib.to_params(t, frozen, lora_cfg)
