@@ -92,6 +92,10 @@ def data() -> ml_collections.ConfigDict:
                               # trains (train/stream.py)
       workers=0,              # stream: processes tokenizing records (same batches for any number); 0 = the
                               # pipeline's own thread (train/workers.py)
+      pair_rows=0,            # reward_model, dpo: pack each step's batch_size pairs into this many rows of
+                              # 2 seq_len tokens, several pairs a row (each its own segment), best fit; a
+                              # pair that fits no row waits for the next step (train/pairs.py plan);
+                              # 0 = one row per pair
       overlong="drop",        # an sft conversation or preference pair longer than seq_len (an rl jsonl
                               # prompt longer than rl.max_prompt_len): drop | truncate (keep what fits)
   )

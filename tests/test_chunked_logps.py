@@ -67,7 +67,7 @@ def test_dpo_pair_logps_in_chunks_equal_one_piece_and_float64():
   batch = {"tokens": rng.integers(0, 512, (b, length)), "positions": np.broadcast_to(np.arange(length), (b, length)),
            "segment_ids": np.ones((b, length), np.int32), "branch_ids": branch,
            "logit_slots": np.sort(rng.integers(15, length, (b, k)), -1), "targets": rng.integers(0, 512, (b, k)),
-           "target_branch": rng.integers(0, 3, (b, k))}
+           "target_branch": rng.integers(0, 3, (b, k)), "target_pair": np.zeros((b, k)), "weight": np.ones(b)}
   batch = {key: jnp.asarray(x, jnp.int32) for key, x in batch.items()}
   params = sharding.unbox(model.init(jax.random.key(0), batch["tokens"])["params"])
   def f(p, chunk):

@@ -1,7 +1,10 @@
 """Streamed preference pairs (train/stream.py, reward model and DPO with data.pipeline=stream): the
 pairs of TRL-format JSONL and of parquet files are the cached pipeline's (same tokens, drops, skips,
 rankings), every process takes its records, a resumed stream gives the batches of one that never
-stopped, and DPO trains on the stream; a run interrupted and resumed logs the losses of one run."""
+stopped, and DPO trains on the stream; a run interrupted and resumed logs the losses of one run.
+Packed (data.pair_rows), the stream and the cached pipeline give every pair of an epoch once and
+resume exactly."""
+import collections
 import json
 import os
 
@@ -121,6 +124,58 @@ def test_stream_refuses_precomputed_reference_and_builtin_pairs(tok_path, data_c
     ST.check(cfg)
   with pytest.raises(UserError, match="jsonl | parquet | hf_disk"):
     ST.check(dpo_config(tok_path, data_cache, "builtin", ""))
+
+
+def epoch_pairs(batches):
+  """Counter of (chosen, rejected) target ids of every pair of packed batches."""
+  out = collections.Counter()
+  for b in batches:
+    for i in range(b["targets"].shape[0]):
+      for g in range(b["weight"].shape[1]):
+        if b["weight"][i, g]:
+          on = lambda j: (b["target_pair"][i] == g) & (b["target_branch"][i] == j)
+          out[tuple(tuple(b["targets"][i][on(j)].tolist()) for j in (1, 2))] += 1
+  return out
+
+
+def unpacked_pairs(ps):
+  b = pairs.make_batch(ps, np.arange(len(ps)))
+  return collections.Counter(tuple(tuple(b["targets"][i][b["target_branch"][i] == j].tolist()) for j in (1, 2))
+                             for i in range(len(ps)))
+
+
+def test_packed_stream_gives_each_pair_once_an_epoch_and_resumes(tok_path, data_cache, files, tok, monkeypatch):
+  monkeypatch.setattr(ST, "WINDOW", 10)
+  cfg = dpo_config(tok_path, data_cache, "jsonl", files["jsonl"], batch_size=4, **{"data.pair_rows": 2})
+  it = ST.make_batch_iterator(cfg, tok)
+  L = ST.pair_sizes(cfg)[0]
+  epoch = []
+  while (b := next(it)) and it.get_state()["processes"]["0"][0] == 0:  # a state in epoch 1: its first batch
+    epoch.append(b)
+  assert all(b["tokens"].shape == (2, L) and b["weight"].shape == (2, 4) for b in epoch)
+  assert all(b["weight"].sum() <= 4 for b in epoch) and np.mean([b["weight"].sum() for b in epoch]) > 2.5
+  assert epoch_pairs(epoch) == unpacked_pairs(pairs.load(cfg, tok, "train"))
+  it.close()
+  straight = take(ST.make_batch_iterator(cfg, tok), 40)
+  assert_resumes(cfg, tok, straight, (1, 7, len(epoch) + 2))
+
+
+def test_packed_cached_pairs_give_each_pair_once_an_epoch_and_split_over_processes(tok_path, data_cache, files, tok):
+  cfg = dpo_config(tok_path, data_cache, "jsonl", files["jsonl"], batch_size=8,
+                   **{"data.pair_rows": 4, "data.pipeline": "cache"})
+  it = pairs.make_batches(cfg, tok, "train")
+  ps = pairs.load(cfg, tok, "train")
+  n = it._length(0)
+  first = take(it, n + 3)
+  assert epoch_pairs(first[:n]) == unpacked_pairs(ps)
+  assert sum(b["weight"].sum() for b in first[:n]) == len(ps)
+  halves = [take(pairs.make_batches(cfg, tok, "train", p, 2), n + 3) for p in range(2)]
+  for whole, a, b in zip(first, *halves):
+    for k in whole:
+      np.testing.assert_array_equal(np.concatenate([a[k], b[k]]), whole[k], err_msg=k)
+  resumed = pairs.make_batches(cfg, tok, "train")
+  resumed.set_state({"step": n + 1})
+  assert all(np.array_equal(a[k], b[k]) for a, b in zip(take(resumed, 2), first[n + 1:]) for k in a)
 
 
 def losses(workdir):

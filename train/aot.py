@@ -58,7 +58,7 @@ def batch_shapes(config, objective, mesh) -> dict:
     spec["loss_mask"] = ((b, t), f32)
   else:  # pairs: one row [prompt | chosen | rejected]; completion slots at most the row
     spec = {k: ((b, t), i32) for k in ("tokens", "positions", "segment_ids", "branch_ids")}
-    spec.update({k: ((b, t), i32) for k in ("targets", "logit_slots", "target_branch")})
+    spec.update({k: ((b, t), i32) for k in ("targets", "logit_slots", "target_branch", "target_pair")})
     spec.update({"ends": ((b, 2), i32), "weight": ((b,), f32)})
     if config.dpo.precompute_reference and objective.needs_reference(config):
       spec["ref_logps"] = ((b, 2), f32)

@@ -190,9 +190,9 @@ def train(config, workdir: str) -> dict:
               + "".join(f" | {n}" for n in (ref_note, _describe(train_iter), run.tokenizer_note) if n))
     if warning := _warning(train_iter):
       log.write(warning)
-    # Pairs: one row [prompt | chosen | rejected] each, and a reference forward (1/3 of a train step).
-    row_len = config.seq_len if objective.packed else train_iter.row_len
-    speed = run_loop.Speed(config.batch_size * row_len,
+    # Pairs: rows [prompt | chosen | rejected]..., and a reference forward (1/3 of a train step).
+    rows, row_len = (config.batch_size, config.seq_len) if objective.packed else (train_iter.rows, train_iter.row_len)
+    speed = run_loop.Speed(rows * row_len,
                            model_cfg.train_flops_per_token(row_len) * (4 / 3 if ref is not None else 1),
                            peak_flops(config))
 

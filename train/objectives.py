@@ -55,29 +55,35 @@ def next_token_loss(params, batch, model, ctx=None):
 
 
 def pair_logps(params, batch, model, chunk: int = 0):
-  """Summed completion log-probs and completion lengths, each [b, 2] (0 = chosen, 1 = rejected).
+  """Summed completion log-probs and completion lengths, each [P, 2] (0 = chosen, 1 = rejected).
 
-  One row [prompt | chosen | rejected] per pair (train/pairs.py); the lm head runs only at the
-  logit_slots [b, K] that predict the completion tokens, `chunk` slots at a time (model/lm_head.py)."""
+  Rows [prompt | chosen | rejected]... of R rows, one pair or G packed pairs each (train/pairs.py),
+  P = R G pair slots; the lm head runs only at the logit_slots [R, K] that predict the completion
+  tokens, `chunk` slots at a time (model/lm_head.py)."""
   _, hidden = model.apply({"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"],
-                          return_hidden=True, head=False, branch_ids=batch["branch_ids"])  # [b, L, d]
-  h = jnp.take_along_axis(hidden, batch["logit_slots"][..., None], 1)  # [b, K, d]
+                          return_hidden=True, head=False, branch_ids=batch["branch_ids"])  # [R, L, d]
+  h = jnp.take_along_axis(hidden, batch["logit_slots"][..., None], 1)  # [R, K, d]
   logps, _ = lm_head.token_logps(h, lm_head.kernel_of(params, model.cfg), model.cfg.tie_embeddings,
-                                 batch["targets"], chunk)  # [b, K]
-  masks = (batch["target_branch"][..., None] == jnp.array([1, 2])).astype(jnp.float32)  # [b, K, 2]
-  return jnp.einsum("bk,bkj->bj", logps, masks), jnp.sum(masks, 1)
+                                 batch["targets"], chunk)  # [R, K]
+  R, G = batch["weight"].shape[0], batch["weight"].size // batch["weight"].shape[0]
+  which = 2 * batch["target_pair"] + batch["target_branch"] - 1  # [R, K]: 2g chosen, 2g + 1 rejected; < 0 none
+  masks = (which[..., None] == jnp.arange(2 * G)).astype(jnp.float32)  # [R, K, 2G]
+  return (jnp.einsum("rk,rkj->rj", logps, masks).reshape(R * G, 2),
+          jnp.sum(masks, 1).reshape(R * G, 2))
 
 
 def pair_rewards(params, batch, model):
-  """Reward-head score of the last token of the chosen and of the rejected completion. -> [b, 2]."""
+  """Reward-head score of the last token of the chosen and of the rejected completion. -> [P, 2]."""
   _, hidden = model.apply({"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"],
-                          return_hidden=True, head=False, branch_ids=batch["branch_ids"])  # [b, L, d]
-  last = jnp.take_along_axis(hidden, batch["ends"][..., None], 1)  # [b, 2, d]
-  return heads.scalar_head(params["reward_head"], last)
+                          return_hidden=True, head=False, branch_ids=batch["branch_ids"])  # [R, L, d]
+  R = hidden.shape[0]
+  last = jnp.take_along_axis(hidden, batch["ends"].reshape(R, -1, 1), 1)  # [R, 2G, d]
+  return heads.scalar_head(params["reward_head"], last.reshape(-1, 2, last.shape[-1]))
 
 
 def _weighted(weight, losses, metrics):
-  """Per-pair losses / metrics [b] -> (sum, number of pairs, sums): padding pairs weigh 0."""
+  """Per-pair losses / metrics [P] -> (sum, number of pairs, sums): padding pairs weigh 0."""
+  weight = weight.reshape(-1)  # [P]: [R] or [R, G] per pair slot
   return (jnp.sum(weight * losses), jnp.sum(weight),
           {k: jnp.sum(weight * v) for k, v in metrics.items()})
 
@@ -85,18 +91,18 @@ def _weighted(weight, losses, metrics):
 def reward_loss(params, batch, model, ctx):
   """Pairwise reward-model loss (config.reward) over a batch of pairs."""
   c = ctx.config.reward
-  r = pair_rewards(params, batch, model)  # [b, 2]
+  r = pair_rewards(params, batch, model)  # [P, 2]
   one = lambda w, l: rm.reward_loss(w[None], l[None], kind=c.loss, margin=c.margin, centering=c.centering)
-  losses, m = jax.vmap(one)(r[:, 0], r[:, 1])  # [b], {k: [b]}
+  losses, m = jax.vmap(one)(r[:, 0], r[:, 1])  # [P], {k: [P]}
   metrics = {"rewards/accuracy": m["accuracy"], "rewards/chosen": m["chosen"],
              "rewards/rejected": m["rejected"], "rewards/margin": m["margin"]}
   return _weighted(batch["weight"], losses, metrics)
 
 
 def reference_logps(batch, model, ctx):
-  """[b, 2] reference log-probs: precomputed in the batch, or a forward pass of ctx.ref_params."""
+  """[P, 2] reference log-probs: precomputed in the batch, or a forward pass of ctx.ref_params."""
   if "ref_logps" in batch:
-    return batch["ref_logps"]
+    return batch["ref_logps"].reshape(-1, 2)
   if ctx.ref_params is None:
     return None
   return jax.lax.stop_gradient(pair_logps(ctx.ref_params, batch, model, logits_chunk(ctx))[0])
@@ -105,7 +111,7 @@ def reference_logps(batch, model, ctx):
 def dpo_loss(params, batch, model, ctx):
   """The DPO family (config.dpo.loss) over a batch of pairs, with TRL's metrics and a KL proxy."""
   c = ctx.config.dpo
-  logps, n = pair_logps(params, batch, model, logits_chunk(ctx))  # [b, 2]
+  logps, n = pair_logps(params, batch, model, logits_chunk(ctx))  # [P, 2]
   ref = None if c.loss in REFERENCE_FREE else reference_logps(batch, model, ctx)
 
   def one(pc, pr, rc, rr, nc, nr):
@@ -114,7 +120,7 @@ def dpo_loss(params, batch, model, ctx):
                                beta=c.beta, label_smoothing=c.label_smoothing, gamma=c.gamma,
                                orpo_lambda=c.orpo_lambda, rpo_alpha=c.rpo_alpha)
   rc, rr = (None, None) if ref is None else (ref[:, 0], ref[:, 1])
-  losses, metrics = jax.vmap(one)(logps[:, 0], logps[:, 1], rc, rr, n[:, 0], n[:, 1])  # [b]
+  losses, metrics = jax.vmap(one)(logps[:, 0], logps[:, 1], rc, rr, n[:, 0], n[:, 1])  # [P]
   if ref is not None:  # mean over the chosen completion's tokens of log pi - log pi_ref
     metrics["kl"] = (logps[:, 0] - ref[:, 0]) / jnp.maximum(n[:, 0], 1.0)
   return _weighted(batch["weight"], losses, metrics)

@@ -52,6 +52,7 @@ from train.reward_loss import ranking_to_pairs
 PAIRS_VERSION = 3   # bump when the arrays change for the same records (it is in every cache key)
 PAIRS_SEED = 7      # which rejected completion each built-in problem gets
 SIDES = ("chosen", "rejected")
+PAIR_ARRAYS = ("tokens", "prompt_lengths", "lengths")  # a PairSet's own columns (the rest: extras per pair)
 COUNTS = ("total", "dropped", "truncated", "identical")  # scalars of the cached .npz next to the columns
 
 
@@ -346,38 +347,125 @@ def load_file(path: str, tok, seq_len: int, template: str, overlong: str = "drop
 # ----------------------------------------------------------------------------- batches
 
 
+def pair_row_len(seq_len: int) -> int:
+  """L of a row that holds any pair: prompt + chosen and prompt + rejected fit in seq_len each, so
+  [prompt | chosen | rejected] < 2 seq_len (rounded up to 8)."""
+  return _round_up(2 * seq_len)
+
+
+@dataclasses.dataclass(frozen=True)
+class Packing:
+  """One process's packed batch (`data.pair_rows` > 0): at most `pairs` pairs in `rows` rows of
+  `row_len` tokens, at most `per_row` pairs a row."""
+  pairs: int     # b: config.batch_size // processes
+  rows: int      # r: config.data.pair_rows // processes
+  row_len: int   # L = K: 2 seq_len, rounded up to 8
+  per_row: int   # G: twice the rows' average b / r, at most b
+
+  @staticmethod
+  def of(config, process_count: int = 1):
+    """The packing of config for one of process_count processes, or None (data.pair_rows = 0)."""
+    rows = config.data.get("pair_rows", 0)
+    if not rows:
+      return None
+    b, r = config.batch_size // process_count, rows // process_count
+    return Packing(b, r, pair_row_len(config.seq_len), min(b, -(-2 * b // r)))
+
+
+def check_packing(config, data_ways: int, num_processes: int) -> None:
+  """UserError when config.data.pair_rows cannot split like the batch (processes, data axes,
+  micro-batches) or the objective has no pairs."""
+  rows, accum = config.data.get("pair_rows", 0), config.optim.grad_accum
+  if not rows:
+    return
+  if config.objective not in ("reward_model", "dpo"):
+    raise UserError(f"config.data.pair_rows={rows} packs preference pairs: not for config.objective="
+                    f"{config.objective!r}", hint="set config.data.pair_rows=0")
+  if rows > config.batch_size:
+    raise UserError(f"config.data.pair_rows={rows} is more rows than the config.batch_size={config.batch_size} "
+                    "pairs of a step", hint="0 gives every pair its own row")
+  if rows % num_processes or rows % accum or (rows // accum) % data_ways:
+    raise UserError(f"config.data.pair_rows={rows} must split over the {num_processes} processes and into "
+                    f"config.optim.grad_accum={accum} micro-batches each divisible by the data axes ({data_ways})")
+
+
+def plan(sizes, packing: Packing) -> list[list[list[int]]]:
+  """Pairs of `sizes` (tokens each, in order) -> batches, each `packing.rows` rows of the indices of
+  their pairs. A batch takes the pairs left over from the one before, then new ones, up to
+  `packing.pairs`, and places them longest first, each into the row it fills best (best-fit
+  decreasing; a row holds at most row_len tokens and per_row pairs). A pair that fits no row waits
+  for the next batch; after the last pair the batches take what waits (so they may be smaller).
+  Every batch places at least its longest pair (one fits an empty row), so none waits forever."""
+  fresh, waiting, out = list(range(len(sizes)))[::-1], [], []
+  while waiting or fresh:
+    candidates = waiting + [fresh.pop() for _ in range(min(packing.pairs - len(waiting), len(fresh)))]
+    free = np.full(packing.rows, packing.row_len)   # [r] tokens left per row
+    groups, waiting = [[] for _ in range(packing.rows)], []
+    for i in sorted(candidates, key=lambda i: -sizes[i]):   # stable: ties in arrival order
+      fits = (free >= sizes[i]) & (np.array([len(g) for g in groups]) < packing.per_row)
+      if not fits.any():
+        waiting.append(i)
+        continue
+      row = int(np.argmin(np.where(fits, free, packing.row_len + 1)))
+      groups[row].append(i)
+      free[row] -= sizes[i]
+    waiting.sort()   # arrival order
+    out.append(groups)
+  return out
+
+
+def sizes_of(ps: PairSet) -> np.ndarray:
+  """Tokens [N] of each pair's row [prompt | chosen | rejected]."""
+  return ps.columns["prompt_lengths"] + ps.columns["lengths"].sum(-1)
+
+
+def packed_batch(ps: PairSet, groups: list[list[int]], per_row: int, row_len: int, completions: int) -> dict:
+  """Rows of pairs as model inputs: row i holds the pairs groups[i] (indices into ps) one after the
+  other, pair g of a row its own segment (id g + 1; 0 pad) with branch ids 0 prompt, 1 chosen,
+  2 rejected and positions restarting at 0 (the rejected branch: after the prompt).
+  Per row [R, row_len]: tokens, positions, segment_ids, branch_ids; [R, completions]: targets,
+  logit_slots (the slot whose logits predict the target), target_branch (1 chosen, 2 rejected, 0
+  none), target_pair (g of the pair in its row). Per pair slot [R, per_row]: weight (1 a pair,
+  0 empty), ends [.., 2] (slot of the last chosen / rejected token), extra columns [.., ...]."""
+  c, R, G = ps.columns, len(groups), per_row
+  rows = {k: np.zeros((R, row_len), np.int32) for k in ("positions", "segment_ids", "branch_ids")}
+  rows["tokens"] = np.full((R, row_len), ps.pad_id, np.int32)
+  slots = {k: np.zeros((R, completions), np.int32) for k in ("targets", "logit_slots", "target_branch", "target_pair")}
+  ends, weight = np.zeros((R, G, 2), np.int32), np.zeros((R, G), np.float32)
+  extras = {k: np.zeros((R, G) + v.shape[1:], np.float32) for k, v in c.items() if k not in PAIR_ARRAYS}
+  for i, group in enumerate(groups):
+    s = k = 0   # the next free token slot and target slot of row i
+    for g, j in enumerate(group):
+      p, (n_c, n_r) = int(c["prompt_lengths"][j]), c["lengths"][j].tolist()
+      n, m = p + n_c + n_r, n_c + n_r
+      rows["tokens"][i, s:s + n] = c["tokens"][j, :n]
+      rows["positions"][i, s:s + n] = np.r_[0:p + n_c, p:p + n_r]
+      rows["segment_ids"][i, s:s + n] = g + 1
+      rows["branch_ids"][i, s:s + n] = np.repeat([0, 1, 2], [p, n_c, n_r])
+      slots["targets"][i, k:k + m] = c["tokens"][j, p:n]
+      # completion token t sits at slot s + p + t, predicted from the slot before it; the first rejected
+      # token from the prompt's last
+      before = np.arange(m)
+      before[n_c:n_c + 1] = 0
+      slots["logit_slots"][i, k:k + m] = s + p - 1 + before
+      slots["target_branch"][i, k:k + m] = np.repeat([1, 2], [n_c, n_r])
+      slots["target_pair"][i, k:k + m] = g
+      ends[i, g] = [s + p + n_c - 1, s + n - 1]
+      weight[i, g] = 1
+      for key, v in extras.items():
+        v[i, g] = c[key][j]
+      s, k = s + n, k + m
+  return {**rows, **slots, "ends": ends, "weight": weight, **extras}
+
+
 def make_batch(ps: PairSet, rows: np.ndarray) -> dict:
-  """Batch of pairs `rows` [b] (-1 = padding pair) as model inputs, completion targets and weights."""
-  real_row = rows >= 0
-  idx = np.where(real_row, rows, 0)
-  c = ps.columns
-  L = c["tokens"].shape[-1]
-  K = ps.completions or _round_up(int(c["lengths"].sum(-1).max()))  # completion tokens of the longest pair
-  p = np.where(real_row, c["prompt_lengths"][idx], 0)[:, None]            # [b, 1]
-  n_c, n_r = np.split(np.where(real_row[:, None], c["lengths"][idx], 0), 2, -1)  # [b, 1] each
-  t = np.arange(L, dtype=np.int32)                                         # slots
-  real = t < p + n_c + n_r                                                 # [b, L]
-  tokens = np.where(real, c["tokens"][idx], ps.pad_id).astype(np.int32)
-  k = np.arange(K, dtype=np.int32)        # completion token k sits at slot p + k (chosen, then rejected)
-  is_target = k < n_c + n_r                                                # [b, K]
-  target_slots = np.where(is_target, p + k, 0)
-  # Token at slot s is predicted from slot s - 1, except the first rejected one: from the prompt's last.
-  logit_slots = np.where(is_target, np.where(k == n_c, p - 1, p + k - 1), 0)
-  batch = {
-      "tokens": tokens,
-      "positions": np.where(real, np.where(t < p + n_c, t, t - n_c), 0).astype(np.int32),
-      "segment_ids": real.astype(np.int32),
-      "branch_ids": np.where(real, (t >= p).astype(np.int32) + (t >= p + n_c), 0).astype(np.int32),
-      "targets": np.take_along_axis(tokens, target_slots, 1),
-      "logit_slots": logit_slots.astype(np.int32),
-      "target_branch": np.where(is_target, 1 + (k >= n_c), 0).astype(np.int32),
-      "ends": np.maximum(np.concatenate([p + n_c, p + n_c + n_r], 1) - 1, 0).astype(np.int32),  # [b, 2]
-      "weight": real_row.astype(np.float32),
-  }
-  for key, v in c.items():
-    if key not in ("tokens", "lengths", "prompt_lengths"):
-      batch[key] = np.where(real_row.reshape((-1,) + (1,) * (v.ndim - 1)), v[idx], 0).astype(np.float32)
-  return batch
+  """Batch of pairs `rows` [b] (-1 = padding pair), one row each (`packed_batch` with one pair a
+  row, the per-pair arrays [b, ...]): rows of the set's row length L, K target slots."""
+  L = ps.columns["tokens"].shape[-1]
+  K = ps.completions or _round_up(int(ps.columns["lengths"].sum(-1).max()))  # the longest pair's
+  batch = packed_batch(ps, [[int(r)] if r >= 0 else [] for r in rows], 1, L, K)
+  per_pair = {"weight", "ends"} | set(ps.columns) - set(PAIR_ARRAYS)
+  return {k: v[:, 0] if k in per_pair else v for k, v in batch.items()}
 
 
 def local_rows(step: int, batch_size: int, process_index: int, process_count: int) -> np.ndarray:
@@ -389,13 +477,19 @@ def local_rows(step: int, batch_size: int, process_index: int, process_count: in
 
 
 class PairIterator:
-  """This process's slices of the global batches of an endless per-epoch shuffle; resumable."""
+  """This process's slices of the global batches of an endless per-epoch shuffle; resumable.
 
-  def __init__(self, ps: PairSet, batch_size: int, seed: int, process_index=0, process_count=1):
-    self.ps, self.B, self.seed = ps, batch_size, seed
-    self.row_len = ps.columns["tokens"].shape[-1]  # L: tokens per pair row
+  With `pack` (this process's Packing, data.pair_rows): each epoch's shuffled pairs are planned
+  into global batches of R = P r rows (`plan`, the same on every process), process p takes rows
+  [p r, (p + 1) r) and their pairs; step s is batch s of the epochs' plans one after the other."""
+
+  def __init__(self, ps: PairSet, batch_size: int, seed: int, process_index=0, process_count=1,
+               pack: Packing | None = None):
+    self.ps, self.B, self.seed, self.pack = ps, batch_size, seed, pack
+    self.row_len = pack.row_len if pack else ps.columns["tokens"].shape[-1]  # L: tokens per pair row
+    self.rows = pack.rows * process_count if pack else batch_size  # rows of a global batch
     self.p, self.P = process_index, process_count
-    self._perms = {}
+    self._perms, self._plans, self._lengths = {}, {}, []   # _lengths[e]: batches of epoch e's plan
     self.set_state({"step": 0})
 
   def _perm(self, epoch: int) -> np.ndarray:
@@ -404,14 +498,38 @@ class PairIterator:
       self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(len(self.ps))
     return self._perms[epoch]
 
+  def _plan(self, epoch: int) -> list:
+    """Epoch `epoch`'s global batches: R rows of pair indices each."""
+    if epoch not in self._plans:
+      perm = self._perm(epoch)
+      whole = dataclasses.replace(self.pack, pairs=self.B, rows=self.rows)
+      self._plans = {e: p for e, p in self._plans.items() if e >= epoch - 1}
+      self._plans[epoch] = [[perm[g].tolist() for g in groups] for groups in plan(sizes_of(self.ps)[perm], whole)]
+    return self._plans[epoch]
+
+  def _packed(self, step: int) -> dict:
+    epoch = 0
+    while step >= (n := self._length(epoch)):
+      step, epoch = step - n, epoch + 1
+    r = self.pack.rows
+    groups = self._plan(epoch)[step][self.p * r:(self.p + 1) * r]
+    return packed_batch(self.ps, groups, self.pack.per_row, self.row_len, self.row_len)
+
+  def _length(self, epoch: int) -> int:
+    while len(self._lengths) <= epoch:
+      self._lengths.append(len(self._plan(len(self._lengths))))
+    return self._lengths[epoch]
+
   def __iter__(self):
     return self
 
   def __next__(self) -> dict:
-    g = local_rows(self._step, self.B, self.p, self.P)  # [b]
+    self._step += 1
+    if self.pack:
+      return self._packed(self._step - 1)
+    g = local_rows(self._step - 1, self.B, self.p, self.P)  # [b]
     n = len(self.ps)
     rows = np.array([self._perm(int(x) // n)[int(x) % n] for x in g])
-    self._step += 1
     return make_batch(self.ps, rows)
 
   def get_state(self) -> dict:
@@ -447,6 +565,7 @@ def make_batches(config, tok, split: str, process_index: int = 0, process_count:
   if columns:
     ps = ps.with_columns(**columns)
   if split == "train":
-    return PairIterator(ps, config.batch_size, config.seed, process_index, process_count)
+    return PairIterator(ps, config.batch_size, config.seed, process_index, process_count,
+                        Packing.of(config, process_count))
   return ordered_batches(ps, config.batch_size, process_index, process_count,
                          config.eval_batches or None)

@@ -162,43 +162,63 @@ FIRST_STATE = _state(FIRST, 0, 0)
 
 
 def shuffled_rows(config, tok, pidx: int, pcount: int, state: tuple, encode=None):
-  """Forever: (row, state after it), the packed rows permuted window by window from `state`."""
+  """Forever: (row, state after it), the packed rows permuted window by window from `state`; with
+  data.pair_rows, (batch of packed pairs, state after it): a window's permuted pairs planned into
+  batches (train/pairs.py `plan`)."""
   epoch, document, offset, window, taken, *seek = state
   windows = concat_windows if config.objective == "pretrain" else record_windows
+  pack = _pair_packing(config, pcount)
   for rows, start, end in windows(config, tok, pidx, pcount, (epoch, document, offset, tuple(seek)), encode):
     order = np.random.default_rng([config.seed, pidx, window]).permutation(len(rows))
-    for j in range(taken, len(rows)):
-      after = _state(start, window, j + 1) if j + 1 < len(rows) else _state(end, window + 1, 0)
-      yield rows[order[j]], after
+    units = [rows[i] for i in order]
+    if pack:
+      sizes = [sum(map(len, triple)) for triple in units]
+      units = [[[units[i] for i in group] for group in groups] for groups in pairs.plan(sizes, pack)]
+    for j in range(taken, len(units)):
+      after = _state(start, window, j + 1) if j + 1 < len(units) else _state(end, window + 1, 0)
+      yield units[j], after
     window, taken = window + 1, 0
 
 
 def pair_sizes(config) -> tuple[int, int]:
-  """(L, K): tokens of a streamed pair row and its target slots, fixed by seq_len: prompt + chosen
-  and prompt + rejected fit in seq_len each, so a row [prompt | chosen | rejected] < 2 seq_len."""
-  n = pairs._round_up(2 * config.seq_len)
+  """(L, K): tokens of a streamed pair row and its target slots, fixed by seq_len (a row holds any
+  pair: train/pairs.py pair_row_len)."""
+  n = pairs.pair_row_len(config.seq_len)
   return n, n
 
 
-def _batch(config, tok, rows: list) -> dict:
-  """Rows of one process's batch as the trainer takes them: packed rows or pairs (train/pairs.py)."""
+def _pair_packing(config, pcount: int):
+  """train/pairs.py Packing of a preference objective with data.pair_rows, else None."""
+  return None if config.objective in ("pretrain", "sft") else pairs.Packing.of(config, pcount)
+
+
+def _batch(config, tok, rows: list, pack=None) -> dict:
+  """Rows of one process's batch as the trainer takes them: packed rows or pairs (train/pairs.py);
+  with `pack` (pairs.Packing), `rows` is one batch: its rows' lists of pairs."""
   if config.objective in ("pretrain", "sft"):
     batch = np.stack(rows)  # [b, 5, seq_len]
     out = {k: batch[:, i] for i, k in enumerate(packing.FIELDS)}
     out["loss_mask"] = out["loss_mask"].astype(np.float32)
     return out
   L, K = pair_sizes(config)
+  if pack:
+    ps = pairs.pair_set([t for group in rows for t in group], tok.pad_id, row_len=L, completions=K)
+    starts = np.cumsum([0] + [len(group) for group in rows])
+    groups = [list(range(a, z)) for a, z in zip(starts[:-1], starts[1:])]
+    return pairs.packed_batch(ps, groups, pack.per_row, L, K)
   return pairs.make_batch(pairs.pair_set(rows, tok.pad_id, row_len=L, completions=K), np.arange(len(rows)))
 
 
 def local_batches(config, tok, pidx: int, pcount: int, state: tuple, encode=None):
   """Forever: (this process's batch, state after it): {inputs, targets, segment_ids, positions,
-  loss_mask} each [b, seq_len], or a batch of b pairs (train/pairs.py make_batch, L = 2 seq_len)."""
-  b = config.batch_size // pcount
+  loss_mask} each [b, seq_len], or a batch of b pairs (train/pairs.py make_batch, L = 2 seq_len),
+  or with data.pair_rows at most b pairs packed into r rows (train/pairs.py packed_batch)."""
+  pack = _pair_packing(config, pcount)
+  b = 1 if pack else config.batch_size // pcount  # units per batch
   rows = shuffled_rows(config, tok, pidx, pcount, state, encode)
   while True:
     taken = list(itertools.islice(rows, b))
-    yield _batch(config, tok, [r for r, _ in taken]), taken[-1][1]
+    yield _batch(config, tok, taken[0][0] if pack else [r for r, _ in taken], pack), taken[-1][1]
 
 
 class _Prefetch:
@@ -245,7 +265,7 @@ def _gather(local: list, pcount: int) -> list:
 
 class StreamIterator:
   """This process's slices of the global train batches, streamed forever; the trainer's iterator
-  interface (`next`, `get_state`, `set_state`, `describe`, `warning`; pairs: `row_len`).
+  interface (`next`, `get_state`, `set_state`, `describe`, `warning`; pairs: `row_len`, `rows`).
 
   State: {"step": global batches consumed, "processes": {str(p): [epoch, document, offset, window,
   taken, file, byte, line]}} (only this process's entry when JAX runs a single process)."""
@@ -255,6 +275,7 @@ class StreamIterator:
       raise UserError(f"config.batch_size={config.batch_size} is not divisible by the {pcount} processes")
     self._config, self._tok, self._pidx, self._pcount = config, tok, pidx, pcount
     self.row_len = pair_sizes(config)[0]  # L of a pair row (preference objectives)
+    self.rows = config.data.get("pair_rows", 0) or config.batch_size  # pair rows of a global batch
     self._encode = workers.OrderedMap(encoder(config, tok), config.data.get("workers", 0))
     self._prefetch = None
     self.set_state({"step": 0, "processes": {str(pidx): FIRST_STATE}})

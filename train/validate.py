@@ -7,7 +7,7 @@ from configs import base
 from configs.errors import UserError, unknown
 from model import quant, sharding, splash, tokenizer
 from model.transformer import REMAT_POLICIES
-from train import compiler_options, objectives, profile, stream
+from train import compiler_options, objectives, pairs, profile, stream
 
 # The interval every numeric key of a stage config must lie in ("(0, inf)": > 0); rl/config.py
 # checks config.rl's the same way.
@@ -26,6 +26,7 @@ RANGES = {
     "lora.rank": "[0, inf)", "lora.alpha": "(0, inf)", "lora.block_size": "(0, inf)",
     "reward.margin": "[0, inf)", "dpo.gamma": "[0, inf)", "dpo.orpo_lambda": "[0, inf)",
     "data.num_documents": "(0, inf)", "data.max_documents": "[0, inf)", "data.workers": "[0, 256]",
+    "data.pair_rows": "[0, inf)",
     "tokenizer.max_training_chars": "[0, inf)",
 }
 
@@ -129,4 +130,5 @@ def validate(config, num_devices: int, num_processes: int = 1) -> dict:
   if accum < 1 or config.batch_size % accum or (config.batch_size // accum) % data_ways:
     raise UserError(f"config.optim.grad_accum={accum}: batch_size {config.batch_size} must split "
                     f"into {accum} micro-batches each divisible by the data axes ({data_ways})")
+  pairs.check_packing(config, data_ways, num_processes)
   return mesh
