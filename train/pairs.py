@@ -26,16 +26,27 @@ and is skipped. Both are counted (`PairSet.counts`, sources.Counts). A pair is s
 tokens [L], prompt_length, lengths [2] (completion tokens). Prepared once, cached in
 `data.cache_dir/pairs/<key>.npz`.
 
-Batches (not packed; model inputs for model/transformer.py with branch_ids, see `make_batch`):
-tokens, positions, segment_ids (1 real, 0 pad), branch_ids (0 prompt, 1 chosen, 2 rejected) int32
-[b, L]; the rejected branch attends to the prompt but not to the chosen tokens and its positions
-restart after the prompt, so each completion is scored exactly as in its own row. Completion tokens
-(at most K, the set's longest chosen + rejected rounded up to 8): targets, logit_slots (the slot whose
-logits predict the target), target_branch (1 chosen, 2 rejected, 0 none) int32 [b, K]; ends [b, 2]
-(slot of the last chosen / rejected token); weight [b] (0 = padding pair); plus any extra per-pair
-columns (e.g. ref_logps [b, 2]).
-Global batch s is pairs [s*B, (s+1)*B) of an endless per-epoch shuffle (seed config.seed); process p
-of P gets [s*B + p*b, s*B + (p+1)*b), b = B // P, as in train/data.py. Iterator state = {"step": s}.
+Batches (model inputs for model/transformer.py with branch_ids, see `packed_batch`): rows of
+tokens, positions, segment_ids (0 pad), branch_ids (0 prompt, 1 chosen, 2 rejected) int32 [R, L];
+the rejected branch attends to the prompt but not to the chosen tokens and its positions restart
+after the prompt, so each completion is scored exactly as in its own row. Completion tokens (at
+most K a row): targets, logit_slots (the slot whose logits predict the target), target_branch (1
+chosen, 2 rejected, 0 none), target_pair (which pair of the row) int32 [R, K]; per pair: ends
+[.., 2] (slot of the last chosen / rejected token), weight (0 = no pair), extra columns (e.g.
+ref_logps [.., 2]).
+- Unpacked (`make_batch`, data.pair_rows = 0): one pair a row, R = b, segment id 1, K the set's
+  longest chosen + rejected rounded up to 8; per pair [b, ...]. Global batch s is pairs
+  [s*B, (s+1)*B) of an endless per-epoch shuffle (seed config.seed); process p of P gets
+  [s*B + p*b, s*B + (p+1)*b), b = B // P, as in train/data.py. Iterator state = {"step": s}.
+- Packed (data.pair_rows = R): a step's pairs in R rows of L = K = 2 seq_len (r = R / P a process),
+  pair g of a row its own segment (id g + 1), so attention never crosses pairs, nor branches within
+  one (model/attention.py `attention_mask`; a dense mask: the einsum path, never splash); per pair
+  slot [r, G], G = min(b, 2 b / r) (`Packing`). `plan` fills them: a step takes the pairs that waited
+  from the step before, then new ones, up to b = B / P, best-fit decreasing; a pair that fits no row
+  waits for the next step, so a step trains on at most B pairs (its loss: their mean). Static shapes
+  for jit; few padding tokens when lengths vary (docs/performance.md, input pipeline). The cached
+  pipeline plans each epoch's shuffle into global batches (state {"step": s} still), the stream
+  each window (train/stream.py).
 """
 import dataclasses
 import hashlib

@@ -9,13 +9,16 @@ e ended), SFT packs each window of WINDOW conversations best-fit with segment id
 never split; one longer than seq_len is dropped or cut, data.overlong). Preference objectives
 (reward_model, dpo) take each window of WINDOW records' pairs as the cached pipeline encodes them
 (train/pairs.py: one row [prompt | chosen | rejected] per pair, dropped / cut per data.overlong,
-chosen == rejected skipped), padded to L = 2 seq_len tokens so that every batch has one shape.
+chosen == rejected skipped), padded to L = 2 seq_len tokens so that every batch has one shape;
+with data.pair_rows, each window's shuffled pairs are planned into batches of at most b pairs
+packed into r rows (train/pairs.py `plan`: a pair that fits no row waits for the next batch; the
+window's last batches take what waits), and a unit of the stream is one such batch.
 Rows are shuffled window by window (WINDOW rows, or the rows of WINDOW records; a permutation drawn
 from (config.seed, process, window)); a process's batches are its b = B / P rows of every global batch.
 
 The state is where the current window began in the source, (epoch, document, token offset, seek:
-where the reader stopped after the document before), and how many of its rows were consumed: a
-few integers per process. Resume seeks there and rereads the window, so the batches after it are
+where the reader stopped after the document before), and how many of its rows (packed pairs: its
+batches) were consumed: a few integers per process. Resume seeks there and rereads the window, so the batches after it are
 exactly those of a run that never stopped, without reading the files before it again. With several
 processes `get_state` gathers every process's state (a collective: every process saves), so the
 checkpoint holds them all and each resumes its own.
