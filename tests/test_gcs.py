@@ -124,6 +124,19 @@ def test_a_second_run_in_a_gcs_workdir_stops_naming_the_first(emulator):
     pass
 
 
+def test_a_config_file_on_gcs_loads_as_a_local_one(emulator):
+  """--config gs://bucket/x.py[:arg] (either flag form): the entry points load its local copy."""
+  from train import cli
+  with open(os.path.join(os.path.dirname(__file__), "..", "configs", "dpo_tiny.py")) as f:
+    files.write_atomic(f"gs://{BUCKET}/configs/dpo.py", f.read())
+  argv = cli.local_config(["train", "--config", f"gs://{BUCKET}/configs/dpo.py:demo", "--config.steps=3",
+                           "--workdir=gs://kiln/run"])
+  assert argv[3:] == ["--config.steps=3", "--workdir=gs://kiln/run"] and not files.is_url(argv[2])
+  config = cli.load_config_file(argv[2])
+  assert config.objective == "dpo" and config.model.d_model == 128  # the demo preset: the :arg
+  assert cli.local_config([f"--config=gs://{BUCKET}/configs/dpo.py"]) == [f"--config={argv[2][:-5]}"]
+
+
 def _documents(n: int) -> list:
   from train import corpus
   return [{"text": t} for t in corpus.pretrain_documents(7, n)]

@@ -18,7 +18,7 @@ import ml_collections
 from ml_collections import config_flags
 
 from configs.errors import UserError, unknown
-from train import cpu_tuning
+from train import cpu_tuning, files
 
 DEBUG_ENV = "KILN_DEBUG"
 _OVERRIDE = re.compile(r"^--?(?:no)?config\.([^=]+)")
@@ -39,9 +39,32 @@ def config_spec(argv):
   return None
 
 
+def split_spec(spec: str) -> tuple[str, str]:
+  """`configs/x.py[:arg]` or `gs://bucket/x.py[:arg]` -> (path, arg)."""
+  scheme, sep, rest = spec.rpartition("://")
+  path, _, arg = rest.partition(":")
+  return scheme + sep + path, arg
+
+
+def local_config(argv: list) -> list:
+  """argv with a `--config` URL (gs://bucket/x.py[:arg]) replaced by its local copy (train/files.py
+  `local`), which --config then loads like any file."""
+  def localize(spec):
+    path, arg = split_spec(spec)
+    return files.local(path) + (f":{arg}" if arg else "") if files.is_url(path) else spec
+  out = list(argv)
+  for i, arg in enumerate(argv):
+    if arg.startswith(("--config=", "-config=")):
+      flag, value = arg.split("=", 1)
+      out[i] = f"{flag}={localize(value)}"
+    elif arg in ("--config", "-config") and i + 1 < len(argv):
+      out[i + 1] = localize(argv[i + 1])
+  return out
+
+
 def load_config_file(spec: str):
   """`configs/x.py[:arg]` -> its get_config(arg), as --config loads it."""
-  path, _, arg = spec.partition(":")
+  path, arg = split_spec(spec)
   if not os.path.isfile(path):
     raise UserError(f"--config {path}: no such file", hint="name a config file, e.g. --config configs/sft_tiny.py")
   module_spec = importlib.util.spec_from_file_location("kiln_config_file", path)
@@ -80,6 +103,7 @@ def run(main: Callable, options=None, define_flags: Callable = lambda: None) -> 
   flags.DEFINE_bool("debug", False, f"Show the traceback of an error (or set {DEBUG_ENV}=1).")
   argv = sys.argv
   try:
+    sys.argv[:] = argv = local_config(sys.argv)
     spec = config_spec(argv) if options is None else None
     config = options if options is not None else load_config_file(spec) if spec else None
     if config is not None:
