@@ -8,6 +8,7 @@ shuffle) with each `data.workers` count of --workers (0: one thread), against wh
 step consumes (eval/bench.py `train_small`).
 
   python -m eval.bench_stream [--sizes 25,250] [--dir /tmp/kiln_bench_stream] [--pipeline cache] [--workers 0,2]
+      [--rounds 3]   (the worker counts alternated, median rates and their ratio)
 """
 import argparse
 import json
@@ -83,6 +84,7 @@ def main():
   parser.add_argument("--dir", default="/tmp/kiln_bench_stream")
   parser.add_argument("--pipeline", default="stream", help="cache: the same runs on cached rows, to compare")
   parser.add_argument("--workers", default="0", help="data.workers counts of the stream's rate, e.g. 0,2")
+  parser.add_argument("--rounds", type=int, default=1, help="alternations of the worker counts (median rates)")
   args = parser.parse_args()
   rows = []
   for mb in [float(s) for s in args.sizes.split(",")]:
@@ -97,10 +99,16 @@ def main():
   if args.pipeline != "stream":
     return
   first = os.path.join(args.dir, f"{float(args.sizes.split(',')[0]):g}mb")
-  for n in [int(w) for w in args.workers.split(",")]:
-    rate = stream_rate(os.path.join(args.dir, f"corpus_{float(args.sizes.split(',')[0]):g}mb.jsonl"), first,
-                       workers=n)
-    print(json.dumps({"workers": n, "stream_tokens_per_s": rate}), flush=True)
+  counts = [int(w) for w in args.workers.split(",")]
+  rates = {n: [] for n in counts}
+  for _ in range(args.rounds):   # the worker counts alternate: each round sees the same load
+    for n in counts:
+      rates[n].append(stream_rate(os.path.join(args.dir, f"corpus_{float(args.sizes.split(',')[0]):g}mb.jsonl"),
+                                  first, workers=n))
+      print(json.dumps({"workers": n, "stream_tokens_per_s": rates[n][-1]}), flush=True)
+  if len(counts) > 1:
+    base = np.median(rates[counts[0]])
+    print(json.dumps({f"workers_{n}_over_{counts[0]}": float(np.median(rates[n]) / base) for n in counts[1:]}))
   if len(rows) > 1:
     print(json.dumps({"first_step_ratio": rows[-1]["first_step_s"] / rows[0]["first_step_s"]}))
 

@@ -406,7 +406,9 @@ def plan(sizes, packing: Packing) -> list[list[list[int]]]:
   `packing.pairs`, and places them longest first, each into the row it fills best (best-fit
   decreasing; a row holds at most row_len tokens and per_row pairs). A pair that fits no row waits
   for the next batch; after the last pair the batches take what waits (so they may be smaller).
-  Every batch places at least its longest pair (one fits an empty row), so none waits forever."""
+  Every batch places at least its longest pair (it fits an empty row), so the plan ends."""
+  if len(sizes) and max(sizes) > packing.row_len:
+    raise ValueError(f"a pair of {max(sizes)} tokens does not fit a row of {packing.row_len}")
   fresh, waiting, out = list(range(len(sizes)))[::-1], [], []
   while waiting or fresh:
     candidates = waiting + [fresh.pop() for _ in range(min(packing.pairs - len(waiting), len(fresh)))]
