@@ -188,8 +188,8 @@ def losses(workdir):
 def test_dpo_trains_on_a_stream_and_resumes_as_one_run(base_run, tok_path, data_cache, files, tmp_path, fmt,
                                                        pair_rows):
   """Also packed (data.pair_rows=8: each step's 16 pairs in 8 rows, one a device)."""
-  kw = {"batch_size": 16 if pair_rows else 8, "init_from": base_run, "optim.lr": 1e-3, "optim.schedule": "constant", "steps": 24,
-        "checkpoint_every": 12, "eval_every": 24, "data.pair_rows": pair_rows}
+  kw = {"batch_size": 16 if pair_rows else 8, "init_from": base_run, "optim.lr": 1e-3, "optim.schedule": "constant",
+        "steps": 24, "checkpoint_every": 12, "eval_every": 24, "data.pair_rows": pair_rows}
   out = loop.train(dpo_config(tok_path, data_cache, fmt, files[fmt], **kw), str(tmp_path / "straight"))
   straight = losses(tmp_path / "straight")
   first, last = np.mean([straight[s] for s in range(1, 5)]), np.mean([straight[s] for s in range(21, 25)])

@@ -38,6 +38,7 @@ from etils import epath
 
 from configs.errors import UserError
 from train import corpus, formats, shards
+from train.files import is_url
 from train.formats import jsonl_records, utf8_lines  # noqa: F401  (sources.jsonl_records: the old name)
 
 FILE_SOURCES = ("text",) + formats.FORMATS  # config.data.source values read from data.path files
@@ -51,6 +52,10 @@ BUILTIN_TOKENIZER_PROBLEMS = 20000  # builtin tokenizer corpus, fixed so pretrai
 
 
 def cache_dir(config) -> str:
+  """data.cache_dir: a local directory (docs/storage.md: the data cache stays local)."""
+  if is_url(config.data.cache_dir):
+    raise UserError(f"config.data.cache_dir={config.data.cache_dir!r}: the data cache is a local directory",
+                    hint="data.path, the workdir and init_from may be gs://; the cache holds what is made from them")
   return os.path.expanduser(config.data.cache_dir or "~/.cache/kiln")
 
 

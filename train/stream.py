@@ -18,8 +18,9 @@ from (config.seed, process, window)); a process's batches are its b = B / P rows
 
 The state is where the current window began in the source, (epoch, document, token offset, seek:
 where the reader stopped after the document before), and how many of its rows (packed pairs: its
-batches) were consumed: a few integers per process. Resume seeks there and rereads the window, so the batches after it are
-exactly those of a run that never stopped, without reading the files before it again. With several
+batches) were consumed: a few integers per process. Resume seeks there and rereads the window, so
+the batches after it are exactly those of a run that never stopped, without reading the files
+before it again. With several
 processes `get_state` gathers every process's state (a collective: every process saves), so the
 checkpoint holds them all and each resumes its own.
 
