@@ -137,6 +137,16 @@ def test_a_config_file_on_gcs_loads_as_a_local_one(emulator):
   assert cli.local_config([f"--config=gs://{BUCKET}/configs/dpo.py"]) == [f"--config={argv[2][:-5]}"]
 
 
+def test_a_data_cache_on_gcs_is_refused_naming_the_key():
+  from configs import pretrain_tiny
+  from configs.errors import UserError
+  from train import sources
+  c = pretrain_tiny.get_config()
+  c.data.cache_dir = f"gs://{BUCKET}/cache"
+  with pytest.raises(UserError, match="config.data.cache_dir="):
+    sources.cache_dir(c)
+
+
 def _documents(n: int) -> list:
   from train import corpus
   return [{"text": t} for t in corpus.pretrain_documents(7, n)]
