@@ -102,6 +102,13 @@ def test_packed_pairs_score_as_their_own_sequences_and_as_unpacked():
   dpo = np.mean(np.log1p(np.exp(-config.dpo.beta * delta)))
   assert float(den) == 10
   np.testing.assert_allclose(float(num) / float(den), dpo, rtol=1e-5)
+  # the reference log-probs precomputed (a ref_logps column: each pair's lands in its slot)
+  with_ref = pairs.packed_batch(ps.with_columns(ref_logps=want["ref"].astype(np.float32)), groups, pack.per_row,
+                                pack.row_len, pack.row_len)
+  assert with_ref["ref_logps"].shape == (3, 7, 2)
+  num, den, _ = jax.jit(lambda p, b: objectives.dpo_loss(p, b, model, objectives.Context(config, None)))(
+      policy, jax.tree.map(jnp.asarray, with_ref))
+  np.testing.assert_allclose(float(num) / float(den), dpo, rtol=1e-5)
   num, den, _ = jax.jit(lambda p: objectives.reward_loss(p, batch, model, ctx))(policy)
   bt = np.mean(np.log1p(np.exp(-(want["rewards"][:, 0] - want["rewards"][:, 1] - 0.5))))
   np.testing.assert_allclose(float(num) / float(den), bt, rtol=1e-5)
