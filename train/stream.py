@@ -20,9 +20,8 @@ The state is where the current window began in the source, (epoch, document, tok
 where the reader stopped after the document before), and how many of its rows (packed pairs: its
 batches) were consumed: a few integers per process. Resume seeks there and rereads the window, so
 the batches after it are exactly those of a run that never stopped, without reading the files
-before it again. With several
-processes `get_state` gathers every process's state (a collective: every process saves), so the
-checkpoint holds them all and each resumes its own.
+before it again. With several processes `get_state` gathers every process's state (a collective:
+every process saves), so the checkpoint holds them all and each resumes its own.
 
 A background thread prepares the next PREFETCH batches while the device trains; with
 `data.workers` > 0, worker processes tokenize the records, in order (train/workers.py), so the
