@@ -158,6 +158,8 @@ def test_packed_stream_gives_each_pair_once_an_epoch_and_resumes(tok_path, data_
   it.close()
   straight = take(ST.make_batch_iterator(cfg, tok), 40)
   assert_resumes(cfg, tok, straight, (1, 7, len(epoch) + 2))
+  halves = [take(ST.make_batch_iterator(cfg, tok, p, 2), 3) for p in range(2)]  # 1 row, 2 pairs each
+  assert all(b["tokens"].shape == (1, L) and b["weight"].shape == (1, 2) for h in halves for b in h)
 
 
 def test_packed_cached_pairs_give_each_pair_once_an_epoch_and_split_over_processes(tok_path, data_cache, files, tok):
