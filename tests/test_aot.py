@@ -121,7 +121,8 @@ def test_the_tiny_config_compiles_for_a_v5p_slice_and_fits(objective):
   assert out["collectives"]["all-gather"]["count"] > 0  # fsdp: weights are gathered before use
   r = out["roofline"]
   assert out["est_step_s"] >= max(r["compute_s"], r["hbm_s"]) + r["ici_sync_s"] > 0
-  assert math.isclose(out["est_mfu"], out["roofline"]["compute_s"] / out["est_step_s"])
+  assert r["compute_s"] == out["compiled_flops_per_step"] / 4 / chips.CHIPS["v5p"].peak_flops
+  assert math.isclose(out["est_mfu"], out["flops_per_step"] / (4 * chips.CHIPS["v5p"].peak_flops * out["est_step_s"]))
 
 
 def test_fsdp_collectives_are_overlapped_and_weighed_against_the_ideal():
@@ -146,6 +147,19 @@ def test_fsdp_collectives_are_overlapped_and_weighed_against_the_ideal():
   sent = sum(k["ici_bytes"] for k in col.values())
   assert out["fsdp"]["ici_bytes"] == sent and out["fsdp"]["over_ideal"] == pytest.approx(sent / (3 * n_params * 1.5))
   assert out["async_ici_share"] == pytest.approx(sum(k["async_ici_bytes"] for k in col.values()) / sent)
+  # What the chips compute: every matmul of the forward, the backward's two per forward matmul,
+  # the recomputed forward of each layer but its last matmul (the MLP's down projection, whose
+  # output the backward does not need), the LM head's three; and the splash kernels' tiles.
+  m = ModelConfig.from_config(c.model)
+  tokens = np.float64(c.batch_size * c.seq_len)
+  qkv = m.d_model * (m.n_heads + 2 * m.n_kv_heads) * m.head_dim
+  layer = qkv + m.n_heads * m.head_dim * m.d_model + 3 * m.d_model * m.mlp_dim    # weights of a layer's matmuls
+  down = m.mlp_dim * m.d_model
+  matmuls = tokens * (2 * m.n_layers * (3 * layer + layer - down) + 6 * m.vocab_size * m.d_model)
+  kernels = out["kernel_flops_per_step"]
+  assert kernels > 0 and out["unknown_kernels"] == []
+  assert out["compiled_flops_per_step"] - kernels == matmuls
+  assert out["compiled_flops_per_step"] >= out["flops_per_step"] and 0 < out["est_mfu"] <= 1
   with pytest.raises(UserError, match="config.compiler_options='fast': use overlap | default"):
     compiler_options.for_platform("fast", "tpu")
 
