@@ -216,23 +216,28 @@ def test_the_error_of_a_report_that_does_not_fit_names_the_program():
 
 
 def test_the_chunked_lm_head_gathers_its_kernel_once_whatever_its_chunks():
-  """The tiny model, fsdp over 4 chips, its LM head in 2 and in 8 chunks: the kernel bf16[64, 512]
-  is all-gathered once per step (not in every chunk and recomputed chunk) and its gradient
-  reduce-scattered once, so no collective grows with the chunks."""
+  """The tiny model on data 2 x fsdp 2 chips, its LM head in 2 and in 8 chunks: the kernel bf16[64,
+  512] is all-gathered once per step (not in every chunk and recomputed chunk), and its gradient
+  reduce-scattered once over fsdp to bf16[32, 512] and that all-reduced over data (never the
+  whole kernel all-reduced), so no collective grows with the chunks."""
   c = pretrain_tiny.get_config()
   c.model.dtype, c.model.scan_layers, c.model.remat = "bfloat16", True, "full"
-  c.mesh.data, c.mesh.fsdp = 1, -1
+  c.mesh.data, c.mesh.fsdp = 2, -1
   mesh = sharding.make_mesh(c.mesh, topology.devices("v5p-8"))
-  kernel = f"bf16[{c.model.d_model},{c.model.vocab_size}]"
+  d, vocab = c.model.d_model, c.model.vocab_size
   found = {}
   for chunks in (2, 8):
     c.logits_chunk = c.seq_len // chunks
     hlo = aot.lower_train_step(c, mesh)[0].compile().as_text()
     comps, entry = hlo_stats.parse(hlo)
     mult = hlo_stats.multiplicities(comps, entry)[0]
-    gathers = sum(mult[name] for name, instrs in comps.items() for i in instrs
-                  if i.opcode.startswith("all-gather") and kernel in i.shape and not i.opcode.endswith("-done"))
+    runs = lambda op, shape: sum(mult[name] for name, instrs in comps.items() for i in instrs  # noqa: E731
+                                 if i.opcode.startswith(op) and shape in i.shape and not i.opcode.endswith("-done"))
+    head = {op: runs(op, shape) for op, shape in (("all-gather", f"bf16[{d},{vocab}]"),
+                                                  ("reduce-scatter", f"bf16[{d // 2},{vocab}]"),
+                                                  ("all-reduce", f"bf16[{d // 2},{vocab}]"))}
+    assert runs("all-reduce", f"bf16[{d},{vocab}]") == 0, chunks
     col = hlo_stats.stats(hlo, 4)["collectives"]
-    found[chunks] = gathers, {k: (v["count"], v["bytes"]) for k, v in col.items()}
-  assert found[2][0] == found[8][0] == 1, found
+    found[chunks] = head, {k: (v["count"], v["bytes"]) for k, v in col.items()}
+  assert found[2][0] == found[8][0] == {"all-gather": 1, "reduce-scatter": 1, "all-reduce": 1}, found
   assert found[2][1] == found[8][1], found
