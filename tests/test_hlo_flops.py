@@ -7,7 +7,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from model import splash
-from train import hlo_flops, topology
+from train import hlo_flops, hlo_stats, topology
 
 pytestmark = pytest.mark.filterwarnings("ignore:Error reading persistent compilation cache entry")
 
@@ -72,3 +72,41 @@ def test_splash_kernel_flops_count_the_tiles_a_causal_mask_touches(t, hd):
     got = splash.flops(name, [[1, 1, 1], [1, 1, 1], q, k, k])
     assert got == matmuls * 2.0 * rows * heads * tiles * block * block * hd, phase
   assert splash.flops("flash_attention", [[1], [1], q, k]) is None
+
+
+PEELED = """
+%cond (p: (s32[], f32[8,16])) -> pred[] {
+  %p = (s32[], f32[8,16]) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %n = s32[] constant(6)
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+
+%body (q: (s32[], f32[8,16])) -> (s32[], f32[8,16]) {
+  %q = (s32[], f32[8,16]) parameter(0)
+  %i.1 = s32[] get-tuple-element(%q), index=0
+  %x = f32[8,16] get-tuple-element(%q), index=1
+  %w = f32[16,16] all-gather(%x), replica_groups={{0,1}}, dimensions={0}
+  %y = f32[8,16] dot(%x, %w), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %one = s32[] constant(1)
+  %next = s32[] add(%i.1, %one)
+  ROOT %t = (s32[], f32[8,16]) tuple(%next, %y)
+}
+
+ENTRY %main (a: f32[8,16]) -> (s32[], f32[8,16]) {
+  %a = f32[8,16] parameter(0)
+  %first = s32[] constant(START)
+  %counter = s32[] copy(%first)
+  %init = (s32[], f32[8,16]) tuple(%counter, %a)
+  ROOT %loop = (s32[], f32[8,16]) while(%init), condition=%cond, body=%body
+}
+"""
+
+
+@pytest.mark.parametrize("start", [0, 1, 4])
+def test_a_loop_counts_from_where_its_counter_starts(start):
+  """XLA peels a scan's first iteration out of its loop, which then counts i from 1 to N: N - 1
+  runs of its body, each an all-gather and an [8, 16] x [16, 16] dot."""
+  text = PEELED.replace("START", str(start))
+  assert hlo_stats.stats(text, 2)["collectives"]["all-gather"]["count"] == 6 - start
+  assert hlo_flops.flops(text)["matmul"] == (6 - start) * 2 * 8 * 16 * 16
