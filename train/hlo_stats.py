@@ -3,7 +3,8 @@ the largest arrays, each counted as often as it runs.
 
 XLA's own cost analysis counts a while loop's body once, so a scanned 32-layer model looks like a
 1-layer one. Here every computation gets a multiplicity: 1 for the entry, the trip count of each
-while loop that runs it (read from its condition, `i < N`), the caller's for calls, conditionals
+while loop that runs it (its condition `i < N` less the value i starts from: XLA peels a scan's
+first iteration out of the loop, which then counts from 1), the caller's for calls, conditionals
 and async wrappers. The HLO is SPMD-partitioned, so every shape in it is one device's shape.
 
 A collective is asynchronous when it is split into -start / -done, runs in an async wrapper, or
