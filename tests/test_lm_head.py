@@ -1,5 +1,6 @@
 """The chunked LM head on 8 fake CPU devices: a kernel copy per shard of rows (model/lm_head.py
-`gathered`) gives the NLL and gradients of float64 NumPy, and its gradient leaves split over fsdp."""
+`gathered`) gives the NLL and gradients of float64 NumPy, and its gradient leaves split over fsdp
+(and its vocabulary over `tensor`)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,9 +22,10 @@ def _reference(h, w, y, weight):
 
 
 @pytest.mark.eight_devices
-@pytest.mark.parametrize("tied,vocab,chunk", [(False, 1536, 32), (True, 384, 0)])
-def test_kernel_copies_per_row_shard_give_numpys_nll_and_gradients(tied, vocab, chunk):
-  mesh = sharding.make_mesh(dict(data=2, fsdp=4, tensor=1))
+@pytest.mark.parametrize("tied,vocab,chunk,fsdp,tensor", [(False, 1536, 32, 4, 1), (True, 384, 0, 4, 1),
+                                                         (False, 512, 16, 2, 2)])
+def test_kernel_copies_per_row_shard_give_numpys_nll_and_gradients(tied, vocab, chunk, fsdp, tensor):
+  mesh = sharding.make_mesh(dict(data=2, fsdp=fsdp, tensor=tensor))
   rng = np.random.default_rng(vocab)
   b, t, d = 8, 64, 32
   h = rng.standard_normal((b, t, d)) * 0.5
@@ -31,10 +33,11 @@ def test_kernel_copies_per_row_shard_give_numpys_nll_and_gradients(tied, vocab, 
   y = rng.integers(0, vocab, (b, t))
   weight = rng.random((b, t))
   stored = w.T if tied else w                                   # the tied embedding is [vocab, d]
-  own = P(None, "fsdp") if tied else P("fsdp", None)
+  split = "tensor" if tensor > 1 else None                       # the vocabulary over `tensor`
+  own = P(split, "fsdp") if tied else P("fsdp", split)
 
   def loss(h, kernel, y, weight):
-    assert lm_head.row_shards(h.shape[0]) == 8                  # the copies path, not the plain one
+    assert lm_head.row_shards(h.shape[0]) == 2 * fsdp           # the copies path, not the plain one
     nll, _ = lm_head.token_nll(h, kernel, tied, y, chunk)
     return jnp.sum(nll * weight)
 
@@ -49,4 +52,5 @@ def test_kernel_copies_per_row_shard_give_numpys_nll_and_gradients(tied, vocab, 
   np.testing.assert_allclose(np.asarray(dh), ref_dh, rtol=2e-4, atol=2e-5)
   np.testing.assert_allclose(np.asarray(dk), ref_dw.T if tied else ref_dw, rtol=2e-4, atol=2e-5)
   assert dk.sharding.is_equivalent_to(NamedSharding(mesh, own), 2)  # reduce-scattered to the kernel's own shards
-  assert dk.addressable_shards[0].data.shape == ((vocab, d // 4) if tied else (d // 4, vocab))
+  local = (vocab // tensor, d // fsdp)
+  assert dk.addressable_shards[0].data.shape == (local if tied else local[::-1])
