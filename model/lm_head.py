@@ -12,6 +12,8 @@ rows (decoding: [8, 256] x [256, 4096] is 2x slower in blocks), and so does a vo
 over a `tensor` mesh axis (blocks would cut across its shards and move them between devices), and
 so do rows split over a `sequence` axis ([b * t] rows would cut across its shards).
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -81,16 +83,79 @@ def _in_chunks(stats, h, targets, chunk: int):
   return tuple(o.transpose(1, 2, 0).reshape(b, n * chunk)[:, :t] for o in outs)
 
 
-def gathered(kernel, tied: bool):
+def row_shards(b: int) -> int:
+  """Ways the batch axes (data x fsdp) split b rows, where the head keeps one kernel copy per shard
+  of rows (`gathered`); 1 outside a mesh, where they do not divide b, or where `sequence` splits
+  the positions (each copy's gradient would still be partial over it)."""
+  ways = sharding.mesh_axis_size("data") * sharding.mesh_axis_size("fsdp")
+  return ways if ways > 1 and b % ways == 0 and sharding.mesh_axis_size("sequence") == 1 else 1
+
+
+def _layout(tied: bool):
+  """(logical axes of the kernel gathered, of the kernel as stored): vocab over `tensor` in both,
+  the embed dimension over fsdp as stored."""
+  return ((("vocab", None), ("vocab", "embed")) if tied else ((None, "vocab"), ("embed", "vocab")))
+
+
+def gathered(kernel, tied: bool, shards: int = 1):
   """The head's kernel whole on every device (split over `tensor` by vocab if that axis is), before
   the chunk loop: one all-gather of the fsdp shards per step instead of one per chunk (and per
-  recomputed chunk), and the chunks' gradients summed on each device, reduced once after the loop.
-  lm_head [d, vocab], or the tied embedding [vocab, d]."""
-  return sharding.constrain(kernel, ("vocab", None) if tied else (None, "vocab"))
+  recomputed chunk). lm_head [d, vocab], or the tied embedding [vocab, d].
+
+  shards > 1 (`row_shards`): as [shards, ...] copies, one per shard of rows over the batch axes
+  (each device holds its own, no more memory than the whole kernel): each device sums its chunks'
+  gradients into its copy, a real array where XLA would hold a partial sum it reduces as it sees
+  fit (an all-reduce over every chip, then a slice), and the copies' gradients are reduced
+  explicitly once after the loop: reduce-scattered over fsdp to the kernel's own sharding, then
+  all-reduced over data."""
+  whole, _ = _layout(tied)
+  if shards == 1:
+    return sharding.constrain(kernel, whole)
+  return _copies(kernel, tied, shards)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _copies(kernel, tied: bool, shards: int):
+  whole, _ = _layout(tied)
+  w = sharding.constrain(kernel, whole)
+  return sharding.constrain(jnp.broadcast_to(w[None], (shards, *w.shape)), ("batch", *whole))
+
+
+def _copies_fwd(kernel, tied, shards):
+  return _copies(kernel, tied, shards), None
+
+
+def _copies_bwd(tied, shards, _, g):
+  """g [shards, ...] (sharded over the batch axes) -> the kernel's gradient in its own sharding."""
+  whole, own = _layout(tied)
+  mesh = jax.sharding.get_abstract_mesh()
+  out_spec = sharding.spec_for(own, g.shape[1:], mesh)
+  embed = own.index("embed")
+
+  def reduce(local):  # [1, ...] this device's copy
+    x = local[0]
+    if out_spec[embed] is not None:  # the embed dimension split over fsdp: each chip its slice
+      x = jax.lax.psum_scatter(x, "fsdp", scatter_dimension=embed, tiled=True)
+    else:
+      x = jax.lax.psum(x, "fsdp")
+    return jax.lax.psum(x, "data")
+
+  in_spec = sharding.spec_for(("batch", *whole), g.shape, mesh)
+  return (jax.shard_map(reduce, in_specs=in_spec, out_specs=out_spec, check_vma=False)(g),)
+
+
+_copies.defvjp(_copies_fwd, _copies_bwd)
 
 
 def _logits32(h, kernel, tied: bool):
-  return sharding.constrain(logits(h, kernel, tied).astype(jnp.float32), ("batch", "length", "act_vocab"))
+  """h [b, c, d] and the kernel (`gathered`; [shards, ...]: each shard of rows with its copy)."""
+  if kernel.ndim == 3:
+    s, (b, c, d) = kernel.shape[0], h.shape
+    hs = sharding.constrain(h.reshape(s, b // s, c, d), ("batch", None, "length", "act_embed"))
+    z = jax.vmap(lambda h, w: logits(h, w, tied))(hs, kernel).reshape(b, c, -1)
+  else:
+    z = logits(h, kernel, tied)
+  return sharding.constrain(z.astype(jnp.float32), ("batch", "length", "act_vocab"))
 
 
 def token_nll(h, kernel, tied: bool, targets, chunk: int = 0):
@@ -99,7 +164,7 @@ def token_nll(h, kernel, tied: bool, targets, chunk: int = 0):
   h [b, t, d], targets [b, t] -> (nll [b, t] float32, hit [b, t] bool). chunk > 0: the head runs
   on `chunk` positions at a time (`_in_chunks`), so no [b, t, vocab] array exists in the forward
   or the backward pass. Same values and gradients as chunk = 0 (one piece)."""
-  kernel = gathered(kernel, tied)
+  kernel = gathered(kernel, tied, row_shards(h.shape[0]))
   def stats(h_c, y_c):  # [b, c, d], [b, c]
     z = _logits32(h_c, kernel, tied)
     target = jnp.take_along_axis(z, y_c[..., None], axis=-1)[..., 0]
@@ -113,7 +178,7 @@ def token_logps(h, kernel, tied: bool, targets, chunk: int = 0, temperature: flo
 
   h [b, t, d], targets [b, t] -> (logp [b, t], entropy [b, t] or None): DPO's completion
   log-probs, the RL scoring and update passes. In `chunk` positions at a time as token_nll."""
-  kernel = gathered(kernel, tied)
+  kernel = gathered(kernel, tied, row_shards(h.shape[0]))
   def stats(h_c, y_c):  # [b, c, d], [b, c]
     z = _logits32(h_c, kernel, tied)
     if temperature != 1.0:

@@ -36,6 +36,26 @@ def block_sizes(seq_len: int) -> sa.BlockSizes:
                        block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
 
 
+# Matmuls of one [block, block] tile in each kernel: the forward q k^T and p v; the dq kernel
+# q k^T again, do v^T and ds k; the dkv kernel q k^T, p^T do, do v^T and ds^T q.
+TILE_MATMULS = {"fwd": 2, "dq": 3, "dkv": 4}
+
+
+def flops(kernel: str, operands: list):
+  """FLOPs of one call of a splash kernel (its HLO custom call's name, e.g.
+  "splash_mha_dq_segmented_no_residuals", and operand dims: q [b, heads, t, hd] and k [b, kv, t,
+  hd] third and fourth), or None for another kernel: every tile on or below the diagonal of the
+  causal mask, n (n + 1) / 2 of the n x n of [block, block] (train/hlo_flops.py)."""
+  phase = kernel.split("_")[2] if kernel.startswith("splash_") and kernel.count("_") >= 2 else None
+  if phase not in TILE_MATMULS or len(operands) < 4:
+    return None
+  q = operands[2]
+  rows_heads, t, hd = math.prod(q[:-2]), q[-2], q[-1]
+  block = block_sizes(t).block_q
+  n = t // block
+  return TILE_MATMULS[phase] * 2.0 * rows_heads * block * block * hd * n * (n + 1) / 2
+
+
 def _kernel(heads: int, seq_len: int, interpret: bool):
   """The splash kernel of `heads` query heads over causal rows of seq_len. Built while tracing, not
   cached: its mask tables become arrays of the trace that builds it."""

@@ -121,7 +121,8 @@ def test_the_tiny_config_compiles_for_a_v5p_slice_and_fits(objective):
   assert out["collectives"]["all-gather"]["count"] > 0  # fsdp: weights are gathered before use
   r = out["roofline"]
   assert out["est_step_s"] >= max(r["compute_s"], r["hbm_s"]) + r["ici_sync_s"] > 0
-  assert math.isclose(out["est_mfu"], out["roofline"]["compute_s"] / out["est_step_s"])
+  assert r["compute_s"] == out["compiled_flops_per_step"] / 4 / chips.CHIPS["v5p"].peak_flops
+  assert math.isclose(out["est_mfu"], out["flops_per_step"] / (4 * chips.CHIPS["v5p"].peak_flops * out["est_step_s"]))
 
 
 def test_fsdp_collectives_are_overlapped_and_weighed_against_the_ideal():
@@ -146,6 +147,19 @@ def test_fsdp_collectives_are_overlapped_and_weighed_against_the_ideal():
   sent = sum(k["ici_bytes"] for k in col.values())
   assert out["fsdp"]["ici_bytes"] == sent and out["fsdp"]["over_ideal"] == pytest.approx(sent / (3 * n_params * 1.5))
   assert out["async_ici_share"] == pytest.approx(sum(k["async_ici_bytes"] for k in col.values()) / sent)
+  # What the chips compute: every matmul of the forward, the backward's two per forward matmul,
+  # the recomputed forward of each layer but its last matmul (the MLP's down projection, whose
+  # output the backward does not need), the LM head's three; and the splash kernels' tiles.
+  m = ModelConfig.from_config(c.model)
+  tokens = np.float64(c.batch_size * c.seq_len)
+  qkv = m.d_model * (m.n_heads + 2 * m.n_kv_heads) * m.head_dim
+  layer = qkv + m.n_heads * m.head_dim * m.d_model + 3 * m.d_model * m.mlp_dim    # weights of a layer's matmuls
+  down = m.mlp_dim * m.d_model
+  matmuls = tokens * (2 * m.n_layers * (3 * layer + layer - down) + 6 * m.vocab_size * m.d_model)
+  kernels = out["kernel_flops_per_step"]
+  assert kernels > 0 and out["unknown_kernels"] == []
+  assert out["compiled_flops_per_step"] - kernels == matmuls
+  assert out["compiled_flops_per_step"] >= out["flops_per_step"] and 0 < out["est_mfu"] <= 1
   with pytest.raises(UserError, match="config.compiler_options='fast': use overlap | default"):
     compiler_options.for_platform("fast", "tpu")
 
@@ -202,23 +216,28 @@ def test_the_error_of_a_report_that_does_not_fit_names_the_program():
 
 
 def test_the_chunked_lm_head_gathers_its_kernel_once_whatever_its_chunks():
-  """The tiny model, fsdp over 4 chips, its LM head in 2 and in 8 chunks: the kernel bf16[64, 512]
-  is all-gathered once per step (not in every chunk and recomputed chunk) and its gradient
-  reduce-scattered once, so no collective grows with the chunks."""
+  """The tiny model on data 2 x fsdp 2 chips, its LM head in 2 and in 8 chunks: the kernel bf16[64,
+  512] is all-gathered once per step (not in every chunk and recomputed chunk), and its gradient
+  reduce-scattered once over fsdp to bf16[32, 512] and that all-reduced over data (never the
+  whole kernel all-reduced), so no collective grows with the chunks."""
   c = pretrain_tiny.get_config()
   c.model.dtype, c.model.scan_layers, c.model.remat = "bfloat16", True, "full"
-  c.mesh.data, c.mesh.fsdp = 1, -1
+  c.mesh.data, c.mesh.fsdp = 2, -1
   mesh = sharding.make_mesh(c.mesh, topology.devices("v5p-8"))
-  kernel = f"bf16[{c.model.d_model},{c.model.vocab_size}]"
+  d, vocab = c.model.d_model, c.model.vocab_size
   found = {}
   for chunks in (2, 8):
     c.logits_chunk = c.seq_len // chunks
     hlo = aot.lower_train_step(c, mesh)[0].compile().as_text()
     comps, entry = hlo_stats.parse(hlo)
     mult = hlo_stats.multiplicities(comps, entry)[0]
-    gathers = sum(mult[name] for name, instrs in comps.items() for i in instrs
-                  if i.opcode.startswith("all-gather") and kernel in i.shape and not i.opcode.endswith("-done"))
+    runs = lambda op, shape: sum(mult[name] for name, instrs in comps.items() for i in instrs  # noqa: E731
+                                 if i.opcode.startswith(op) and shape in i.shape and not i.opcode.endswith("-done"))
+    head = {op: runs(op, shape) for op, shape in (("all-gather", f"bf16[{d},{vocab}]"),
+                                                  ("reduce-scatter", f"bf16[{d // 2},{vocab}]"),
+                                                  ("all-reduce", f"bf16[{d // 2},{vocab}]"))}
+    assert runs("all-reduce", f"bf16[{d},{vocab}]") == 0, chunks
     col = hlo_stats.stats(hlo, 4)["collectives"]
-    found[chunks] = gathers, {k: (v["count"], v["bytes"]) for k, v in col.items()}
-  assert found[2][0] == found[8][0] == 1, found
+    found[chunks] = head, {k: (v["count"], v["bytes"]) for k, v in col.items()}
+  assert found[2][0] == found[8][0] == {"all-gather": 1, "reduce-scatter": 1, "all-reduce": 1}, found
   assert found[2][1] == found[8][1], found

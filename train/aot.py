@@ -6,8 +6,9 @@
 No data, no checkpoint, no real array: parameters, optimizer state and the batch are shapes with
 their shardings on a compile-only mesh of the slice (train/topology.py), and the step is the one
 `python -m train` runs (train/loop.py `make_train_step`). It prints (and writes to --out) one JSON
-object: whether the step fits a chip's HBM, its memory per chip, FLOPs per step (the model's own
-formula: XLA counts a scanned layer once), collectives per chip per step (results, ICI bytes sent)
+object: whether the step fits a chip's HBM, its memory per chip, FLOPs per step (the model's
+formula, what MFU counts, and what the compiled step runs: rematerialized passes and attention
+kernels included, train/hlo_flops.py), collectives per chip per step (results, ICI bytes sent)
 with the share that is asynchronous, "fsdp": those ICI bytes against FSDP done ideally, the largest
 arrays, and a roofline estimate of the step time and MFU from the chip's published figures
 (train/chips.py) (train/compiled.py). The step is compiled with the XLA options

@@ -1,17 +1,24 @@
 """What train.aot reads off one compiled program: memory per chip, collectives, a roofline time.
 
 `program_report(compiled, flops, chip, n)` gives the fields every compiled step of the report has
-(train/aot.py): memory per chip from XLA's analysis, FLOPs per call (the caller's formula: XLA
-counts a scanned layer once), collectives per chip: their results, the bytes a chip sends for them
-over ICI and the share of those that is asynchronous (train/hlo_stats.py), the largest arrays, and
-the step time and MFU at the chip's published figures (train/chips.py).
+(train/aot.py): memory per chip from XLA's analysis, the model's FLOPs per call (the caller's
+formula, what MFU counts) and the FLOPs the compiled program runs (its matmuls and attention
+kernels, rematerialized passes included: train/hlo_flops.py), collectives per chip: their results,
+the bytes a chip sends for them over ICI and the share of those that is asynchronous
+(train/hlo_stats.py), the largest arrays, and the step time and MFU at the chip's published figures
+(train/chips.py).
+
+The step time is a roofline: max(the compiled FLOPs at the chip's peak, its HBM traffic at the
+chip's bandwidth) + the collectives it waits for + the asynchronous ones beyond that work. MFU is
+the model's FLOPs over what the chips could do in that time; it is a bound (the MXUs at peak).
 """
 import math
 
 import jax
 import jax.numpy as jnp
 
-from train import hlo_stats
+from model import splash
+from train import hlo_flops, hlo_stats
 
 def shaped(abstract, shardings):
   """Abstract arrays with their shardings: what `jit(...).lower` takes instead of real arrays."""
@@ -49,15 +56,19 @@ def _ici_seconds(collectives: dict, chip) -> tuple[float, float]:
 
 
 def program_report(compiled, flops: float, chip, n: int) -> dict:
-  """per_chip memory (peak = arguments + outputs - donated + temporaries + code), flops_per_step,
-  collectives, the asynchronous share of their result bytes (async_share) and of their ICI bytes
-  (async_ici_share), hbm_traffic_bytes, largest_buffers, roofline, est_step_s, est_mfu of one
-  program compiled for n chips."""
+  """per_chip memory (peak = arguments + outputs - donated + temporaries + code), flops_per_step
+  (the model's, all chips), compiled_flops_per_step and kernel_flops_per_step (what the program
+  runs, all chips; custom calls without a FLOP count under unknown_kernels), collectives, the
+  asynchronous share of their result bytes (async_share) and of their ICI bytes (async_ici_share),
+  hbm_traffic_bytes, largest_buffers, roofline, est_step_s, est_mfu of one program compiled for n
+  chips."""
   mem = compiled.memory_analysis()
-  hlo = hlo_stats.stats(compiled.as_text(), n)
+  text = compiled.as_text()
+  hlo = hlo_stats.stats(text, n)
+  ran = hlo_flops.flops(text, splash.flops)  # per chip
   peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
           + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes)
-  compute_s = flops / n / chip.peak_flops
+  compute_s = (ran["matmul"] + ran["kernels"]) / chip.peak_flops
   work_s = max(compute_s, hlo["hbm_bytes"] / chip.hbm_bandwidth)  # compute and HBM traffic overlap
   sync_s, async_s = _ici_seconds(hlo["collectives"], chip)
   est = work_s + sync_s + max(0.0, async_s - work_s)  # waited-for collectives add; async ones hide
@@ -69,10 +80,14 @@ def program_report(compiled, flops: float, chip, n: int) -> dict:
                    "alias_bytes": int(mem.alias_size_in_bytes), "temp_bytes": int(mem.temp_size_in_bytes),
                    "host_temp_bytes": int(mem.host_temp_size_in_bytes)},  # e.g. remat=offload's layer inputs
       "flops_per_step": flops,
+      "compiled_flops_per_step": (ran["matmul"] + ran["kernels"]) * n,
+      "kernel_flops_per_step": ran["kernels"] * n,
+      "unknown_kernels": ran["unknown_kernels"],
       "collectives": {k: {f: int(x) for f, x in v.items()} for k, v in hlo["collectives"].items()},
       "async_share": _share(hlo["collectives"], "async_bytes", "bytes"),
       "async_ici_share": _share(hlo["collectives"], "async_ici_bytes", "ici_bytes"),
       "hbm_traffic_bytes": int(hlo["hbm_bytes"]),
       "largest_buffers": hlo["largest_buffers"],
-      "roofline": times, "est_step_s": est, "est_mfu": compute_s / est if est else 0.0,
+      "roofline": times, "est_step_s": est,
+      "est_mfu": flops / (n * chip.peak_flops * est) if est else 0.0,
   }

@@ -3,7 +3,8 @@ the largest arrays, each counted as often as it runs.
 
 XLA's own cost analysis counts a while loop's body once, so a scanned 32-layer model looks like a
 1-layer one. Here every computation gets a multiplicity: 1 for the entry, the trip count of each
-while loop that runs it (read from its condition, `i < N`), the caller's for calls, conditionals
+while loop that runs it (its condition `i < N` less the value i starts from: XLA peels a scan's
+first iteration out of the loop, which then counts from 1), the caller's for calls, conditionals
 and async wrappers. The HLO is SPMD-partitioned, so every shape in it is one device's shape.
 
 A collective is asynchronous when it is split into -start / -done, runs in an async wrapper, or
@@ -99,15 +100,42 @@ def parse(hlo: str) -> tuple[dict, str]:
   return comps, entry
 
 
-def trip_count(cond: list) -> int:
-  """N of a loop condition `i < N` (scans count from 0); 1 when it is not that simple."""
-  consts = {i.name: i for i in cond if i.opcode == "constant"}
+def _counter(cond: list):
+  """(N, the tuple index of i) of a loop condition `i < N`; None when it is not that simple."""
+  by_name = {i.name: i for i in cond}
   for ins in cond:
-    if ins.opcode == "compare" and "direction=LT" in ins.rest:
-      bound = [consts[op].args for op in ins.operands[1:] if op in consts]
-      if bound and re.fullmatch(r"-?\d+", bound[0].strip()):
-        return max(int(bound[0]), 1)
-  return 1
+    if ins.opcode == "compare" and "direction=LT" in ins.rest and len(ins.operands) == 2:
+      i, n = (by_name.get(op) for op in ins.operands)
+      if n is not None and n.opcode == "constant" and re.fullmatch(r"-?\d+", n.args.strip()):
+        index = re.search(r"index=(\d+)", i.rest) if i is not None and i.opcode == "get-tuple-element" else None
+        return int(n.args), int(index.group(1)) if index else None
+  return None
+
+
+def _start(caller: list, loop: Instr, index) -> int:
+  """The value the counter at tuple `index` starts from: the constant (through copies) the loop's
+  initial tuple holds there, in its caller's instructions; 0 when that is not what is there. XLA
+  peels a scan's first iteration out of its loop, which then counts from 1."""
+  by_name = {i.name: i for i in caller}
+  init = by_name.get(loop.operands[0]) if loop.operands else None
+  if index is None or init is None or init.opcode != "tuple" or index >= len(init.operands):
+    return 0
+  value = by_name.get(init.operands[index])
+  while value is not None and value.opcode in ("copy", "bitcast") and value.operands:
+    value = by_name.get(value.operands[0])
+  if value is not None and value.opcode == "constant" and re.fullmatch(r"-?\d+", value.args.strip()):
+    return int(value.args)
+  return 0
+
+
+def trip_count(cond: list, caller: list = (), loop: Instr = None) -> int:
+  """Iterations of a while loop with condition `i < N`: N less the value i starts from (`_start`;
+  given the loop instruction and its caller's instructions, else 0); 1 when it is not that simple."""
+  counter = _counter(cond)
+  if counter is None:
+    return 1
+  bound, index = counter
+  return max(bound - (_start(caller, loop, index) if loop is not None else 0), 1)
 
 
 def multiplicities(comps: dict, entry: str) -> tuple[dict, set, set, dict]:
@@ -128,7 +156,7 @@ def multiplicities(comps: dict, entry: str) -> tuple[dict, set, set, dict]:
         times = mult[name]
         if ins.opcode == "while" and role == "body":
           cond = dict(_CALLED.findall(ins.rest)).get("condition")
-          times *= trip_count(comps.get(cond, []))
+          times *= trip_count(comps.get(cond, []), comps[name], ins)
         if ins.opcode == "fusion" or role == "to_apply":
           fused.add(callee)
         if ins.opcode.startswith("async-") or ins.opcode.endswith("-start"):
