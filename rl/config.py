@@ -103,6 +103,10 @@ def check(config, data_ways: int = 1) -> None:
     raise UserError(f"config.rl.num_minibatches={r.num_minibatches}: a minibatch of "
                     f"{config.batch_size // r.num_minibatches} completions is not divisible by "
                     f"the data axes ({data_ways})")
+  sampled = sampled_prompts(config) * g
+  if sampled % data_ways:
+    raise UserError(f"config.rl.oversample={r.oversample}: {sampled} sampled completions per iteration are "
+                    f"not divisible by the data axes ({data_ways})")
   if r.oversample > 1 and (g < 2 or r.reward_model):
     raise UserError(f"config.rl.oversample={r.oversample} picks the groups whose rule-based rewards "
                     f"differ: it needs config.rl.num_generations >= 2 (got {g}) and no "
