@@ -129,6 +129,10 @@ def rl() -> ml_collections.ConfigDict:
       max_prompt_len=64,          # prompts are left-padded to this width, cut from the left if longer
       # sampling
       num_generations=8,          # G completions per prompt
+      oversample=1.0,             # GRPO family: sample ceil(oversample x prompts) groups per iteration and
+                                  # train on a prompts' worth, those with reward spread first (rl/grpo.py
+                                  # `spread_first`; DAPO's dynamic sampling, one round); 1 = off. The
+                                  # train/reward metrics stay every sampled completion's
       max_new_tokens=48,
       temperature=1.0,
       top_k=0,

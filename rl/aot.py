@@ -6,7 +6,8 @@
   rl.max_prompt_len prompt tokens, with every array the scoring and advantages add (their shapes
   from `jax.eval_shape` of the real functions);
 - "prefill": the rollout's prompt pass into a KV cache (model/decode.py, with rl/rollout.py's
-  shared-prompt apply) for all batch_size completions, cache as long as prompt + completion;
+  shared-prompt apply) for all sampled completions (batch_size; more with rl.oversample), cache as
+  long as prompt + completion;
 - "decode_step": one decode step against that cache (model forward of one token + sampling).
 Between and during them the policy's params, its optimizer state, the critic and the frozen
 reference stay on the chips: `resident` lists them, so a report can add what a program does not
@@ -69,9 +70,10 @@ def _update(config, model_cfg, mesh, state, tx, lr_fn):
 
 
 def _rollout(config, model_cfg, mesh, params):
-  """(prefill, decode step) compiled for all batch_size completions: the prompt once per group into
-  a cache as long as prompt + completion, then one token per row (model forward + sampling)."""
-  r, n = config.rl, config.batch_size
+  """(prefill, decode step) compiled for all sampled completions (batch_size, more with rl.oversample):
+  the prompt once per group into a cache as long as prompt + completion, then one token per row."""
+  r = config.rl
+  n = rl_config.sampled_prompts(config) * r.num_generations
   g, p, t = r.num_generations, r.max_prompt_len, r.max_new_tokens
   tokens = _rows({k: jax.ShapeDtypeStruct((n, p), jnp.int32) for k in ("tokens", "mask")}, mesh)
   prefill = jax.jit(lambda q, tok, m: decode._prefill(rollout.group_apply(g), model_cfg, q, tok, m, p - 1 + t)[0])
@@ -105,8 +107,9 @@ def compile_programs(config, model_cfg, mesh):
     update = _update(config, model_cfg, mesh, (params, opt, critic, critic_opt, ref), tx, lr_fn)
     prefill, decode_step = _rollout(config, model_cfg, mesh, params)
 
-  g, p, t, n = r.num_generations, r.max_prompt_len, r.max_new_tokens, config.batch_size
-  rows = n // r.num_minibatches
+  g, p, t = r.num_generations, r.max_prompt_len, r.max_new_tokens
+  n = rl_config.sampled_prompts(config) * g   # sampled completions
+  rows = config.batch_size // r.num_minibatches
   fwd = lambda tokens, length: model_cfg.train_flops_per_token(length) / 3 * tokens  # a forward pass
   update_flops = 3 * fwd(rows // g * p + rows * t, p + t) * (2 if critic is not None else 1)
   programs = {

@@ -6,6 +6,8 @@ Units: `config.steps` counts iterations (one rollout, then `num_iterations` pass
 iteration (prompts per iteration = batch_size // num_generations), as TRL counts them.
 log_every / eval_every / checkpoint_every count iterations too.
 """
+import math
+
 import ml_collections
 
 from configs import sections
@@ -20,7 +22,8 @@ VALUE_MODELS = ("critic", "policy")
 # The interval of every numeric key of config.rl (train/validate.py `check_ranges`).
 RANGES = {
     "num_eval_problems": "[0, inf)", "max_prompt_len": "[2, inf)", "max_new_tokens": "[1, inf)",
-    "temperature": "(0, inf)", "top_k": "[0, inf)", "top_p": "(0, 1]", "missing_eos_penalty": "[0, inf)",
+    "oversample": "[1, inf)", "temperature": "(0, inf)", "top_k": "[0, inf)", "top_p": "(0, 1]",
+    "missing_eos_penalty": "[0, inf)",
     "beta": "[0, inf)", "kl_target": "[0, inf)", "kl_horizon": "[1, inf)", "num_iterations": "[1, inf)",
     "eps_low": "(0, 1)", "eps_high": "(0, inf)", "gamma": "[0, 1]", "lam": "[0, 1]", "value_clip": "(0, inf)",
     "critic_lr": "[0, inf)", "vf_coef": "[0, inf)", "ent_coef": "[0, inf)", "num_samples_to_log": "[0, inf)",
@@ -38,6 +41,11 @@ def needs_reference(config) -> bool:
 
 def num_prompts(config) -> int:
   return config.batch_size // config.rl.num_generations
+
+
+def sampled_prompts(config) -> int:
+  """Prompts sampled per iteration: num_prompts, or more with rl.oversample (GRPO family)."""
+  return math.ceil(num_prompts(config) * config.rl.oversample - 1e-9)
 
 
 def schema() -> ml_collections.ConfigDict:
@@ -95,6 +103,14 @@ def check(config, data_ways: int = 1) -> None:
     raise UserError(f"config.rl.num_minibatches={r.num_minibatches}: a minibatch of "
                     f"{config.batch_size // r.num_minibatches} completions is not divisible by "
                     f"the data axes ({data_ways})")
+  sampled = sampled_prompts(config) * g
+  if sampled % data_ways:
+    raise UserError(f"config.rl.oversample={r.oversample}: {sampled} sampled completions per iteration are "
+                    f"not divisible by the data axes ({data_ways})")
+  if r.oversample > 1 and (g < 2 or r.reward_model):
+    raise UserError(f"config.rl.oversample={r.oversample} picks the groups whose rule-based rewards "
+                    f"differ: it needs config.rl.num_generations >= 2 (got {g}) and no "
+                    f"config.rl.reward_model (got {r.reward_model!r})", hint="set config.rl.oversample=1")
   if config.optim.grad_accum != 1:
     raise UserError("config.optim.grad_accum must be 1 in RL stages: use config.rl.num_minibatches")
   if r.kl_target > 0 and r.beta <= 0:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rl.kl import k3, masked_mean
 
@@ -37,6 +38,16 @@ def _zero_spread(groups):
 def zero_spread_fraction(rewards, num_generations):
   """Fraction of groups whose rewards are all equal (they carry no learning signal)."""
   return jnp.mean(_zero_spread(_groups(rewards, num_generations)).astype(jnp.float32))
+
+
+def spread_first(rewards, num_generations: int, n: int) -> np.ndarray:
+  """The n groups to train on out of those sampled (DAPO's dynamic sampling, one round): groups
+  with reward spread first, then groups without, each in sampling order. rewards [M*G] (host)
+  -> group indices [n], ascending within each kind."""
+  groups = np.asarray(rewards).reshape(-1, num_generations)   # [M, G]
+  flat = groups.max(axis=1) == groups.min(axis=1)             # [M]
+  order = np.concatenate([np.flatnonzero(~flat), np.flatnonzero(flat)])
+  return order[:n]
 
 
 def group_advantages(rewards, num_generations, scale=None, estimator="grpo"):

@@ -151,15 +151,27 @@ def train(config, workdir: str) -> dict:
                            max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_k=r.top_k,
                            top_p=r.top_p, stop_ids=stops, pad_id=tok.pad_id, mesh=mesh)
       lengths = rollout.to_host(gen.lengths)                                            # [R]
-      width = rollout.bucket(lengths, r.max_new_tokens)
-      toks = rollout.to_host(gen.tokens)[:, :width]                                     # [R, T]
-      cmask = rollout.to_host(gen.mask)[:, :width]
+      toks, cmask = rollout.to_host(gen.tokens), rollout.to_host(gen.mask)              # [R, max_new]
       t_gen = time.perf_counter() - t0
 
       texts = completion_texts(tok, toks, lengths, stops)
       answers = [p.answer for p in batch_prompts for _ in range(g)]
       scores, per_fn = combined_reward(weights, texts, answers, lengths, r.max_new_tokens)
       stopped = np.array([n > 0 and row[n - 1] in stops for row, n in zip(toks, lengths)])
+      sampled = {}  # rl.oversample: the reward of every sampled completion (the policy's), not the picked
+      if len(batch_prompts) > n_prompts:
+        pool = (scores - r.missing_eos_penalty * (~stopped)).astype(np.float32)        # [R']
+        keep = grpo.spread_first(pool, g, n_prompts)                                    # [n]
+        rows = (keep[:, None] * g + np.arange(g)).reshape(-1)                           # [R]
+        ptoks, pmask = ptoks[keep], pmask[keep]
+        toks, cmask, lengths, scores, stopped = (x[rows] for x in (toks, cmask, lengths, scores, stopped))
+        per_fn = {k: np.asarray(v)[rows] for k, v in per_fn.items()}
+        texts, batch_prompts = [texts[i] for i in rows], [batch_prompts[i] for i in keep]
+        sampled = {"train/reward": float(np.mean(pool)), "train/reward_std": float(np.std(pool)),
+                   "train/zero_spread_fraction": float(grpo.zero_spread_fraction(pool, g)),
+                   "train/picked_zero_spread_fraction": float(grpo.zero_spread_fraction(scores, g))}
+      width = rollout.bucket(lengths, r.max_new_tokens)
+      toks, cmask = toks[:, :width], cmask[:, :width]                                   # [R, T]
       batch = {"prompt": rollout.put(ptoks, mesh, sharded=False),
                "prompt_mask": rollout.put(pmask, mesh, sharded=False),
                "tokens": rollout.put(toks, mesh), "mask": rollout.put(cmask, mesh)}
@@ -211,6 +223,7 @@ def train(config, workdir: str) -> dict:
         m.update(_stats(f"train/rewards/{name}", x))
       if g > 1:
         m["train/zero_spread_fraction"] = float(grpo.zero_spread_fraction(scores, g))
+      m.update(sampled)
       if is_main and r.num_samples_to_log:
         with files.Appender(os.path.join(workdir, "samples.jsonl")) as f:
           for i in range(0, min(len(texts), r.num_samples_to_log * g), g):

@@ -23,6 +23,7 @@ import numpy as np
 from configs.errors import UserError
 from model import tokenizer as tokenizer_lib
 from model.decode import left_pad
+from rl import config as rl_config
 from train import corpus, formats, sources
 
 
@@ -126,7 +127,7 @@ def fit(records: list, tok, template: str, width: int, overlong: str, path: str,
 
 
 def make_source(config, need_answer: bool, tok) -> PromptSource:
-  n = config.batch_size // config.rl.num_generations
+  n = rl_config.sampled_prompts(config)
   if config.rl.prompts == "builtin":
     return PromptSource(n, config.seed)
   path, fmt = config.rl.prompts_path, config.rl.prompts

@@ -154,3 +154,14 @@ def test_single_update_loss_zero_but_gradient_not():
   want = -np.asarray(adv, np.float64)[:, None] * mask / (len(mask) * mask.sum(-1, keepdims=True))
   np.testing.assert_allclose(g, want, rtol=RTOL, atol=1e-7)
   assert np.abs(np.asarray(g)).max() > 1e-3
+
+
+def test_spread_first_picks_the_groups_with_spread_in_sampling_order():
+  rng = np.random.default_rng(7)
+  for _ in range(20):
+    m, g = int(rng.integers(1, 9)), int(rng.integers(2, 5))
+    r = rng.integers(0, 2, size=(m, g)).astype(np.float32)  # 0/1 rewards: many groups without spread
+    n = int(rng.integers(1, m + 1))
+    spread = [i for i in range(m) if len(set(r[i].tolist())) > 1]
+    want = (spread + [i for i in range(m) if i not in spread])[:n]
+    assert grpo.spread_first(r.reshape(-1), g, n).tolist() == want

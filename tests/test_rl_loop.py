@@ -284,6 +284,25 @@ def test_ppo_iteration_lora_policy_reward_model_and_critic(init_run, reward_run,
   assert max_diff(policy, restore(init_run, c)) > 0
 
 
+def test_oversample_trains_on_the_groups_with_reward_spread(init_run, data_cache, tmp_path, monkeypatch):
+  """rl.oversample=2: 4 prompts sampled, the 2 trained on are those whose rewards differ (here: the
+  odd answers, scored by completion length; even answers all score 0), in sampling order."""
+  odd = lambda a: int(a) % 2 == 1
+  monkeypatch.setitem(rewards.REWARD_FUNCTIONS, "digits", lambda completions, answers, lengths, max_len: np.array(
+      [len(c) / 100 if odd(a) else 0.0 for c, a in zip(completions, answers)], np.float32))
+  c = make_config("grpo", init_run, data_cache, **{"rl.oversample": 2.0})
+  loop.train(c, str(tmp_path))
+  sampled = corpus.train_problems((c.seed, 0, prompts.STREAM), 4)
+  want = ([p.question for p in sampled if odd(p.answer)] + [p.question for p in sampled if not odd(p.answer)])[:2]
+  assert [r["prompt"] for r in rows(str(tmp_path), "samples.jsonl")] == want
+  m = [r for r in rows(str(tmp_path)) if "train/loss" in r][0]
+  n_odd = sum(odd(p.answer) for p in sampled)
+  assert m["train/zero_spread_fraction"] == 1 - n_odd / 4  # of every sampled group
+  assert m["train/picked_zero_spread_fraction"] == max(0, 2 - n_odd) / 2
+  with pytest.raises(ValueError, match="config.rl.oversample"):
+    loop.check_config(make_config("ppo", init_run, data_cache, **{"rl.oversample": 2.0}))
+
+
 def test_config_errors_name_the_key(init_run, data_cache, digits_reward):
   with pytest.raises(ValueError, match="config.rl.num_generations"):
     loop.check_config(make_config("grpo", init_run, data_cache, **{"rl.num_generations": 3}))
