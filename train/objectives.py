@@ -54,26 +54,42 @@ def next_token_loss(params, batch, model, ctx=None):
 # ----------------------------------------------------------------------------- pairs
 
 
-def pair_logps(params, batch, model, chunk: int = 0):
-  """Summed completion log-probs and completion lengths, each [b, 2] (0 = chosen, 1 = rejected).
-
-  One row [prompt | chosen | rejected] per pair (train/pairs.py); the lm head runs only at the
-  logit_slots [b, K] that predict the completion tokens, `chunk` slots at a time (model/lm_head.py)."""
+def pair_hidden(params, batch, model):
+  """The final hidden states of the pair rows (train/pairs.py): [b, L, d]."""
   _, hidden = model.apply({"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"],
-                          return_hidden=True, head=False, branch_ids=batch["branch_ids"])  # [b, L, d]
+                          return_hidden=True, head=False, branch_ids=batch["branch_ids"])
+  return hidden
+
+
+def completion_logps(params, hidden, batch, model, chunk: int = 0):
+  """Per-token completion log-probs [b, K] and the masks of the chosen / rejected tokens [b, K, 2].
+
+  The lm head runs only at the logit_slots [b, K] that predict the completion tokens, `chunk` slots
+  at a time (model/lm_head.py)."""
   h = jnp.take_along_axis(hidden, batch["logit_slots"][..., None], 1)  # [b, K, d]
   logps, _ = lm_head.token_logps(h, lm_head.kernel_of(params, model.cfg), model.cfg.tie_embeddings,
                                  batch["targets"], chunk)  # [b, K]
-  masks = (batch["target_branch"][..., None] == jnp.array([1, 2])).astype(jnp.float32)  # [b, K, 2]
+  return logps, (batch["target_branch"][..., None] == jnp.array([1, 2])).astype(jnp.float32)
+
+
+def pair_logps(params, batch, model, chunk: int = 0):
+  """Summed completion log-probs and completion lengths, each [b, 2] (0 = chosen, 1 = rejected).
+
+  One row [prompt | chosen | rejected] per pair (train/pairs.py)."""
+  logps, masks = completion_logps(params, pair_hidden(params, batch, model), batch, model, chunk)
   return jnp.einsum("bk,bkj->bj", logps, masks), jnp.sum(masks, 1)
 
 
-def pair_rewards(params, batch, model):
-  """Reward-head score of the last token of the chosen and of the rejected completion. -> [b, 2]."""
-  _, hidden = model.apply({"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"],
-                          return_hidden=True, head=False, branch_ids=batch["branch_ids"])  # [b, L, d]
+def pair_rewards(params, batch, model, logp_weight: float = 0.0, chunk: int = 0):
+  """Reward-model score of the chosen and of the rejected completion (model/heads.py reward_score:
+  the head on the last token's state, + logp_weight x the mean token log-prob) -> [b, 2]."""
+  hidden = pair_hidden(params, batch, model)  # [b, L, d]
   last = jnp.take_along_axis(hidden, batch["ends"][..., None], 1)  # [b, 2, d]
-  return heads.scalar_head(params["reward_head"], last)
+  logps = masks = None
+  if logp_weight:
+    logps, masks = completion_logps(params, hidden, batch, model, chunk)  # [b, K], [b, K, 2]
+    logps, masks = logps[:, None], jnp.swapaxes(masks, 1, 2)  # [b, 1, K], [b, 2, K]
+  return heads.reward_score(params["reward_head"], last, logps, masks, logp_weight)
 
 
 def _weighted(weight, losses, metrics):
@@ -85,7 +101,7 @@ def _weighted(weight, losses, metrics):
 def reward_loss(params, batch, model, ctx):
   """Pairwise reward-model loss (config.reward) over a batch of pairs."""
   c = ctx.config.reward
-  r = pair_rewards(params, batch, model)  # [b, 2]
+  r = pair_rewards(params, batch, model, c.logp_weight, logits_chunk(ctx))  # [b, 2]
   one = lambda w, l: rm.reward_loss(w[None], l[None], kind=c.loss, margin=c.margin, centering=c.centering)
   losses, m = jax.vmap(one)(r[:, 0], r[:, 1])  # [b], {k: [b]}
   metrics = {"rewards/accuracy": m["accuracy"], "rewards/chosen": m["chosen"],

@@ -24,7 +24,8 @@ RANGES = {
     "model.mlp_dim": "(0, inf)", "model.rope_theta": "(0, inf)", "model.norm_eps": "(0, inf)",
     "model.rope_scaling.factor": "[0, inf)",
     "lora.rank": "[0, inf)", "lora.alpha": "(0, inf)", "lora.block_size": "(0, inf)",
-    "reward.margin": "[0, inf)", "dpo.gamma": "[0, inf)", "dpo.orpo_lambda": "[0, inf)",
+    "reward.margin": "[0, inf)", "reward.logp_weight": "[0, inf)",
+    "dpo.gamma": "[0, inf)", "dpo.orpo_lambda": "[0, inf)",
     "data.num_documents": "(0, inf)", "data.max_documents": "[0, inf)", "data.workers": "[0, 256]",
     "tokenizer.max_training_chars": "[0, inf)",
 }
