@@ -34,11 +34,11 @@ def get_config(arg=None):
 
   c.reward = reward_tiny.get_config(size)
   c.reward.init_from = "@sft"
-  c.reward.reward.logp_weight = 4.0    # score = head + 4 x mean token log-prob (model/heads.py): the
-                                       # head alone ranks the right number over a wrong one 0.69 of the
-                                       # time (validation, 240 steps; tags 1.0), the SFT model's own
-                                       # log-probs 0.97; pair accuracy on 400 validation pairs 0.848 ->
-  c.reward.steps = 120                 # 0.963 (head + log-prob, 120 steps; 240 steps 0.970)
+  c.reward.reward.logp_weight = 4.0    # score = head + 4 x mean token log-prob (model/heads.py): on
+                                       # validation pairs the head alone (240 steps) ranks the right
+                                       # number over a wrong one 0.69 of the time (tags 1.0), the SFT
+                                       # model's own log-probs 0.97. Pair accuracy on 400 validation
+  c.reward.steps = 120                 # pairs: head 240 steps 0.848, head + log-prob 120 steps 0.963
   c.reward.optim.lr = 3e-4
   c.reward.optim.warmup_steps = 12
   c.reward.eval_every = 0
