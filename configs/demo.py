@@ -99,8 +99,9 @@ def scale_for_small(c):
   """The `small` preset (5.5M params, d=256, vocab 4096) on a GPU, where a step of this size costs
   milliseconds. With the demo's steps it stays under-trained: SFT 0.140 held-out on an H200 against
   the 1M demo's 0.330; on the CPU, 0.135 on validation problems after SFT 300 x 16 at the demo's
-  lr 1e-3 (0.128 at 5e-4, a higher loss: the SFT lr stays), 0.330 after 600 x 16, where the demo's
-  SFT run gives 0.420 after 500 (docs/performance.md, "demo.py:small"). So more tokens
+  lr 1e-3 (0.128 at 5e-4, a higher loss: the SFT lr stays), 0.330 after 600 x 16 and 0.550 after
+  500 x 32 (a third of the steps below), where the demo's SFT run gives 0.420 (docs/performance.md,
+  "demo.py:small"). So more tokens
   for pretraining and SFT at the demo's learning rates, larger batches for the later stages, and
   half the demo's learning rates where it found bigger steps harmful (DPO, GRPO, PPO) for a model
   twice as wide: those are not measured here."""
