@@ -101,10 +101,9 @@ def scale_for_small(c):
   the 1M demo's 0.330; on the CPU, 0.135 on validation problems after SFT 300 x 16 at the demo's
   lr 1e-3 (0.128 at 5e-4, a higher loss: the SFT lr stays), 0.330 after 600 x 16 and 0.550 after
   500 x 32 (a third of the steps below), where the demo's SFT run gives 0.420 (docs/performance.md,
-  "demo.py:small"). So more tokens
-  for pretraining and SFT at the demo's learning rates, larger batches for the later stages, and
-  half the demo's learning rates where it found bigger steps harmful (DPO, GRPO, PPO) for a model
-  twice as wide: those are not measured here."""
+  "demo.py:small"). So more tokens for pretraining and SFT at the demo's learning rates, larger
+  batches for the later stages, and half the demo's learning rates where it found bigger steps
+  harmful (DPO, GRPO, PPO) for a model twice as wide: those are not measured here."""
   c.pretrain.steps, c.pretrain.batch_size = 1000, 64     # 8.2M tokens: 1.5 per param (demo: 0.5M, 0.5)
   c.pretrain.optim.warmup_steps = 100
   c.sft.steps, c.sft.batch_size = 1500, 32               # ~5 epochs of the 20,000 conversations
