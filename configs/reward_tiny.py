@@ -1,10 +1,11 @@
 """Reward model on the built-in preference pairs (correct answer vs wrong number / missing
-<answer> tag), from the tiny SFT run: a scalar head on the last token's final hidden state.
+<answer> tag), from the tiny SFT run: a scalar head on the last token's final hidden state (with
+`reward.logp_weight`, plus that times the mean token log-prob: configs/demo.py uses 4).
 
   python -m train --config configs/pretrain_tiny.py --workdir runs/pretrain_tiny
   python -m train --config configs/sft_tiny.py --workdir runs/sft_tiny --config.init_from=runs/pretrain_tiny
   python -m train --config configs/reward_tiny.py --workdir runs/reward_tiny --config.init_from=runs/sft_tiny \
-      [--config.reward.loss=margin_ranking --config.reward.margin=1.0]
+      [--config.reward.loss=margin_ranking --config.reward.margin=1.0] [--config.reward.logp_weight=4]
   python -m eval.preference --workdir runs/reward_tiny [--config.data=pairs.jsonl]
 
 `arg` picks the model preset (default tiny); it must match the SFT run's.

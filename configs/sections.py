@@ -55,6 +55,8 @@ def reward() -> ml_collections.ConfigDict:
       loss="bradley_terry",            # bradley_terry | margin_ranking
       margin=0.0,                      # r_w - r_l target margin
       centering=0.0,                   # + centering * mean((r_w + r_l)^2)
+      logp_weight=0.0,                 # score + logp_weight * mean log-prob of the completion's tokens
+                                       # under the model's own LM head (model/heads.py reward_score)
   )
 
 

@@ -7,11 +7,15 @@ the value model its algorithm may need, the frozen reference, and a reward model
   checkpointed in `workdir/critic/checkpoints` at the same iterations as the policy.
 - The reference (rl.beta > 0 or rl.kl_target > 0): the frozen LoRA base, else a frozen copy of
   `init_from`.
-- rl.reward_model: a reward_model run's params (with its "reward_head") and model config.
+- rl.reward_model: a reward_model run's params (with its "reward_head", and the run's
+  reward.logp_weight as reward_head["logp_weight"] when it is not 0) and model config.
 """
 import dataclasses
 import os
 from typing import Any
+
+import jax
+import jax.numpy as jnp
 
 from model import heads
 from model.transformer import ModelConfig, Transformer
@@ -25,9 +29,15 @@ def load_reward_model(path: str, mesh):
   """(params with reward_head, its ModelConfig) of a reward_model run, or (None, None)."""
   if not path:
     return None, None
-  cfg = ModelConfig.from_config(rundir.load_config(path).model)
+  config = rundir.load_config(path)
+  cfg = ModelConfig.from_config(config.model)
   abstract, shardings, _, _ = abstract_params(Transformer(cfg), 8, mesh, heads.reward_head_params)
   params, _ = rundir.restore_params(path, abstract, shardings)
+  weight = config.get("reward", {}).get("logp_weight", 0.0)
+  if weight:  # the score's log-prob term (model/heads.py reward_score) travels with the head
+    bias = params["reward_head"]["bias"]
+    params["reward_head"] = {**params["reward_head"], "logp_weight": jax.device_put(
+        jnp.float32(weight), bias.sharding)}
   return params, cfg
 
 

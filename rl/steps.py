@@ -37,13 +37,18 @@ def critic_values(params, cfg, batch, g: int):
 
 
 def reward_model_scores(params, cfg, batch, g: int):
-  """Reward-head score [r] of the hidden state AT each completion's last token (as in training)."""
+  """Reward-model score [r] as in training (model/heads.py reward_score): the head on the hidden state
+  AT each completion's last token, + reward_head["logp_weight"] (if there) x its mean token log-prob."""
   inputs = jnp.pad(batch["tokens"], ((0, 0), (0, 1)))                     # [r, T + 1]
   _, hidden = rollout.forward(params, cfg, batch["prompt"], batch["prompt_mask"], inputs, g,
                               head=False, hidden=True)                     # [r, T + 1, d]
   last = jnp.sum(batch["mask"], -1)                                        # state after token L-1
   h = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]       # [r, d]
-  return heads.scalar_head(params["reward_head"], h)
+  head, logps = params["reward_head"], None
+  if "logp_weight" in head:
+    logps, _ = lm_head.token_logps(hidden[:, :-1], lm_head.kernel_of(params, cfg), cfg.tie_embeddings,
+                                   batch["tokens"])                        # [r, T]
+  return heads.reward_score(head, h, logps, batch["mask"], head.get("logp_weight", 0.0))
 
 
 def make_score_fn(cfg, config, lora_cfg, *, old: bool, ref: bool, critic_cfg=None, rm_cfg=None):

@@ -64,7 +64,9 @@ def test_packed_pairs_score_as_their_own_sequences_and_as_unpacked():
     logps = jax.jit(lambda p: objectives.pair_logps(p, batch, model))
     (pol, n), (rl, _) = logps(policy), logps(ref)
     rewards = jax.jit(objectives.pair_rewards, static_argnums=2)(policy, batch, model)
-    return {"pol": np.asarray(pol), "ref": np.asarray(rl), "n": np.asarray(n), "rewards": np.asarray(rewards)}
+    with_logp = jax.jit(objectives.pair_rewards, static_argnums=(2, 3))(policy, batch, model, 0.7)
+    return {"pol": np.asarray(pol), "ref": np.asarray(rl), "n": np.asarray(n), "rewards": np.asarray(rewards),
+            "with_logp": np.asarray(with_logp)}
 
   got, flat = scores(packed), scores(unpacked)
   order = [slot_of[j] for j in range(10)]
@@ -88,6 +90,7 @@ def test_packed_pairs_score_as_their_own_sequences_and_as_unpacked():
       last = np.stack([np.asarray(hidden)[i, len(s) - 1] for i, s in enumerate(seqs)]).reshape(10, 2, -1)
       want["rewards"] = np.asarray(heads.scalar_head(policy["reward_head"], jnp.asarray(last)))
   want["n"] = np.array([[len(c), len(r)] for _, c, r in triples])
+  want["with_logp"] = want["rewards"] + 0.7 * want["pol"] / want["n"]  # + weight x mean token log-prob
   for k in want:
     np.testing.assert_allclose(got[k], want[k], rtol=2e-5, atol=2e-4, err_msg=k)
     np.testing.assert_allclose(got[k], flat[k], rtol=2e-5, atol=2e-4, err_msg=k)

@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 
 from configs import dpo_tiny, pretrain_tiny, reward_tiny, sft_tiny
-from eval import preference
+from eval import compare, preference
 from model import heads, sharding
 from model.transformer import ModelConfig, Transformer
-from train import data, dpo_loss, loop, objectives, optim, pairs, rundir
+from rl.models import load_reward_model
+from train import data, dpo_loss, loop, objectives, optim, pairs, run_tokenizer, rundir
 from train.params import abstract_params
 
 LOG2 = math.log(2.0)
@@ -111,8 +112,9 @@ def test_dpo_gradient_accumulation_is_exact(make):
 
 def test_shared_prompt_row_scores_each_completion_as_its_own_sequence():
   """One row [prompt | chosen | rejected] per pair (random unequal lengths, right padding, a padding
-  pair) gives the log-probs, lengths and rewards of running prompt + chosen and prompt + rejected
-  separately through the plain model, and the DPO loss of the float64 formula on those."""
+  pair) gives the log-probs, lengths and rewards (the head alone, and + logp_weight x the mean token
+  log-prob) of running prompt + chosen and prompt + rejected separately through the plain model, and
+  the DPO loss of the float64 formula on those."""
   cfg = ModelConfig.from_config(dpo_tiny.get_config().model)
   model = Transformer(cfg)
   init = lambda k: sharding.unbox(model.init(jax.random.key(k), jnp.zeros((1, 8), jnp.int32))["params"])
@@ -127,6 +129,7 @@ def test_shared_prompt_row_scores_each_completion_as_its_own_sequence():
   got = {k: np.asarray(logps(p)[0]) for k, p in (("pol", policy), ("ref", ref))}
   n = np.asarray(logps(policy)[1])
   rewards = np.asarray(jax.jit(objectives.pair_rewards, static_argnums=2)(policy, batch, model))
+  with_logp = np.asarray(jax.jit(objectives.pair_rewards, static_argnums=(2, 3))(policy, batch, model, 0.7))
 
   # The reference: every prompt + completion as its own right-padded row of the plain model.
   seqs = [(i, j, prompt, completion) for i, r in enumerate(rows) if r >= 0
@@ -144,8 +147,10 @@ def test_shared_prompt_row_scores_each_completion_as_its_own_sequence():
       want[k][i, j] = sum(logp[s, t - 1, tokens[s, t]] for t in range(len(prompt), end))
       if k == "pol":
         assert n[i, j] == len(completion)
-        np.testing.assert_allclose(rewards[i, j], heads.scalar_head(policy["reward_head"], hidden[s, end - 1]),
-                                   atol=1e-5)
+        head = np.float64(heads.scalar_head(policy["reward_head"], hidden[s, end - 1]))
+        np.testing.assert_allclose(rewards[i, j], head, atol=1e-5)
+        mean_logp = np.mean([logp[s, t - 1, tokens[s, t]] for t in range(len(prompt), end)])
+        np.testing.assert_allclose(with_logp[i, j], head + 0.7 * mean_logp, atol=1e-5)
   for k in got:
     np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-4)
   assert not n[1].any() and not got["pol"][1].any()   # the padding pair
@@ -264,6 +269,26 @@ def test_reward_model_learns_the_builtin_preferences(make, tmp_path, capsys):
   f.write_text(json.dumps({"prompt": "What is 2 + 2?", "responses": [
       "2 + 2 = 4. <answer>4</answer>", "2 + 2 = 4. 4", "2 + 2 = 5. 5"]}) + "\n")
   assert preference.evaluate_pairs(workdir, str(f))["pairs"] == 3
+
+
+def test_reward_model_with_logp_term_scores_the_same_in_rl(make, tmp_path):
+  """A reward.logp_weight run: RL and the evaluation (rl/models.py load_reward_model, eval/compare.py
+  on chat strings) score each completion as the trainer does on its pair rows."""
+  workdir = str(tmp_path / "rm")
+  c = make(reward_tiny, steps=2, **{"reward.logp_weight": 2.0})
+  loop.train(c, workdir)
+  mesh = sharding.make_mesh(c.mesh)
+  rm, cfg = load_reward_model(workdir, mesh)
+  assert float(rm["reward_head"]["logp_weight"]) == 2.0
+  tok = run_tokenizer.load(workdir, c)
+  q, answers = "What is 12 + 9?", ["2 + 9 = 11. 1 + 1 = 2. 12 + 9 = 21. <answer>21</answer>", "12 + 9 = 21. 21"]
+  ps = pairs.encode_records(tok, [("x", ([{"role": "user", "content": q}], *answers))], c.seq_len,
+                            c.data.chat_template)
+  with sharding.use_mesh(mesh):
+    batch = pairs.make_batch(ps, np.zeros(8, np.int64))   # the pair 8 times: a row per device
+    want = objectives.pair_rewards(rm, batch, Transformer(cfg), 2.0)[0]
+    got = compare.reward_scores(rm, cfg, tok, [q, q], answers, c.data.chat_template, mesh)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.slow

@@ -54,31 +54,50 @@ def next_token_loss(params, batch, model, ctx=None):
 # ----------------------------------------------------------------------------- pairs
 
 
+def pair_hidden(params, batch, model):
+  """The final hidden states of the pair rows (train/pairs.py): [R, L, d]."""
+  _, hidden = model.apply({"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"],
+                          return_hidden=True, head=False, branch_ids=batch["branch_ids"])
+  return hidden
+
+
+def completion_logps(params, hidden, batch, model, chunk: int = 0):
+  """Per-token completion log-probs [R, K] and the masks of each pair slot's chosen / rejected tokens
+  [R, K, 2G] (2g chosen, 2g + 1 rejected of the row's pair slot g; G pair slots per row).
+
+  The lm head runs only at the logit_slots [R, K] that predict the completion tokens, `chunk` slots
+  at a time (model/lm_head.py)."""
+  h = jnp.take_along_axis(hidden, batch["logit_slots"][..., None], 1)  # [R, K, d]
+  logps, _ = lm_head.token_logps(h, lm_head.kernel_of(params, model.cfg), model.cfg.tie_embeddings,
+                                 batch["targets"], chunk)  # [R, K]
+  G = batch["weight"].size // batch["weight"].shape[0]
+  which = 2 * batch["target_pair"] + batch["target_branch"] - 1  # [R, K]: < 0 none
+  return logps, (which[..., None] == jnp.arange(2 * G)).astype(jnp.float32)
+
+
 def pair_logps(params, batch, model, chunk: int = 0):
   """Summed completion log-probs and completion lengths, each [P, 2] (0 = chosen, 1 = rejected).
 
   Rows [prompt | chosen | rejected]... of R rows, one pair or G packed pairs each (train/pairs.py),
-  P = R G pair slots; the lm head runs only at the logit_slots [R, K] that predict the completion
-  tokens, `chunk` slots at a time (model/lm_head.py)."""
-  _, hidden = model.apply({"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"],
-                          return_hidden=True, head=False, branch_ids=batch["branch_ids"])  # [R, L, d]
-  h = jnp.take_along_axis(hidden, batch["logit_slots"][..., None], 1)  # [R, K, d]
-  logps, _ = lm_head.token_logps(h, lm_head.kernel_of(params, model.cfg), model.cfg.tie_embeddings,
-                                 batch["targets"], chunk)  # [R, K]
-  R, G = batch["weight"].shape[0], batch["weight"].size // batch["weight"].shape[0]
-  which = 2 * batch["target_pair"] + batch["target_branch"] - 1  # [R, K]: 2g chosen, 2g + 1 rejected; < 0 none
-  masks = (which[..., None] == jnp.arange(2 * G)).astype(jnp.float32)  # [R, K, 2G]
-  return (jnp.einsum("rk,rkj->rj", logps, masks).reshape(R * G, 2),
-          jnp.sum(masks, 1).reshape(R * G, 2))
+  P = R G pair slots."""
+  logps, masks = completion_logps(params, pair_hidden(params, batch, model), batch, model, chunk)
+  return (jnp.einsum("rk,rkj->rj", logps, masks).reshape(-1, 2), jnp.sum(masks, 1).reshape(-1, 2))
 
 
-def pair_rewards(params, batch, model):
-  """Reward-head score of the last token of the chosen and of the rejected completion. -> [P, 2]."""
-  _, hidden = model.apply({"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"],
-                          return_hidden=True, head=False, branch_ids=batch["branch_ids"])  # [R, L, d]
+def pair_rewards(params, batch, model, logp_weight: float = 0.0, chunk: int = 0):
+  """Reward-model score of the chosen and of the rejected completion (model/heads.py reward_score:
+  the head on the last token's state, + logp_weight x the mean token log-prob) -> [P, 2]."""
+  hidden = pair_hidden(params, batch, model)  # [R, L, d]
   R = hidden.shape[0]
   last = jnp.take_along_axis(hidden, batch["ends"].reshape(R, -1, 1), 1)  # [R, 2G, d]
-  return heads.scalar_head(params["reward_head"], last.reshape(-1, 2, last.shape[-1]))
+  last = last.reshape(-1, 2, last.shape[-1])  # [P, 2, d]
+  logps = masks = None
+  if logp_weight:
+    logps, masks = completion_logps(params, hidden, batch, model, chunk)  # [R, K], [R, K, 2G]
+    logps = jnp.broadcast_to(logps[:, None], (R, masks.shape[-1] // 2, logps.shape[-1]))  # [R, G, K]
+    logps = logps.reshape(-1, 1, logps.shape[-1])  # [P, 1, K]
+    masks = jnp.swapaxes(masks, 1, 2).reshape(-1, 2, masks.shape[1])  # [P, 2, K]
+  return heads.reward_score(params["reward_head"], last, logps, masks, logp_weight)
 
 
 def _weighted(weight, losses, metrics):
@@ -91,7 +110,7 @@ def _weighted(weight, losses, metrics):
 def reward_loss(params, batch, model, ctx):
   """Pairwise reward-model loss (config.reward) over a batch of pairs."""
   c = ctx.config.reward
-  r = pair_rewards(params, batch, model)  # [P, 2]
+  r = pair_rewards(params, batch, model, c.logp_weight, logits_chunk(ctx))  # [P, 2]
   one = lambda w, l: rm.reward_loss(w[None], l[None], kind=c.loss, margin=c.margin, centering=c.centering)
   losses, m = jax.vmap(one)(r[:, 0], r[:, 1])  # [P], {k: [P]}
   metrics = {"rewards/accuracy": m["accuracy"], "rewards/chosen": m["chosen"],

@@ -1,7 +1,8 @@
 """Reward-model pieces: pairwise losses, ranking -> pairs, last-real-token pooling.
 
 docs/algorithms.md, "Reward model". The reward is a scalar head on the hidden state of the last
-non-pad token of (prompt + response); rows may be left- or right-padded.
+non-pad token of (prompt + response), plus `reward.logp_weight` x the response's mean token log-prob
+(model/heads.py reward_score); rows may be left- or right-padded.
 
     bradley_terry  : L = -mean log s(r_w - r_l - margin)
     margin_ranking : L = mean max(0, margin - (r_w - r_l))
