@@ -82,10 +82,13 @@ def _sloppy_answer(question):
     return _no_carry(_no_carry(n[0], n[1], -1), n[2], +1)
   if " holds " in question:  # A box holds k ... n full boxes and loose ...
     return _no_carry(n[1] * n[0], n[2], +1)
-  return None
+  if " costs $" in question:  # buys n1 f1 and n2 f2, each f2 costs p2, total: a quotient one too high
+    return (n[3] - n[1] * n[2]) // n[0] + 1
+  return n[0] * n[1] // n[2] + 1  # collects per_day for days, shares among people
 
 
 CARRY = re.compile(r"\d \+ \d \+ 1 = |\d - 1 - \d")  # a column step with a carry / a borrow paid back
+QUOTIENT = re.compile(r"\d / \d")  # a word problem's division
 
 
 def test_sloppy_demonstrator():
@@ -96,7 +99,7 @@ def test_sloppy_demonstrator():
   due = slipped = 0
   for r, s in zip(right, sloppy):
     question, good, bad = r["messages"][0]["content"], r["messages"][1]["content"], s["messages"][1]["content"]
-    if not CARRY.search(good):  # no carry or borrow due: nothing to forget
+    if not CARRY.search(good) and not QUOTIENT.search(good):  # no carry, borrow or quotient: nothing to slip
       assert good == bad
       continue
     due += 1
@@ -110,7 +113,8 @@ def test_sloppy_demonstrator():
       expr, value = step.rstrip(".").split(" = ")
       if eval(expr) != int(value):  # pylint: disable=eval-used
         x, op, y = expr.split()
-        assert _no_carry(int(x), int(y), 1 if op == "+" else -1) == int(value), step
+        sloppy = eval(expr) + 1 if op == "/" else _no_carry(int(x), int(y), 1 if op == "+" else -1)  # pylint: disable=eval-used
+        assert sloppy == int(value), step
   assert due > 700 and abs(slipped / due - 0.7) < 4 * np.sqrt(0.21 / due)
   assert corpus.heldout_problems(50) == corpus.heldout_problems(50)  # held-out stays right
   for p in corpus.heldout_problems(50) + corpus.train_problems(7, 200):

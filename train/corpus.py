@@ -131,7 +131,7 @@ def _mul(rng, slip=False):  # pylint: disable=unused-argument
   return Problem(f"What is {a} * {b}?", f"{a} * {b} = {a * b}.", str(a * b))
 
 
-def _fruit_cost(rng, slip=False):  # pylint: disable=unused-argument
+def _fruit_cost(rng, slip=False):
   """Two fruits, one unit price given, total given: find the other unit price."""
   name = _pick(rng, NAMES)
   f1, f2 = (FRUITS[int(i)] for i in rng.permutation(len(FRUITS))[:2])
@@ -139,7 +139,7 @@ def _fruit_cost(rng, slip=False):  # pylint: disable=unused-argument
   total, rest = n1 * p1 + n2 * p2, n1 * p1
   q = (f"{name} buys {n1} {f1} and {n2} {f2}. Each {f2[:-1]} costs ${p2}. "
        f"The total cost is ${total}. What is the cost of each {f1[:-1]}?")
-  return Problem(q, f"{total} - {n2}*{p2} = {rest}. {rest} / {n1} = {p1}.", str(p1))
+  return Problem(q, f"{total} - {n2}*{p2} = {rest}. {rest} / {n1} = {p1 + slip}.", str(p1 + slip))
 
 
 def _give_and_get(rng, slip=False):
@@ -164,7 +164,7 @@ def _containers(rng, slip=False):
   return Problem(q, f"{n}*{k} = {n * k}. {add}", str(result))
 
 
-def _share(rng, slip=False):  # pylint: disable=unused-argument
+def _share(rng, slip=False):
   """Collect per day for some days, then share equally."""
   name, thing = _pick(rng, NAMES), _pick(rng, THINGS)
   per_day, days, people = _int(rng, 2, 9), _int(rng, 2, 6), _int(rng, 2, 4)
@@ -172,16 +172,17 @@ def _share(rng, slip=False):  # pylint: disable=unused-argument
   days_total = total // per_day
   q = (f"{name} collects {per_day} {thing} every day for {days_total} days and shares them "
        f"equally among {people} friends. How many {thing} does each friend get?")
-  return Problem(q, f"{per_day}*{days_total} = {total}. {total} / {people} = {total // people}.",
-                 str(total // people))
+  each = total // people + slip
+  return Problem(q, f"{per_day}*{days_total} = {total}. {total} / {people} = {each}.", str(each))
 
 
 TEMPLATES = (_add, _sub, _mul, _fruit_cost, _give_and_get, _containers, _share)
 
 
 def make_problem(rng: np.random.Generator, slip: bool = False) -> Problem:
-  """One random problem from one of the templates; slip: solved by the sloppy demonstrator (its
-  additions and subtractions forget every carry and borrow; the answer is what its steps give)."""
+  """One random problem from one of the templates; slip: solved by the sloppy demonstrator, whose
+  additions and subtractions forget every carry and borrow and whose word problems' quotients come
+  out one too high (`12 / 3 = 5.`); the answer is its last step's value."""
   return _pick(rng, TEMPLATES)(rng, slip)
 
 
