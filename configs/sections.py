@@ -85,6 +85,10 @@ def data() -> ml_collections.ConfigDict:
       tfds_eval_split="",     # '' = 'eval' of a local build with eval_path, else hold out
       text_key="text",        # pretraining text field in jsonl / tfds records
       num_documents=20000,    # builtin: number of generated problems
+      builtin_slip=0.0,       # builtin sft: fraction of solutions by a sloppy demonstrator who forgets every
+                              # carry and borrow (49 + 84 = 123) and divides one too high (12 / 3 = 5);
+                              # pretraining, held-out problems, pairs and RL prompts stay right: imitation
+                              # learns the slip, a verifier's reward does not (train/corpus.py)
       max_documents=0,        # text/jsonl/tfds: read at most this many per split; 0 = all
       cache_dir="",           # '' = ~/.cache/kiln
       chat_template="chatml",  # chatml | llama2 | hf (the tokenizer's own jinja template): all but pretrain

@@ -35,6 +35,7 @@ import sysconfig
 import numpy as np
 
 HELDOUT_SEED = 1234567
+SLIP_STREAM = 5119  # the entropy word of the sloppy demonstrator's coin, after the corpus seed
 NAMES = ("Emily", "Tom", "Sara", "Liam", "Mia", "Noah", "Ava", "Omar", "Priya", "Ken",
          "Lucia", "Ben", "Zoe", "Ivan", "Nora", "Sam")
 FRUITS = ("apples", "oranges", "pears", "bananas", "lemons", "kiwis", "plums", "mangos")
@@ -77,43 +78,60 @@ def _columns(a: int, b: int) -> int:
   return max(len(str(a)), len(str(b)))
 
 
-def column_add(a: int, b: int) -> str:
-  """a + b worked by columns, ones first; the last step is `a + b = sum.`"""
-  steps, carry = [], 0
+def _assemble(values: list[int]) -> int:
+  """The number the column steps spell: each step's last digit, the last step's whole value."""
+  return sum((v if i == len(values) - 1 else v % 10) * 10 ** i for i, v in enumerate(values))
+
+
+def column_add(a: int, b: int, slip: bool = False) -> tuple[str, int]:
+  """(a + b worked by columns, ones first, its result); the last step is `a + b = sum.`
+
+  slip: the sloppy demonstrator's rule, every carry forgotten (`4 + 8 = 12.` where `4 + 8 + 1 =
+  13.` is right), so the result is the number its steps spell (49 + 84 = 123).
+  """
+  steps, values, carry = [], [], 0
   for i in range(_columns(a, b)):
     total = _digit(a, i) + _digit(b, i) + carry
     steps.append(f"{_digit(a, i)} + {_digit(b, i)}{' + 1' if carry else ''} = {total}.")
-    carry = total // 10
-  return " ".join(steps + [f"{a} + {b} = {a + b}."])
+    values.append(total)
+    carry = 0 if slip else total // 10
+  result = _assemble(values)
+  return " ".join(steps + [f"{a} + {b} = {result}."]), result
 
 
-def column_sub(a: int, b: int) -> str:
-  """a - b (a >= b) worked by columns, ones first, borrowing a ten where the top digit is short."""
-  steps, borrow = [], 0
+def column_sub(a: int, b: int, slip: bool = False) -> tuple[str, int]:
+  """(a - b (a >= b) worked by columns, ones first, borrowing a ten where the top digit is short,
+  its result). slip: every borrow is taken and never paid back (`9 - 2 = 7.` where `9 - 1 - 2 =
+  6.` is right: 97 - 28 = 79)."""
+  steps, values, borrow = [], [], 0
   for i in range(_columns(a, b)):
     top, low = _digit(a, i), _digit(b, i)
     ten = 10 if top - borrow < low else 0
     steps.append(f"{top + ten}{' - 1' if borrow else ''} - {low} = {top + ten - borrow - low}.")
-    borrow = ten // 10
-  return " ".join(steps + [f"{a} - {b} = {a - b}."])
+    values.append(top + ten - borrow - low)
+    borrow = 0 if slip else ten // 10
+  result = _assemble(values)
+  return " ".join(steps + [f"{a} - {b} = {result}."]), result
 
 
-def _add(rng):
+def _add(rng, slip=False):
   a, b = _int(rng, 1, 99), _int(rng, 1, 99)
-  return Problem(f"What is {a} + {b}?", column_add(a, b), str(a + b))
+  solution, result = column_add(a, b, slip)
+  return Problem(f"What is {a} + {b}?", solution, str(result))
 
 
-def _sub(rng):
+def _sub(rng, slip=False):
   a, b = sorted((_int(rng, 1, 99), _int(rng, 1, 99)), reverse=True)
-  return Problem(f"What is {a} - {b}?", column_sub(a, b), str(a - b))
+  solution, result = column_sub(a, b, slip)
+  return Problem(f"What is {a} - {b}?", solution, str(result))
 
 
-def _mul(rng):
+def _mul(rng, slip=False):  # pylint: disable=unused-argument
   a, b = _int(rng, 2, 12), _int(rng, 2, 12)
   return Problem(f"What is {a} * {b}?", f"{a} * {b} = {a * b}.", str(a * b))
 
 
-def _fruit_cost(rng):
+def _fruit_cost(rng, slip=False):
   """Two fruits, one unit price given, total given: find the other unit price."""
   name = _pick(rng, NAMES)
   f1, f2 = (FRUITS[int(i)] for i in rng.permutation(len(FRUITS))[:2])
@@ -121,29 +139,32 @@ def _fruit_cost(rng):
   total, rest = n1 * p1 + n2 * p2, n1 * p1
   q = (f"{name} buys {n1} {f1} and {n2} {f2}. Each {f2[:-1]} costs ${p2}. "
        f"The total cost is ${total}. What is the cost of each {f1[:-1]}?")
-  return Problem(q, f"{total} - {n2}*{p2} = {rest}. {rest} / {n1} = {p1}.", str(p1))
+  return Problem(q, f"{total} - {n2}*{p2} = {rest}. {rest} / {n1} = {p1 + slip}.", str(p1 + slip))
 
 
-def _give_and_get(rng):
+def _give_and_get(rng, slip=False):
   """Start with a, give away b, get c more."""
   name, thing = _pick(rng, NAMES), _pick(rng, THINGS)
   a, b, c = _int(rng, 10, 60), _int(rng, 1, 9), _int(rng, 1, 30)
   q = (f"{name} has {a} {thing}. {name} gives {b} to a friend and then finds {c} more. "
        f"How many {thing} does {name} have now?")
-  return Problem(q, f"{column_sub(a, b)} {column_add(a - b, c)}", str(a - b + c))
+  sub, left = column_sub(a, b, slip)
+  add, result = column_add(left, c, slip)
+  return Problem(q, f"{sub} {add}", str(result))
 
 
-def _containers(rng):
+def _containers(rng, slip=False):
   """n containers of k things each, plus some loose ones."""
   thing, box = _pick(rng, THINGS), _pick(rng, CONTAINERS)
   n, k, loose = _int(rng, 2, 9), _int(rng, 2, 12), _int(rng, 2, 20)
   boxes = box + ("es" if box.endswith("x") else "s")
   q = (f"A {box} holds {k} {thing}. There are {n} full {boxes} and {loose} loose {thing}. "
        f"How many {thing} are there in total?")
-  return Problem(q, f"{n}*{k} = {n * k}. {column_add(n * k, loose)}", str(n * k + loose))
+  add, result = column_add(n * k, loose, slip)
+  return Problem(q, f"{n}*{k} = {n * k}. {add}", str(result))
 
 
-def _share(rng):
+def _share(rng, slip=False):
   """Collect per day for some days, then share equally."""
   name, thing = _pick(rng, NAMES), _pick(rng, THINGS)
   per_day, days, people = _int(rng, 2, 9), _int(rng, 2, 6), _int(rng, 2, 4)
@@ -151,16 +172,18 @@ def _share(rng):
   days_total = total // per_day
   q = (f"{name} collects {per_day} {thing} every day for {days_total} days and shares them "
        f"equally among {people} friends. How many {thing} does each friend get?")
-  return Problem(q, f"{per_day}*{days_total} = {total}. {total} / {people} = {total // people}.",
-                 str(total // people))
+  each = total // people + slip
+  return Problem(q, f"{per_day}*{days_total} = {total}. {total} / {people} = {each}.", str(each))
 
 
 TEMPLATES = (_add, _sub, _mul, _fruit_cost, _give_and_get, _containers, _share)
 
 
-def make_problem(rng: np.random.Generator) -> Problem:
-  """One random problem from one of the templates."""
-  return _pick(rng, TEMPLATES)(rng)
+def make_problem(rng: np.random.Generator, slip: bool = False) -> Problem:
+  """One random problem from one of the templates; slip: solved by the sloppy demonstrator, whose
+  additions and subtractions forget every carry and borrow and whose word problems' quotients come
+  out one too high (`12 / 3 = 5.`); the answer is its last step's value."""
+  return _pick(rng, TEMPLATES)(rng, slip)
 
 
 def is_heldout(p: Problem) -> bool:
@@ -168,11 +191,13 @@ def is_heldout(p: Problem) -> bool:
   return int(hashlib.sha1(p.question.encode()).hexdigest(), 16) % 10 == 0
 
 
-def _problems(seed, n: int, heldout: bool) -> list[Problem]:
+def _problems(seed, n: int, heldout: bool, slip: float = 0.0) -> list[Problem]:
   rng = np.random.default_rng(seed)
+  seeds = tuple(seed) if isinstance(seed, (tuple, list)) else (seed,)
+  sloppy = np.random.default_rng(seeds + (SLIP_STREAM,))  # its own stream: the questions stay the same
   out = []
   while len(out) < n:
-    p = make_problem(rng)
+    p = make_problem(rng, bool(sloppy.random() < slip))
     if is_heldout(p) == heldout:
       out.append(p)
   return out
@@ -233,6 +258,8 @@ def conversation(p: Problem) -> dict:
                        {"role": "assistant", "content": format_completion(p)}]}
 
 
-def sft_conversations(seed: int, n: int) -> list[dict]:
-  """n training problems as chat records {"messages": [user, assistant]}."""
-  return [conversation(p) for p in train_problems(seed, n)]
+def sft_conversations(seed: int, n: int, slip: float = 0.0) -> list[dict]:
+  """n training problems as chat records {"messages": [user, assistant]}; each solved, with
+  probability slip, by the sloppy demonstrator (`make_problem`): the same questions, and where a
+  carry or borrow was due, a wrong answer (49 + 84 = 123, 97 - 28 = 79)."""
+  return [conversation(p) for p in _problems(seed, n, heldout=False, slip=slip)]

@@ -368,7 +368,7 @@ def _builtin(config, split: str) -> list:
             for p in problems]
   if pretrain:
     return corpus.pretrain_documents(BUILTIN_SEED, n)
-  return [c["messages"] for c in corpus.sft_conversations(BUILTIN_SEED, n)]
+  return [c["messages"] for c in corpus.sft_conversations(BUILTIN_SEED, n, config.data.builtin_slip)]
 
 
 def iter_documents(config, split: str):

@@ -27,7 +27,7 @@ RANGES = {
     "reward.margin": "[0, inf)", "reward.logp_weight": "[0, inf)",
     "dpo.gamma": "[0, inf)", "dpo.orpo_lambda": "[0, inf)",
     "data.num_documents": "(0, inf)", "data.max_documents": "[0, inf)", "data.workers": "[0, 256]",
-    "data.pair_rows": "[0, inf)",
+    "data.pair_rows": "[0, inf)", "data.builtin_slip": "[0, 1]",
     "tokenizer.max_training_chars": "[0, inf)",
 }
 
