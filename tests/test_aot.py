@@ -15,7 +15,7 @@ from configs import grpo_arith, ppo_arith, pretrain_tiny
 from model.transformer import ModelConfig
 from configs.errors import UserError
 from model import sharding
-from train import aot, chips, compiler_options, hlo_stats, topology
+from train import aot, chips, compiler_options, hlo_stats, objectives, pairs, topology
 
 # The tests' persistent compilation cache (tests/conftest.py) stores TPU programs it cannot load back
 # without a TPU: it says so, and compiles again.
@@ -99,14 +99,20 @@ def test_array_bytes_of_shapes():
   assert hlo_stats.array_bytes("bf16[4,8192,128256]{2,1,0:T(8,128)(2,1)}") == 4 * 8192 * 128256 * 2
 
 
-@pytest.mark.parametrize("objective", ["pretrain", "dpo"])
+@pytest.mark.parametrize("objective", ["pretrain", "dpo", "dpo_packed"])
 def test_the_tiny_config_compiles_for_a_v5p_slice_and_fits(objective):
   c = pretrain_tiny.get_config()
-  c.objective = objective
+  c.objective = objective.split("_")[0]
   c.model.dtype = "bfloat16"
   c.mesh.data, c.mesh.fsdp = 1, -1
-  if objective == "dpo":
+  if c.objective == "dpo":
     c.init_from, c.data.source = "/nonexistent/sft", "builtin"  # only checked, never read
+  if objective == "dpo_packed":  # the step takes R rows of 2 seq_len tokens, G pair slots each
+    c.data.pair_rows = c.batch_size // 2
+    pack = pairs.Packing.of(c)
+    batch = aot.batch_shapes(c, objectives.get("dpo"), sharding.make_mesh(c.mesh, jax.devices()[:1]))
+    assert batch["tokens"].shape == (pack.rows, pack.row_len) == (c.batch_size // 2, 2 * c.seq_len)
+    assert batch["ends"].shape == (pack.rows, pack.per_row, 2) and batch["weight"].shape == (pack.rows, pack.per_row)
   out = aot.report(c, "v5p-8")
   assert out["chips"] == 4 and out["chip"] == "TPU v5p" and out["fits"]
   mem = out["per_chip"]
@@ -115,9 +121,10 @@ def test_the_tiny_config_compiles_for_a_v5p_slice_and_fits(objective):
   # fp32 params split 4 ways over fsdp where the axis divides them: between a quarter and all.
   assert 4 * cfg.num_params() / 4 <= mem["params_bytes"] <= 4 * cfg.num_params()
   assert mem["opt_state_bytes"] >= 2 * mem["params_bytes"]  # Adam's mu and nu
+  row_len = 2 * c.seq_len if objective == "dpo_packed" else c.seq_len  # packed: half the rows, twice as long
   tokens = c.batch_size * c.seq_len
-  ref = 4 / 3 if objective == "dpo" else 1
-  assert out["flops_per_step"] == pytest.approx(cfg.train_flops_per_token(c.seq_len) * tokens * ref)
+  ref = 4 / 3 if c.objective == "dpo" else 1
+  assert out["flops_per_step"] == pytest.approx(cfg.train_flops_per_token(row_len) * tokens * ref)
   assert out["collectives"]["all-gather"]["count"] > 0  # fsdp: weights are gathered before use
   r = out["roofline"]
   assert out["est_step_s"] >= max(r["compute_s"], r["hbm_s"]) + r["ici_sync_s"] > 0

@@ -34,7 +34,7 @@ from model.transformer import ModelConfig, Transformer
 from configs.errors import UserError
 from rl import aot as rl_aot
 from rl.algorithms import ALGORITHMS
-from train import chips, cli, compiled, compiler_options, cpu_tuning, objectives, optim, topology
+from train import chips, cli, compiled, compiler_options, cpu_tuning, objectives, optim, pairs, topology
 from train import state as state_lib
 from train.compiled import shaped
 from train.loop import make_train_step
@@ -57,12 +57,14 @@ def batch_shapes(config, objective, mesh) -> dict:
   if objective.packed:
     spec = {k: ((b, t), i32) for k in ("inputs", "targets", "segment_ids", "positions")}
     spec["loss_mask"] = ((b, t), f32)
-  else:  # pairs: one row [prompt | chosen | rejected]; completion slots at most the row
-    spec = {k: ((b, t), i32) for k in ("tokens", "positions", "segment_ids", "branch_ids")}
-    spec.update({k: ((b, t), i32) for k in ("targets", "logit_slots", "target_branch", "target_pair")})
-    spec.update({"ends": ((b, 2), i32), "weight": ((b,), f32)})
+  else:  # pairs: one row [prompt | chosen | rejected] each (slots [b]), or packed (train/pairs.py: R rows of
+    pack = pairs.Packing.of(config)  # L tokens, G pair slots each); completion slots at most the row
+    rows, slots = ((b, t), (b,)) if pack is None else ((pack.rows, pack.row_len), (pack.rows, pack.per_row))
+    spec = {k: (rows, i32) for k in ("tokens", "positions", "segment_ids", "branch_ids")}
+    spec.update({k: (rows, i32) for k in ("targets", "logit_slots", "target_branch", "target_pair")})
+    spec.update({"ends": ((*slots, 2), i32), "weight": (slots, f32)})
     if config.dpo.precompute_reference and objective.needs_reference(config):
-      spec["ref_logps"] = ((b, 2), f32)
+      spec["ref_logps"] = ((*slots, 2), f32)
   return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(
               mesh, len(shape), shape[1] if len(shape) > 1 else 0)) for k, (shape, dtype) in spec.items()}
 
@@ -96,10 +98,11 @@ def lower_train_step(config, mesh):
     batch = batch_shapes(config, objective, mesh)
     lowered = jitted.lower(params, opt, batch, jax.ShapeDtypeStruct((), jnp.int32), frozen, ref)
     params = params if frozen is None else (params, frozen)  # every param byte the step holds
-  per_token = model_cfg.train_flops_per_token(config.seq_len, frozen_weights=frozen is not None)
+  rows, row_len = batch["tokens" if "tokens" in batch else "inputs"].shape  # packed pairs: R rows of L
+  per_token = model_cfg.train_flops_per_token(row_len, frozen_weights=frozen is not None)
   if frozen is not None:  # the adapters: 6 per trained parameter
     per_token += 6 * sum(x.size for x in jax.tree.leaves(abs_params))
-  flops = per_token * config.batch_size * config.seq_len
+  flops = per_token * rows * row_len
   if needs_ref:
     flops *= 4 / 3  # a reference forward: a third of a train step
   return lowered, params, opt, flops
