@@ -86,6 +86,47 @@ def test_the_ici_bytes_of_each_collective_follow_its_group():
       assert out[kind]["count"] == 1 and out[kind]["ici_bytes"] == pytest.approx(sent), (kind, g)
 
 
+EXPOSED_HLO = """
+%matmul (p0: bf16[64,64], p1: bf16[64,64]) -> bf16[64,64] {
+  %p0 = bf16[64,64]{1,0} parameter(0)
+  %p1 = bf16[64,64]{1,0} parameter(1)
+  ROOT %d = bf16[64,64]{1,0} dot(%p0, %p1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%scatter (q: bf16[256,64]) -> bf16[64,64] {
+  %q = bf16[256,64]{1,0} parameter(0)
+  ROOT %rs = bf16[64,64]{1,0} reduce-scatter(%q), replica_groups={{0,1,2,3}}, dimensions={0}, to_apply=%add
+}
+
+ENTRY %main (a: bf16[64,64], b: bf16[256,64]) -> bf16[64,64] {
+  %a = bf16[64,64]{1,0} parameter(0)
+  %b = bf16[256,64]{1,0} parameter(1)
+  %ag = (bf16[64,64]{1,0}, bf16[256,64]{1,0}) all-gather-start(%a), replica_groups={{0,1,2,3}}, dimensions={0}
+  %f = bf16[64,64]{1,0} fusion(%a, %a), kind=kOutput, calls=%matmul
+  %agd = bf16[256,64]{1,0} all-gather-done(%ag)
+  %rs1 = ((bf16[256,64]{1,0}), bf16[64,64]{1,0}) call-start(%b), async_execution_thread="sparsecore", to_apply=%scatter
+  %rs1d = bf16[64,64]{1,0} call-done(%rs1)
+  %cp = (bf16[64,64]{1,0}, bf16[64,64]{1,0}) collective-permute-start(%f), source_target_pairs={{0,1},{1,2},{2,3},{3,0}}
+  %e = bf16[64,64]{1,0} add(%f, %f)
+  %cpd = bf16[64,64]{1,0} collective-permute-done(%cp)
+  ROOT %out = bf16[64,64]{1,0} add(%cpd, %rs1d)
+}
+"""
+
+
+def test_an_asynchronous_collective_with_no_compute_before_its_done_is_exposed():
+  """Scheduled text, 4 chips: an all-gather overlapping a matmul fusion; an offloaded
+  reduce-scatter (an async call) and a collective-permute overlapping an elementwise add only.
+  All three are asynchronous; the last two have nothing to overlap."""
+  comps, _ = hlo_stats.parse(EXPOSED_HLO)
+  assert hlo_stats.exposed_starts(comps) == {"rs1", "cp"}
+  col = hlo_stats.stats(EXPOSED_HLO, 4)["collectives"]
+  gather, scatter, permute = col["all-gather"], col["reduce-scatter"], col["collective-permute"]
+  assert gather["async_ici_bytes"] == gather["ici_bytes"] == 256 * 64 * 2 * 3 / 4 and gather["exposed_ici_bytes"] == 0
+  assert scatter["exposed_ici_bytes"] == scatter["async_ici_bytes"] == scatter["ici_bytes"] == 64 * 64 * 2 * 3
+  assert permute["exposed_ici_bytes"] == permute["ici_bytes"] == 64 * 64 * 2
+
+
 def test_group_sizes_in_the_three_spellings_of_replica_groups():
   assert hlo_stats.group_size("replica_groups=mesh['axis_0'=4,'axis_1'=32] {'axis_1'}, x=1", 128) == 32
   assert hlo_stats.group_size("replica_groups=mesh['axis_0'=4,'axis_1'=32] {'axis_0','axis_1'}", 128) == 128
@@ -127,7 +168,7 @@ def test_the_tiny_config_compiles_for_a_v5p_slice_and_fits(objective):
   assert out["flops_per_step"] == pytest.approx(cfg.train_flops_per_token(row_len) * tokens * ref)
   assert out["collectives"]["all-gather"]["count"] > 0  # fsdp: weights are gathered before use
   r = out["roofline"]
-  assert out["est_step_s"] >= max(r["compute_s"], r["hbm_s"]) + r["ici_sync_s"] > 0
+  assert out["est_step_s"] >= max(r["compute_s"], r["hbm_s"]) + r["ici_waited_s"] > 0
   assert r["compute_s"] == out["compiled_flops_per_step"] / 4 / chips.CHIPS["v5p"].peak_flops
   assert math.isclose(out["est_mfu"], out["flops_per_step"] / (4 * chips.CHIPS["v5p"].peak_flops * out["est_step_s"]))
 
@@ -148,6 +189,8 @@ def test_fsdp_collectives_are_overlapped_and_weighed_against_the_ideal():
   col = out["collectives"]
   assert col["all-gather"]["count"] > 0 and col["reduce-scatter"]["count"] > 0
   assert col["all-gather"]["async_bytes"] == col["all-gather"]["bytes"] > 0
+  assert col["reduce-scatter"]["async_bytes"] == col["reduce-scatter"]["bytes"] > 0  # offloaded to SparseCores
+  assert 0 <= out["exposed_ici_share"] < out["async_ici_share"]
   assert reports["default"]["async_share"] == 0 < out["async_share"]
   n_params = ModelConfig.from_config(c.model).num_params()
   assert out["fsdp"]["ideal_ici_bytes"] == int(3 * n_params * 2 * 3 / 4)
@@ -236,10 +279,8 @@ def test_the_chunked_lm_head_gathers_its_kernel_once_whatever_its_chunks():
   for chunks in (2, 8):
     c.logits_chunk = c.seq_len // chunks
     hlo = aot.lower_train_step(c, mesh)[0].compile().as_text()
-    comps, entry = hlo_stats.parse(hlo)
-    mult = hlo_stats.multiplicities(comps, entry)[0]
-    runs = lambda op, shape: sum(mult[name] for name, instrs in comps.items() for i in instrs  # noqa: E731
-                                 if i.opcode.startswith(op) and shape in i.shape and not i.opcode.endswith("-done"))
+    every = hlo_stats.collective_runs(*hlo_stats.parse(hlo), 4)
+    runs = lambda kind, shape: sum(r.times for r in every if r.kind == kind and shape in r.shape)  # noqa: E731
     head = {op: runs(op, shape) for op, shape in (("all-gather", f"bf16[{d},{vocab}]"),
                                                   ("reduce-scatter", f"bf16[{d // 2},{vocab}]"),
                                                   ("all-reduce", f"bf16[{d // 2},{vocab}]"))}

@@ -9,11 +9,11 @@ their shardings on a compile-only mesh of the slice (train/topology.py), and the
 object: whether the step fits a chip's HBM, its memory per chip, FLOPs per step (the model's
 formula, what MFU counts, and what the compiled step runs: rematerialized passes and attention
 kernels included, train/hlo_flops.py), collectives per chip per step (results, ICI bytes sent)
-with the share that is asynchronous, "fsdp": those ICI bytes against FSDP done ideally, the largest
-arrays, and a roofline estimate of the step time and MFU from the chip's published figures
-(train/chips.py) (train/compiled.py). The step is compiled with the XLA options
-`config.compiler_options` picks for TPU (train/compiler_options.py). A step that does not fit is an
-error naming its biggest arrays.
+with the share that is asynchronous (and of that, what has no compute to overlap), "fsdp": those
+ICI bytes against FSDP done ideally, the largest arrays, and a roofline estimate of the step time
+and MFU from the chip's published figures (train/chips.py) (train/compiled.py). The step is
+compiled with the XLA options `config.compiler_options` picks for TPU (train/compiler_options.py).
+A step that does not fit is an error naming its biggest arrays.
 
 An online RL objective (grpo, rloo, gspo, ppo) is several programs (rl/aot.py): the update step,
 the rollout's prefill and one decode step. Its report has one entry per program under "programs"

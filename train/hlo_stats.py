@@ -12,6 +12,10 @@ A collective is asynchronous when it is split into -start / -done, runs in an as
 (`chain_id`): XLA:TPU fuses an async collective into a start, compute fusions it overlaps, and a
 done, each holding a copy of the collective; it is counted once, in the start.
 
+Asynchronous is not yet overlapped: a start whose done follows it with no compute scheduled in
+between (no dot, convolution or kernel, in the same computation) is waited for all the same. Such
+a collective's bytes count as `exposed_*`; a chain of continuation fusions fuses its compute.
+
 A collective's result bytes say little about the link traffic: a reduce-scatter over g chips
 returns 1/g of what each chip sends. Each one's ICI bytes are what one chip sends in a ring
 (bandwidth-optimal) algorithm over its group of g chips (`replica_groups`): an all-gather or an
@@ -206,42 +210,107 @@ def _traffic(ins: Instr, op_name: str, sizes: dict) -> float:
   return sizes[ins.name] + sum(operands)
 
 
+def _computes_itself(ins: Instr) -> bool:
+  return ins.opcode in ("dot", "convolution") or 'custom_call_target="tpu_custom_call"' in ins.rest
+
+
+def _computes(comps: dict) -> set:
+  """Names of the computations that run a dot, a convolution or a kernel (a custom call into a TPU
+  kernel), themselves or in a computation they call."""
+  calls = {name: {c for _, c in _CALLED.findall(" ".join(i.rest for i in instrs))} for name, instrs in comps.items()}
+  found = {name for name, instrs in comps.items() if any(_computes_itself(i) for i in instrs)}
+  grew = True
+  while grew:
+    more = {name for name, called in calls.items() if called & found} - found
+    found |= more
+    grew = bool(more)
+  return found
+
+
+def exposed_starts(comps: dict) -> set:
+  """Names of the asynchronous starts (a collective's -start, or an async call / call-start into
+  one) whose done follows with no compute scheduled in between (`_computes`): asynchronous, but
+  nothing to overlap. The text of a scheduled module lists each computation in its schedule."""
+  computing = _computes(comps)
+  exposed = set()
+  for instrs in comps.values():
+    for k, ins in enumerate(instrs):
+      if not (ins.opcode.endswith("-start") or ins.opcode == "async-start"):
+        continue
+      for later in instrs[k + 1:]:
+        if later.opcode.endswith("-done") and ins.name in later.operands:
+          exposed.add(ins.name)
+          break
+        if _computes_itself(later) or {c for _, c in _CALLED.findall(later.rest)} & computing:
+          break
+  return exposed
+
+
+@dataclasses.dataclass
+class Run:
+  """One collective of the program: kind, result shape, runs per step, result and ICI bytes per
+  run, asynchronous, and asynchronous with no compute to overlap (exposed)."""
+  kind: str
+  shape: str
+  times: float
+  nbytes: float
+  sent: float
+  is_async: bool
+  exposed: bool
+
+
+def collective_runs(comps: dict, entry: str, n: int) -> list:
+  """Every collective of a parsed module compiled for n chips as a Run, each counted once (a chain
+  of continuation fusions in its start)."""
+  mult, _, wrapped, callers = multiplicities(comps, entry)
+  exposed = exposed_starts(comps)
+  runs = []
+  for name, instrs in comps.items():
+    times = mult.get(name, 0.0)
+    for ins in instrs if times else ():
+      kind = _kind(ins.opcode)
+      chained = "chain_id=" in ins.rest
+      if not kind or (chained and not callers.get(name, "").startswith("async-collective-start")):
+        continue  # not a collective, or a continuation or done of a chain: counted in its start
+      shape = ins.shape
+      if ins.opcode.endswith("-start") and shape.startswith("("):  # (operand, result[, ...]) -> result
+        found = _ARRAY.findall(shape)
+        dtype, dims = found[1] if len(found) > 1 else found[0]
+        shape = f"{dtype}[{dims}]"
+      nbytes = array_bytes(shape)
+      is_async = (ins.opcode.endswith("-start") or name in wrapped or chained
+                  or "async_collective_name=" in ins.rest)
+      start = ins.name if ins.opcode.endswith("-start") else callers.get(name)
+      runs.append(Run(kind, shape, times, nbytes, ici_bytes(kind, nbytes, group_size(ins.rest, n)),
+                      is_async, is_async and start in exposed))
+  return runs
+
+
 def stats(hlo: str, n: int, top: int = 8) -> dict:
-  """Collectives {kind: {count, bytes, async_bytes, ici_bytes, async_ici_bytes}} (bytes: of the
-  results), hbm_bytes and the largest arrays, per chip per step, of an optimized (SPMD-partitioned)
-  HLO module's text compiled for n chips."""
+  """Collectives {kind: {count, bytes, async_bytes, ici_bytes, async_ici_bytes, exposed_ici_bytes}}
+  (bytes: of the results; exposed: asynchronous with no compute to overlap), hbm_bytes and the
+  largest arrays, per chip per step, of an optimized (SPMD-partitioned) HLO module's text compiled
+  for n chips."""
   comps, entry = parse(hlo)
-  mult, fused, wrapped, callers = multiplicities(comps, entry)
-  fields = ("count", "bytes", "async_bytes", "ici_bytes", "async_ici_bytes")
+  mult, fused, _, _ = multiplicities(comps, entry)
+  fields = ("count", "bytes", "async_bytes", "ici_bytes", "async_ici_bytes", "exposed_ici_bytes")
   collectives = {k: dict.fromkeys(fields, 0.0) for k in COLLECTIVES}
+  for run in collective_runs(comps, entry, n):
+    c = collectives[run.kind]
+    c["count"] += run.times
+    c["bytes"] += run.times * run.nbytes
+    c["ici_bytes"] += run.times * run.sent
+    c["async_bytes"] += run.times * run.nbytes * run.is_async
+    c["async_ici_bytes"] += run.times * run.sent * run.is_async
+    c["exposed_ici_bytes"] += run.times * run.sent * run.exposed
   hbm, largest = 0.0, {}
   for name, instrs in comps.items():
     times = mult.get(name, 0.0)
-    if not times:
+    if not times or name in fused:
       continue
     sizes = {i.name: array_bytes(i.shape) for i in instrs}
     for ins in instrs:
-      kind = _kind(ins.opcode)
-      chained = "chain_id=" in ins.rest
-      if kind and chained and not callers.get(name, "").startswith("async-collective-start"):
-        kind = None  # a continuation or done of a chain: counted in its start
-      if kind:
-        shape = ins.shape
-        if ins.opcode.endswith("-start") and shape.startswith("("):  # (operand, result[, ...]) -> result
-          shape = _ARRAY.findall(shape)
-          out = shape[1] if len(shape) > 1 else shape[0]
-          nbytes = DTYPE_BYTES[out[0]] * math.prod(int(x) for x in out[1].split(",") if x)
-        else:
-          nbytes = array_bytes(shape)
-        sent = ici_bytes(kind, nbytes, group_size(ins.rest, n))
-        c = collectives[kind]
-        c["count"] += times
-        c["bytes"] += times * nbytes
-        c["ici_bytes"] += times * sent
-        if ins.opcode.endswith("-start") or name in wrapped or chained or "async_collective_name=" in ins.rest:
-          c["async_bytes"] += times * nbytes
-          c["async_ici_bytes"] += times * sent
-      if name in fused or ins.opcode in NO_TRAFFIC:
+      if ins.opcode in NO_TRAFFIC:
         continue
       op = _OP_NAME.search(ins.rest)
       op = op.group(1) if op else ins.opcode
