@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import grpo_arith, ppo_arith
+from configs import demo, grpo_arith, ppo_arith
 from model import decode, lora, sharding
 from model.transformer import ModelConfig, Transformer
 from rl import algorithms, loop, prompts, rewards, rollout, steps, value
@@ -342,26 +342,25 @@ def test_jsonl_prompts_name_file_and_line_and_resume(tmp_path):
 
 @pytest.fixture(scope="module")
 def sft_run(tmp_path_factory):
-  """A real tiny SFT run (pretrain 600 + SFT 400 steps, a few minutes), or $KILN_SFT_RUN."""
+  """The demo's pretraining and SFT (configs/demo.py, ~4 min), or $KILN_SFT_RUN (its sft dir)."""
   if os.environ.get("KILN_SFT_RUN"):
     return os.environ["KILN_SFT_RUN"]
-  from configs import pretrain_tiny, sft_tiny
   from train import loop as train_loop
-  d = tmp_path_factory.mktemp("sft")
-  cache = str(d / "cache")
-  pre = pretrain_tiny.get_config()
-  pre.data.cache_dir = cache
-  train_loop.train(pre, str(d / "pretrain"))
-  sft = sft_tiny.get_config()
-  sft.data.cache_dir, sft.init_from = cache, str(d / "pretrain")
-  train_loop.train(sft, str(d / "sft"))
+  d = tmp_path_factory.mktemp("demo")
+  stages = demo.get_config()
+  for name, init_from in (("pretrain", ""), ("sft", str(d / "pretrain"))):
+    c = stages[name]
+    c.data.cache_dir, c.init_from = str(d / "cache"), init_from
+    train_loop.train(c, str(d / name))
   return str(d / "sft")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("objective", ["grpo", "ppo"])
 def test_rl_raises_heldout_accuracy(objective, sft_run, tmp_path):
-  c = (grpo_arith if objective == "grpo" else ppo_arith).get_config()
+  """The demo's GRPO and PPO stages, from its SFT model (half its demonstrations sloppy), on the
+  held-out problems the loop evaluates before and after training."""
+  c = demo.get_config()[objective]
   c.init_from = sft_run
   c.data.cache_dir = rundir.load_config(sft_run).data.cache_dir  # the same tokenizer
   c.eval_every = 0
@@ -369,8 +368,8 @@ def test_rl_raises_heldout_accuracy(objective, sft_run, tmp_path):
   evals = [r for r in rows(str(tmp_path / objective)) if "eval/accuracy" in r]
   before, after = evals[0]["eval/accuracy"], evals[-1]["eval/accuracy"]
   print(f"{objective}: held-out accuracy {before:.3f} -> {after:.3f}")
-  # measured with the configs' defaults (tiny, 400 held-out problems): GRPO and PPO 0.163 -> 0.205
-  assert after >= before + 0.02, (before, after)
+  # `make demo`, 3 seeds (200 held-out problems): GRPO +28.0 points, PPO +19.7, none under +19.5
+  assert after >= before + 0.10, (before, after)
   assert out["eval/format"] > 0.9
 
 
