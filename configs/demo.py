@@ -117,7 +117,7 @@ def scale_for_small(c):
   the demo's learning rates for DPO, GRPO and PPO for a model twice as wide. These exact settings,
   run end to end on 2 CPU cores (no GPU lent), greedy held-out accuracy: pretrain 0.915 (its
   corpus's worked problems, seen 6 times: too many pretraining tokens, not yet cut), SFT 0.665,
-  DPO 0.925, GRPO 0.930, PPO 0.920 (iteration 40 of 60), reward-model pair accuracy 1.000 (docs/performance.md,
+  DPO 0.925, GRPO 0.930, PPO 0.935, reward-model pair accuracy 1.000 (docs/performance.md,
   "demo.py:small")."""
   c.pretrain.steps, c.pretrain.batch_size = 1000, 64     # 8.2M tokens: 1.5 per param (demo: 0.5M, 0.5)
   c.pretrain.optim.warmup_steps = 100
