@@ -3,6 +3,7 @@ initialises abstractly (jax.eval_shape: no memory allocated, so 8B shapes are fi
 import glob
 import importlib.util
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +20,17 @@ FILES = sorted(f for f in glob.glob(os.path.join(ROOT, "configs", "*.py"))
                                              "errors.py"))
 
 
+def launch_args(path):
+  """[None] + every `configs/NAME.py:ARG` its docstring launches (configs/demo.py:small)."""
+  with open(path) as f:
+    text = f.read()
+  name = re.escape(os.path.basename(path))
+  return [None] + sorted(set(re.findall(rf"configs/{name}:([\w,.]+)", text)))
+
+
+CASES = [(f, arg) for f in FILES for arg in launch_args(f)]
+
+
 def load(path):
   spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
   module = importlib.util.module_from_spec(spec)
@@ -31,11 +43,12 @@ def test_there_are_configs():
   assert {"pretrain_tiny.py", "pretrain_llama3_8b.py"} <= names
 
 
-@pytest.mark.parametrize("path", FILES, ids=os.path.basename)
-def test_config_validates_and_initialises_abstractly(path):
+@pytest.mark.parametrize("path,arg", CASES,
+                         ids=[os.path.basename(f) + (f":{a}" if a else "") for f, a in CASES])
+def test_config_validates_and_initialises_abstractly(path, arg):
   module = load(path)
   assert "python -m" in (module.__doc__ or ""), "the launch command belongs in the docstring"
-  config = module.get_config()
+  config = module.get_config(arg)
   devices = getattr(module, "PLANNED_DEVICES", 8)
   # a pipeline config (configs/demo.py) is a list of stage configs: check each one
   stages = [config[s] for s in config.stages] if "stages" in config else [config]
