@@ -119,8 +119,8 @@ def scale_for_small(c):
   corpus's worked problems, seen 6 times: too many pretraining tokens, not yet cut), SFT 0.665,
   DPO 0.925, GRPO 0.930, PPO 0.935, reward-model pair accuracy 1.000 (docs/performance.md,
   "demo.py:small")."""
-  c.pretrain.steps, c.pretrain.batch_size = 1000, 64     # 8.2M tokens: 1.5 per param (demo: 0.5M, 0.5)
-  c.pretrain.optim.warmup_steps = 100
+  c.pretrain.steps, c.pretrain.batch_size = 250, 64      # 2M tokens, 1.5 passes of its corpus: 0.100
+  c.pretrain.optim.warmup_steps = 25                     # held-out (1000 steps, 6 passes: 0.915)
   c.sft.steps, c.sft.batch_size = 1500, 32               # ~5 epochs of the 20,000 conversations
   c.sft.optim.warmup_steps = 50
   c.reward.batch_size = 32
