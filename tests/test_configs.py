@@ -21,7 +21,7 @@ FILES = sorted(f for f in glob.glob(os.path.join(ROOT, "configs", "*.py"))
 
 
 def launch_args(path):
-  """[None] + every `configs/NAME.py:ARG` its docstring launches (configs/demo.py:small)."""
+  """[None] + every `configs/NAME.py:ARG` the file names in its launch commands (demo.py:small)."""
   with open(path) as f:
     text = f.read()
   name = re.escape(os.path.basename(path))
